@@ -1,0 +1,370 @@
+"""Typed run configuration: dataclasses, TOML files, `--set a.b=c` overrides.
+
+Used by every process (learner, actor, launcher, tune). One TOML file describes
+a run; each table maps to one dataclass below and every field carries a
+docstring. `load_config(path, overrides)` reads the file, applies overrides and
+validates; validation errors are `ValueError`s that name the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+MODES = ("grpo", "rapid-sync", "rapid-async")
+LOSSES = ("rapid", "grpo", "pg", "rapid_no_is")
+AGGREGATIONS = ("sequence-mean", "token-mean")
+ENGINES = ("hf", "vllm")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hugging Face model directory. Empty: the tiny warm-started CPU model,
+    built from code and cached under .cache/ (see rapid_async.tinymodel)."""
+
+    inference_dtype: str = "float32"
+    """dtype of the actor's weights; updates are exact in this dtype."""
+
+    train_dtype: str = "float32"
+    """dtype of the learner's master weights."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"
+    """Task name (see rapid_async.tasks)."""
+
+    digits: int = 2
+    """Arithmetic task: digits per operand."""
+
+    ops: str = "+-"
+    """Arithmetic task: operations to draw from."""
+
+    seed: int = 0
+    """Seed that fixes the train / held-out split."""
+
+
+@dataclass
+class AlgoConfig:
+    loss: str = "rapid"
+    """Objective: rapid | grpo | pg | rapid_no_is (DESIGN.md section 2)."""
+
+    group_size: int = 4
+    """K: completions sampled per prompt."""
+
+    eta: float = 2.0
+    """Truncation of the sequence importance weight."""
+
+    eps: float = 0.2
+    """PPO clip range."""
+
+    beta: float = 0.0
+    """KL coefficient to a frozen reference model (GRPO uses 0.04)."""
+
+    aggregation: str = "sequence-mean"
+    """How token losses are averaged: sequence-mean | token-mean."""
+
+    temperature: float = 1.0
+    """Sampling temperature, used by the actor and by the learner's log-probs."""
+
+    max_new_tokens: int = 8
+    """Cap on completion length."""
+
+
+@dataclass
+class RunConfig:
+    mode: str = "rapid-async"
+    """grpo (on-policy), rapid-sync (the paper) or rapid-async (this project)."""
+
+    run_dir: str = "runs/default"
+    """Where metrics.jsonl, checkpoints and plots go."""
+
+    seed: int = 0
+    """Seed for model init, data order and sampling."""
+
+    max_steps: int = 100
+    """Stop after this many optimizer steps."""
+
+    max_seconds: float = 0.0
+    """Stop after this many seconds of training (0: no limit)."""
+
+    eval_every: int = 10
+    """Held-out evaluation every N optimizer steps (0: only at start and end)."""
+
+    eval_size: int = 200
+    """Number of held-out problems per evaluation."""
+
+    checkpoint_every: int = 0
+    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = 1e-4
+    """Adam learning rate (the paper uses 1e-6 for 0.5B-3B models; the tiny
+    CPU model needs more)."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0: off)."""
+
+    batch_groups: int = 32
+    """Groups per inference batch (one round in grpo / rapid-sync)."""
+
+    minibatch_groups: int = 8
+    """Groups per optimizer step. H = batch_groups / minibatch_groups updates
+    per inference batch."""
+
+    sync_every: int = 1
+    """Publish new weights every N optimizer steps (rapid-async)."""
+
+    max_staleness: int = 4
+    """Drop groups generated more than this many versions ago (rapid-async)."""
+
+    buffer_groups: int = 64
+    """Capacity of the rollout buffer plus work handed out (backpressure)."""
+
+    device: str = "cpu"
+    """Torch device of the learner."""
+
+
+@dataclass
+class ActorConfig:
+    engine: str = "hf"
+    """Inference engine: hf (transformers) or vllm."""
+
+    chunk_groups: int = 8
+    """Groups an actor asks for at once (rapid-async)."""
+
+    device: str = "cpu"
+    """Torch device of the actor (hf engine)."""
+
+
+@dataclass
+class TransportConfig:
+    host: str = "127.0.0.1"
+    """Address the learner binds. Loopback by default; other hosts need CURVE."""
+
+    port: int = 0
+    """Learner control port that actors connect to (0: a random free port,
+    written to RUN_DIR/learner.json)."""
+
+    rollout_hwm: int = 8
+    """High-water mark of the rollout queue (messages): full means actors block."""
+
+    weights_hwm: int = 2
+    """High-water mark of the weights publisher: slow actors drop updates and
+    ask for a snapshot."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+
+    @property
+    def updates_per_batch(self) -> int:
+        """H: optimizer updates per inference batch."""
+        return self.learner.batch_groups // self.learner.minibatch_groups
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        _check_choice("run.mode", self.run.mode, MODES)
+        _check_choice("algo.loss", self.algo.loss, LOSSES)
+        _check_choice("algo.aggregation", self.algo.aggregation, AGGREGATIONS)
+        _check_choice("actor.engine", self.actor.engine, ENGINES)
+        _check_choice("model.inference_dtype", self.model.inference_dtype, DTYPES)
+        _check_choice("model.train_dtype", self.model.train_dtype, DTYPES)
+        for name in ("algo.group_size", "algo.max_new_tokens", "run.max_steps",
+                     "run.eval_size", "learner.batch_groups",
+                     "learner.minibatch_groups", "learner.sync_every",
+                     "learner.buffer_groups", "actor.chunk_groups",
+                     "transport.rollout_hwm", "transport.weights_hwm"):
+            _check_positive(name, self._get(name))
+        for name in ("run.eval_every", "run.checkpoint_every", "run.max_seconds",
+                     "learner.max_staleness", "learner.weight_decay",
+                     "learner.grad_clip", "algo.beta", "transport.port"):
+            if self._get(name) < 0:
+                raise ValueError(f"{name} = {self._get(name)} must be >= 0")
+        if self.algo.temperature <= 0:
+            raise ValueError(f"algo.temperature = {self.algo.temperature} must be > 0 "
+                             "(behaviour log-probs need a sampling distribution)")
+        if not 0 < self.algo.eps < 1:
+            raise ValueError(f"algo.eps = {self.algo.eps} must be in (0, 1)")
+        if self.algo.eta <= 0:
+            raise ValueError(f"algo.eta = {self.algo.eta} must be > 0 (use inf for no truncation)")
+        if not 0 < self.learner.lr < 1:
+            raise ValueError(f"learner.lr = {self.learner.lr} must be in (0, 1)")
+        if self.algo.group_size < 2:
+            raise ValueError(f"algo.group_size = {self.algo.group_size}: group advantages "
+                             "need K >= 2 completions per prompt")
+        lb = self.learner
+        if lb.batch_groups % lb.minibatch_groups:
+            raise ValueError(
+                f"learner.batch_groups = {lb.batch_groups} must be a multiple of "
+                f"learner.minibatch_groups = {lb.minibatch_groups} (a mini-batch is made "
+                "of whole groups)")
+        if self.run.mode == "grpo" and lb.batch_groups != lb.minibatch_groups:
+            raise ValueError(
+                "run.mode = 'grpo' is on-policy: set learner.batch_groups equal to "
+                f"learner.minibatch_groups (got {lb.batch_groups} and {lb.minibatch_groups})")
+        if self.run.mode == "rapid-async" and lb.buffer_groups < lb.minibatch_groups:
+            raise ValueError(
+                f"learner.buffer_groups = {lb.buffer_groups} must be >= "
+                f"learner.minibatch_groups = {lb.minibatch_groups}")
+        if self.algo.loss == "grpo" and self.algo.beta > 0 and self.run.mode != "grpo":
+            pass  # allowed: a reference model is kept by the learner in any mode
+        if self.transport.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(
+                f"transport.host = {self.transport.host!r}: only loopback is supported "
+                "without CURVE keys; bind 127.0.0.1 and tunnel, or add CURVE keys")
+        return self
+
+    def _get(self, dotted: str) -> Any:
+        section, key = dotted.split(".")
+        return getattr(getattr(self, section), key)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} = {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} = {value} must be > 0")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under each dataclass field (for --help and docs)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())  # type: ignore[union-attr]
+    return docs
+
+
+def _coerce(dotted: str, value: Any, typ: Any) -> Any:
+    """Check or convert a TOML / --set value to the field's declared type."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ValueError(f"{dotted} = {value!r}: expected a value of type {typ.__name__}")
+
+
+def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
+    """Set fields of `cfg` from a nested dict {section: {key: value}}."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for section, values in data.items():
+        if section not in sections:
+            raise ValueError(f"{source}: unknown section [{section}]; known: "
+                             f"{', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: [{section}] must be a table")
+        obj = getattr(cfg, section)
+        hints = get_type_hints(type(obj))
+        for key, value in values.items():
+            if key not in hints:
+                raise ValueError(f"{source}: unknown field {section}.{key}; known: "
+                                 f"{', '.join(hints)}")
+            setattr(obj, key, _coerce(f"{section}.{key}", value, hints[key]))
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn ["learner.lr=3e-4", ...] into {"learner": {"lr": "3e-4"}}."""
+    data: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"--set {item!r}: expected section.key=value, "
+                             "e.g. --set learner.lr=3e-4")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        data.setdefault(section, {})[key] = value.strip()
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML run config, apply `--set` overrides and validate.
+
+    Raises:
+        ValueError: naming the file, field and fix when anything is wrong.
+    """
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{p}: not valid TOML: {e}") from None
+        apply_dict(cfg, data, source=str(p))
+    if overrides:
+        apply_dict(cfg, parse_overrides(overrides), source="--set")
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a validated Config from `Config.to_dict()` output."""
+    return apply_dict(Config(), data).validate()
+
+
+def dumps_toml(cfg: Config) -> str:
+    """Write a config as TOML (flat tables of scalars)."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            elif isinstance(value, float) and value == float("inf"):
+                text = "inf"
+            else:
+                text = repr(value)
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    return "\n".join(lines)

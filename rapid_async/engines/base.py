@@ -1,0 +1,81 @@
+"""The inference-engine interface that the actor process uses.
+
+An engine turns prompts (token ids) into K sampled completions each, together
+with the log-probability of every sampled token under the distribution it was
+actually sampled from (temperature applied, no top-k / top-p). These are the
+behaviour log-probs mu of DESIGN.md section 2.
+
+Engines also take new weights in place (no restart): `load_weights` receives the
+full set of named tensors in the inference dtype, exactly as the learner cast
+them, so that the actor can vouch for every bit it generates with.
+
+Implementations: `hf.py` (transformers generate, CPU default) and `vllm.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Completion:
+    """One sampled completion.
+
+    Attributes:
+        token_ids: sampled token ids, EOS included when the model emitted it.
+        logprobs: log-prob of each sampled token under the sampling
+            distribution (temperature applied); same length as token_ids.
+        finish_reason: "stop" (EOS emitted) or "length" (max_new_tokens hit).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str = "stop"
+
+
+@dataclass
+class GenerateRequest:
+    """What to sample.
+
+    Attributes:
+        prompts: token ids of each prompt, no padding.
+        n: completions per prompt (the group size K).
+        temperature: sampling temperature (> 0).
+        max_new_tokens: cap on completion length.
+        seed: optional seed for reproducible sampling.
+    """
+
+    prompts: list[list[int]]
+    n: int
+    temperature: float = 1.0
+    max_new_tokens: int = 16
+    seed: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """What the actor needs from an inference engine."""
+
+    def generate(self, request: GenerateRequest) -> list[list[Completion]]:
+        """Sample `request.n` completions for each prompt.
+
+        Returns:
+            One list of `n` completions per prompt, in prompt order.
+        """
+        ...
+
+    def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the model's weights in place with these tensors.
+
+        Args:
+            named_tensors: every parameter of the model (Hugging Face names,
+                as in model.safetensors), already in the inference dtype.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the engine's resources."""
+        ...
