@@ -1,0 +1,473 @@
+"""The wire format: every message that actors and the learner exchange.
+
+Used by both processes (through `rapid_async.transport`); this is the only
+module that knows how a message looks on the wire.
+
+A message is a ZeroMQ multipart message: one msgpack header frame, then one raw
+frame per tensor field, then one raw frame per bytes field, in the order the
+message type declares them::
+
+    frame 0      msgpack map {"protocol": 1, "type": "<tag>",
+                              "fields": {scalar fields...},
+                              "tensors": {name: {"dtype": "<i4", "shape": [K, T]}}}
+    frame 1..n   raw little-endian tensor bytes (C order), one per tensor field
+    frame n+1..  raw bytes fields (e.g. the weight payload)
+
+Never pickle: headers are msgpack (plain maps, lists, str, numbers), tensors are
+raw buffers whose dtype comes from a small allowlist. `decode` checks the
+protocol version, the type tag, the frame count, every field's type and the
+tensors' sizes and shapes, and the value rules of each message (e.g. rewards in
+[0, 1]), raising `ProtocolError` that names the problem. `encode` runs the same
+checks, so a bad message is caught at the sender too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+import msgpack
+import numpy as np
+import torch
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+
+# Tensor dtypes allowed on the wire: header name -> (little-endian numpy dtype, torch dtype).
+WIRE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "<i4": (np.dtype("<i4"), torch.int32),
+    "<i8": (np.dtype("<i8"), torch.int64),
+    "<f4": (np.dtype("<f4"), torch.float32),
+}
+_TORCH_TO_WIRE = {torch_dtype: name for name, (_, torch_dtype) in WIRE_DTYPES.items()}
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the wire format; the text names the problem."""
+
+
+# ---------------------------------------------------------------- messages
+
+
+@dataclass
+class Hello:
+    """Actor -> learner (control): the first message of an actor."""
+
+    actor_id: str
+    pid: int
+    engine: str
+
+
+@dataclass
+class Welcome:
+    """Learner -> actor (control): the reply to Hello.
+
+    `settings` is a msgpack-able dict of run settings (str keys; str, int,
+    float, bool, None, list and dict values).
+    """
+
+    rollout_endpoint: str
+    weights_endpoint: str
+    policy_version: int
+    settings: dict
+
+
+@dataclass
+class SnapshotRequest:
+    """Actor -> learner (control): please send the full weights."""
+
+    actor_id: str
+    reason: str
+
+
+@dataclass
+class WeightUpdate:
+    """Learner -> actor (weights PUB, or control reply): weights at `version`.
+
+    `kind` is "snapshot" (base_version None) or "delta" (against base_version).
+    `payload` is compressed safetensors bytes (see `rapid_async.weights`),
+    `raw_nbytes` their size before compression, `checksum` the checksum of the
+    full weights after applying, `dtype` the inference dtype name.
+    """
+
+    version: int
+    base_version: int | None
+    kind: str
+    checksum: str
+    dtype: str
+    payload: bytes
+    raw_nbytes: int
+
+
+@dataclass
+class ActorStats:
+    """Actor -> learner (control): a flat dict of str -> float / int / str / bool."""
+
+    actor_id: str
+    stats: dict
+
+
+@dataclass
+class Stop:
+    """Learner -> actor (control): stop generating and exit."""
+
+    reason: str
+
+
+@dataclass
+class ErrorReply:
+    """Learner -> actor (control): the request could not be served."""
+
+    message: str
+
+
+@dataclass(eq=False)
+class RolloutGroup:
+    """Actor -> learner (rollouts): K completions of one prompt, with rewards.
+
+    Attributes:
+        actor_id: the actor that generated the group.
+        prompt_id: the task's id of the prompt.
+        policy_version: the weight version that generated every completion.
+        prompt_ids: (P,) int32 prompt token ids.
+        completion_ids: (K, T) int32 completion token ids, right-padded with 0.
+        completion_lengths: (K,) int32 number of real tokens in each row (<= T).
+        logprobs: (K, T) float32 behaviour log-probs (<= 0), 0 in padding.
+        rewards: (K,) float32 rewards in [0, 1].
+        gen_seconds: time spent generating the group.
+        created_at: unix time when the group was finished.
+        info: small flat dict of str -> scalar (e.g. finish reasons counts).
+    """
+
+    actor_id: str
+    prompt_id: str
+    policy_version: int
+    prompt_ids: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_lengths: torch.Tensor
+    logprobs: torch.Tensor
+    rewards: torch.Tensor
+    gen_seconds: float
+    created_at: float
+    info: dict
+
+
+Message = Hello | Welcome | SnapshotRequest | WeightUpdate | ActorStats | Stop | ErrorReply | RolloutGroup
+
+# ---------------------------------------------------------------- field checkers
+# Each checker takes (field name, value) and returns the value to store, or raises.
+
+
+def _str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ProtocolError(f"field {name!r} must be a str, got {type(value).__name__}")
+    return value
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"field {name!r} must be an int, got {type(value).__name__}")
+    return value
+
+
+def _nonneg_int(name: str, value: Any) -> int:
+    if _int(name, value) < 0:
+        raise ProtocolError(f"field {name!r} must be >= 0, got {value}")
+    return value
+
+
+def _opt_nonneg_int(name: str, value: Any) -> int | None:
+    return None if value is None else _nonneg_int(name, value)
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"field {name!r} must be a float, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ProtocolError(f"field {name!r} must be finite, got {value}")
+    return float(value)
+
+
+def _bytes(name: str, value: Any) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"field {name!r} must be bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
+def _flat_dict(name: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"field {name!r} must be a dict, got {type(value).__name__}")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ProtocolError(f"field {name!r} must have str keys, got {key!r}")
+        if not isinstance(item, (str, int, float, bool)):
+            raise ProtocolError(
+                f"field {name!r}[{key!r}] must be a str/int/float/bool, got {type(item).__name__}"
+            )
+    return value
+
+
+def _tree(name: str, value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_tree(name, item) for item in value]
+    if isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise ProtocolError(f"field {name!r} must have str keys only")
+        return {key: _tree(name, item) for key, item in value.items()}
+    raise ProtocolError(f"field {name!r} holds a {type(value).__name__}, which is not allowed")
+
+
+def _tree_dict(name: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"field {name!r} must be a dict, got {type(value).__name__}")
+    return _tree(name, value)
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if _str(name, value) not in allowed:
+            raise ProtocolError(f"field {name!r} must be one of {allowed}, got {value!r}")
+        return value
+
+    return check
+
+
+# ---------------------------------------------------------------- value rules
+
+
+def _check_weight_update(msg: WeightUpdate) -> None:
+    if (msg.kind == "snapshot") != (msg.base_version is None):
+        raise ProtocolError("WeightUpdate: base_version must be None for a snapshot and an int for a delta")
+    if msg.kind == "delta" and msg.base_version >= msg.version:
+        raise ProtocolError(f"WeightUpdate: base_version {msg.base_version} must be < version {msg.version}")
+
+
+def _check_rollout_group(msg: RolloutGroup) -> None:
+    if msg.prompt_ids.dim() != 1:
+        raise ProtocolError(f"prompt_ids must be 1-D (P,), got shape {tuple(msg.prompt_ids.shape)}")
+    if msg.completion_ids.dim() != 2:
+        raise ProtocolError(f"completion_ids must be 2-D (K, T), got shape {tuple(msg.completion_ids.shape)}")
+    k, t = msg.completion_ids.shape
+    if k < 1:
+        raise ProtocolError("completion_ids must hold K >= 1 completions, got K = 0")
+    if tuple(msg.logprobs.shape) != (k, t):
+        raise ProtocolError(f"logprobs shape {tuple(msg.logprobs.shape)} != completion_ids shape {(k, t)}")
+    for name in ("completion_lengths", "rewards"):
+        shape = tuple(getattr(msg, name).shape)
+        if shape != (k,):
+            raise ProtocolError(f"{name} shape {shape} != (K,) = {(k,)}")
+    if (msg.prompt_ids < 0).any() or (msg.completion_ids < 0).any():
+        raise ProtocolError("token ids must be >= 0")
+    lengths = msg.completion_lengths
+    if (lengths < 0).any() or (lengths > t).any():
+        raise ProtocolError(f"completion_lengths must be in [0, T={t}], got {lengths.tolist()}")
+    if not torch.isfinite(msg.logprobs).all() or (msg.logprobs > 0).any():
+        raise ProtocolError("logprobs must be finite and <= 0")
+    padding = torch.arange(t).unsqueeze(0) >= lengths.unsqueeze(1)  # (K, T)
+    if (msg.completion_ids[padding] != 0).any() or (msg.logprobs[padding] != 0).any():
+        raise ProtocolError("completion_ids and logprobs must be 0 in the padding (positions >= length)")
+    rewards = msg.rewards
+    if not torch.isfinite(rewards).all() or (rewards < 0).any() or (rewards > 1).any():
+        raise ProtocolError(f"rewards must be in [0, 1], got {rewards.tolist()}")
+    if msg.gen_seconds < 0:
+        raise ProtocolError(f"gen_seconds must be >= 0, got {msg.gen_seconds}")
+
+
+# ---------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How one message type travels: its tag, field checkers, tensor and bytes fields."""
+
+    tag: str
+    cls: type
+    scalars: dict[str, Callable[[str, Any], Any]]
+    tensors: dict[str, torch.dtype]
+    blobs: tuple[str, ...] = ()
+    check: Callable[[Any], None] | None = None
+
+
+_SPECS = [
+    _Spec("hello", Hello, {"actor_id": _str, "pid": _int, "engine": _str}, {}),
+    _Spec(
+        "welcome",
+        Welcome,
+        {"rollout_endpoint": _str, "weights_endpoint": _str, "policy_version": _nonneg_int, "settings": _tree_dict},
+        {},
+    ),
+    _Spec("snapshot_request", SnapshotRequest, {"actor_id": _str, "reason": _str}, {}),
+    _Spec(
+        "weight_update",
+        WeightUpdate,
+        {
+            "version": _nonneg_int,
+            "base_version": _opt_nonneg_int,
+            "kind": _choice("snapshot", "delta"),
+            "checksum": _str,
+            "dtype": _str,
+            "raw_nbytes": _nonneg_int,
+        },
+        {},
+        blobs=("payload",),
+        check=_check_weight_update,
+    ),
+    _Spec("actor_stats", ActorStats, {"actor_id": _str, "stats": _flat_dict}, {}),
+    _Spec("stop", Stop, {"reason": _str}, {}),
+    _Spec("error", ErrorReply, {"message": _str}, {}),
+    _Spec(
+        "rollout_group",
+        RolloutGroup,
+        {
+            "actor_id": _str,
+            "prompt_id": _str,
+            "policy_version": _nonneg_int,
+            "gen_seconds": _float,
+            "created_at": _float,
+            "info": _flat_dict,
+        },
+        {
+            "prompt_ids": torch.int32,
+            "completion_ids": torch.int32,
+            "completion_lengths": torch.int32,
+            "logprobs": torch.float32,
+            "rewards": torch.float32,
+        },
+        check=_check_rollout_group,
+    ),
+]
+_BY_TAG = {spec.tag: spec for spec in _SPECS}
+_BY_CLS = {spec.cls: spec for spec in _SPECS}
+for _spec in _SPECS:  # every dataclass field is declared exactly once
+    assert {f.name for f in fields(_spec.cls)} == set(_spec.scalars) | set(_spec.tensors) | set(_spec.blobs)
+
+
+def message_types() -> dict[str, type]:
+    """Returns the registry: type tag -> message class."""
+    return {spec.tag: spec.cls for spec in _SPECS}
+
+
+# ---------------------------------------------------------------- encode / decode
+
+
+def _tensor_to_frame(name: str, tensor: Any, expected: torch.dtype) -> tuple[dict, bytes]:
+    if not isinstance(tensor, torch.Tensor):
+        raise ProtocolError(f"field {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != expected:
+        raise ProtocolError(f"field {name!r} must have dtype {expected}, got {tensor.dtype}")
+    wire = _TORCH_TO_WIRE[expected]
+    array = np.ascontiguousarray(tensor.detach().cpu().numpy(), dtype=WIRE_DTYPES[wire][0])
+    return {"dtype": wire, "shape": list(tensor.shape)}, array.tobytes()
+
+
+def _frame_to_tensor(name: str, desc: Any, frame: bytes, expected: torch.dtype) -> torch.Tensor:
+    if not isinstance(desc, dict) or set(desc) != {"dtype", "shape"}:
+        raise ProtocolError(f"tensor {name!r}: header must be a map with 'dtype' and 'shape'")
+    wire, shape = desc["dtype"], desc["shape"]
+    if wire not in WIRE_DTYPES:
+        raise ProtocolError(f"tensor {name!r}: dtype {wire!r} is not allowed (allowed: {sorted(WIRE_DTYPES)})")
+    np_dtype, torch_dtype = WIRE_DTYPES[wire]
+    if torch_dtype != expected:
+        raise ProtocolError(f"tensor {name!r}: dtype {wire!r} is wrong, expected {_TORCH_TO_WIRE[expected]!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(f"tensor {name!r}: shape must be a list of ints >= 0, got {shape!r}")
+    expected_bytes = math.prod(shape) * np_dtype.itemsize
+    if len(frame) != expected_bytes:
+        raise ProtocolError(
+            f"tensor {name!r}: frame has {len(frame)} bytes, shape {shape} and dtype {wire} need {expected_bytes}"
+        )
+    array = np.frombuffer(frame, dtype=np_dtype).astype(np_dtype.newbyteorder("="))  # native, writable copy
+    return torch.from_numpy(array).reshape(shape)
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Turns a message into ZeroMQ frames, checking it on the way.
+
+    Args:
+        msg: any message dataclass of this module.
+
+    Returns:
+        [msgpack header, *tensor frames, *bytes frames].
+
+    Raises:
+        ProtocolError: if the message breaks a rule (wrong field type, bad shape...).
+    """
+    spec = _BY_CLS.get(type(msg))
+    if spec is None:
+        raise ProtocolError(f"cannot encode a {type(msg).__name__}: not a message type of this protocol")
+    scalars = {name: check(name, getattr(msg, name)) for name, check in spec.scalars.items()}
+    descs, tensor_frames = {}, []
+    for name, dtype in spec.tensors.items():
+        descs[name], frame = _tensor_to_frame(name, getattr(msg, name), dtype)
+        tensor_frames.append(frame)
+    blob_frames = [_bytes(name, getattr(msg, name)) for name in spec.blobs]
+    if spec.check is not None:
+        spec.check(msg)
+    header = {"protocol": PROTOCOL_VERSION, "type": spec.tag, "fields": scalars, "tensors": descs}
+    packed = msgpack.packb(header, use_bin_type=True)
+    if len(packed) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header is {len(packed)} bytes, more than MAX_HEADER_BYTES = {MAX_HEADER_BYTES}")
+    return [packed, *tensor_frames, *blob_frames]
+
+
+def _read_header(frame: bytes) -> dict:
+    if len(frame) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header is {len(frame)} bytes, more than MAX_HEADER_BYTES = {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated exception types
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    if "protocol" not in header:
+        raise ProtocolError("header has no 'protocol' version")
+    if header["protocol"] != PROTOCOL_VERSION:
+        raise ProtocolError(f"wrong protocol version: got {header['protocol']!r}, expected {PROTOCOL_VERSION}")
+    if "type" not in header:
+        raise ProtocolError("header has no 'type' tag")
+    if header["type"] not in _BY_TAG:
+        raise ProtocolError(f"unknown message type {header['type']!r} (known: {sorted(_BY_TAG)})")
+    for key in ("fields", "tensors"):
+        if not isinstance(header.get(key), dict):
+            raise ProtocolError(f"header entry {key!r} must be a map")
+    return header
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Turns ZeroMQ frames back into a message, checking everything.
+
+    Args:
+        frames: the frames of one multipart message (bytes-like).
+
+    Returns:
+        The message dataclass.
+
+    Raises:
+        ProtocolError: naming the problem (version, type, frame count, field, shape...).
+    """
+    if not frames:
+        raise ProtocolError("empty message: no header frame")
+    frames = [bytes(frame) for frame in frames]
+    header = _read_header(frames[0])
+    spec = _BY_TAG[header["type"]]
+    n_expected = 1 + len(spec.tensors) + len(spec.blobs)
+    if len(frames) != n_expected:
+        raise ProtocolError(f"{spec.tag}: wrong number of frames: got {len(frames)}, expected {n_expected}")
+    values, tensor_descs = header["fields"], header["tensors"]
+    if set(values) != set(spec.scalars):
+        missing, extra = set(spec.scalars) - set(values), set(values) - set(spec.scalars)
+        raise ProtocolError(f"{spec.tag}: fields missing {sorted(missing)}, unexpected {sorted(extra)}")
+    if set(tensor_descs) != set(spec.tensors):
+        raise ProtocolError(f"{spec.tag}: tensors must be {sorted(spec.tensors)}, got {sorted(tensor_descs)}")
+    kwargs = {name: check(name, values[name]) for name, check in spec.scalars.items()}
+    for i, (name, dtype) in enumerate(spec.tensors.items()):
+        kwargs[name] = _frame_to_tensor(name, tensor_descs[name], frames[1 + i], dtype)
+    for i, name in enumerate(spec.blobs):
+        kwargs[name] = frames[1 + len(spec.tensors) + i]
+    msg = spec.cls(**kwargs)
+    if spec.check is not None:
+        spec.check(msg)
+    return msg
