@@ -1,0 +1,245 @@
+"""The actor process (`rapid-actor`): weights in, rollouts out.
+
+The loop, as in DESIGN.md section 3:
+
+    hello -> welcome (run settings, endpoints)      control DEALER
+    snapshot -> engine.load_weights                 (checksum verified)
+    repeat:
+        apply weight updates (delta or snapshot)    weights SUB
+        ask for work: prompt indices, min version   control DEALER
+        wait until our weights are >= min version
+        generate K completions per prompt, score    engine + task verifier
+        send one RolloutGroup per prompt            rollouts PUSH (blocks when
+                                                    the learner is full)
+    until the learner says Stop
+
+The actor never generates with weights it cannot vouch for: an update that
+does not apply (missed version, checksum failure) makes it ask for a snapshot
+before it generates again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+log = logging.getLogger("rapid.actor")
+
+
+def make_engine(name: str, model_dir: str, dtype: str, device: str, seed: int) -> Any:
+    """Build the inference engine named in the config."""
+    if name == "hf":
+        from rapid_async.engines.hf import HFEngine
+
+        return HFEngine(model_dir, device=device, dtype=dtype, seed=seed)
+    if name == "vllm":
+        from rapid_async.engines.vllm import VLLMEngine
+
+        return VLLMEngine(model_dir, dtype=dtype, seed=seed)
+    raise ValueError(f"actor.engine = {name!r} is not one of hf, vllm")
+
+
+class Actor:
+    """One actor: sockets, engine, task and the weights it holds.
+
+    Args:
+        control_endpoint: the learner's control endpoint, tcp://HOST:PORT.
+        actor_id: unique name of this actor.
+        engine: override of the config's actor.engine (None: use the config).
+    """
+
+    def __init__(self, control_endpoint: str, actor_id: str | None = None,
+                 engine: str | None = None, hello_timeout_s: float = 60.0):
+        from rapid_async.config import config_from_dict
+        from rapid_async.protocol import Hello
+        from rapid_async.transport import ActorSockets
+
+        self.actor_id = actor_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.sockets = ActorSockets(control_endpoint)
+        engine_name = engine or "hf"
+        welcome = self.sockets.hello(Hello(actor_id=self.actor_id, pid=os.getpid(),
+                                           engine=engine_name),
+                                     timeout_ms=int(hello_timeout_s * 1000))
+        self.cfg = config_from_dict(welcome.settings["config"])
+        self.engine_name = engine or self.cfg.actor.engine
+        self.model_dir = welcome.settings["model_dir"]
+        self.run_dir = welcome.settings["run_dir"]
+        self.state: dict | None = None
+        self.version: int | None = None
+        self.stopped: str | None = None
+        self.stats: dict[str, float] = {"busy_s": 0.0, "idle_s": 0.0, "tokens": 0,
+                                        "groups": 0, "snapshots": 0, "deltas": 0,
+                                        "update_s": 0.0, "update_bytes": 0}
+
+    def setup(self) -> None:
+        """Load tokenizer, task and engine, then the learner's current weights."""
+        from transformers import AutoTokenizer
+
+        from rapid_async.tasks.base import get_task
+
+        cfg = self.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.task = get_task(cfg.task.name, digits=cfg.task.digits, ops=cfg.task.ops,
+                             seed=cfg.task.seed)
+        self.engine = make_engine(self.engine_name, self.model_dir, cfg.model.inference_dtype,
+                                  cfg.actor.device, cfg.run.seed + (os.getpid() % 10007))
+        self._snapshot("join")
+
+    # -- weights
+    def _install(self, update: Any) -> None:
+        from rapid_async.weights import apply_update
+
+        t0 = time.perf_counter()
+        new_state = apply_update(self.state, self.version, update)  # raises NeedSnapshot
+        self.engine.load_weights(new_state)
+        self.state, self.version = new_state, update.version
+        self.stats["update_s"] += time.perf_counter() - t0
+        self.stats["update_bytes"] += len(update.payload)
+        self.stats["snapshots" if update.kind == "snapshot" else "deltas"] += 1
+
+    def _snapshot(self, reason: str) -> None:
+        from rapid_async.protocol import ErrorReply, Stop, WeightUpdate
+
+        for _ in range(50):
+            msg = self.sockets.request_snapshot(self.actor_id, reason)
+            if isinstance(msg, WeightUpdate):
+                self._install(msg)
+                return
+            if isinstance(msg, Stop):
+                self.stopped = msg.reason
+                return
+            if isinstance(msg, ErrorReply):
+                log.warning("snapshot request refused: %s", msg.message)
+            time.sleep(0.2)
+        raise RuntimeError("the learner did not send a weight snapshot after 50 tries")
+
+    def poll_weights(self, timeout_ms: int = 0) -> None:
+        """Apply every queued weight update; ask for a snapshot on any doubt."""
+        from rapid_async.weights import NeedSnapshot
+
+        while True:
+            update = self.sockets.recv_weights(timeout_ms=timeout_ms)
+            if update is None:
+                return
+            timeout_ms = 0
+            if self.version is not None and update.version <= self.version:
+                continue
+            try:
+                self._install(update)
+            except NeedSnapshot as exc:
+                log.info("actor %s: %s; asking for a snapshot", self.actor_id, exc.reason)
+                self._snapshot(exc.reason)
+
+    # -- the loop
+    def run(self) -> str:
+        """Generate until the learner says stop; return its reason."""
+        from rapid_async.metrics import MetricsWriter
+
+        metrics = MetricsWriter(self.run_dir, "actor")
+        last_stats = time.monotonic()
+        t_start = time.monotonic()
+        try:
+            while self.stopped is None:
+                t0 = time.perf_counter()
+                self.poll_weights()
+                grant = self.sockets.request_work(self.actor_id, self.cfg.actor.chunk_groups)
+                if grant is None or isinstance(grant, str):
+                    self.stopped = grant or "learner stopped"
+                    break
+                if not grant.prompt_indices or not self._wait_version(grant.min_version):
+                    self.poll_weights(timeout_ms=20)
+                    self.stats["idle_s"] += time.perf_counter() - t0
+                else:
+                    self._generate_and_send(grant.prompt_indices)
+                    self.stats["busy_s"] += time.perf_counter() - t0
+                if time.monotonic() - last_stats > 2.0:
+                    self._report(metrics, time.monotonic() - t_start)
+                    last_stats = time.monotonic()
+            self._report(metrics, time.monotonic() - t_start)
+        finally:
+            self.close()
+        return self.stopped or "stopped"
+
+    def _wait_version(self, min_version: int, timeout_s: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while (self.version or 0) < min_version:
+            if time.monotonic() > deadline:
+                self._snapshot(f"behind: have {self.version}, need {min_version}")
+                return (self.version or 0) >= min_version
+            self.poll_weights(timeout_ms=50)
+        return True
+
+    def _generate_and_send(self, indices: list[int]) -> None:
+        import torch
+
+        from rapid_async.engines.base import GenerateRequest
+        from rapid_async.protocol import RolloutGroup
+
+        cfg = self.cfg
+        problems = [self.task.train_problem(i) for i in indices]
+        prompts = [self.tokenizer.encode(p.prompt) for p in problems]
+        version = self.version
+        t0 = time.perf_counter()
+        outs = self.engine.generate(GenerateRequest(
+            prompts=prompts, n=cfg.algo.group_size, temperature=cfg.algo.temperature,
+            max_new_tokens=cfg.algo.max_new_tokens))
+        gen_s = time.perf_counter() - t0
+        for index, problem, prompt, comps in zip(indices, problems, prompts, outs):
+            k = len(comps)
+            t = max(1, max(len(c.token_ids) for c in comps))
+            ids = torch.zeros((k, t), dtype=torch.int32)
+            lps = torch.zeros((k, t), dtype=torch.float32)
+            lengths = torch.zeros(k, dtype=torch.int32)
+            rewards = torch.zeros(k, dtype=torch.float32)
+            for i, c in enumerate(comps):
+                n = len(c.token_ids)
+                ids[i, :n] = torch.tensor(c.token_ids, dtype=torch.int32)
+                lps[i, :n] = torch.tensor(c.logprobs, dtype=torch.float32).clamp(max=0.0)
+                lengths[i] = n
+                text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                rewards[i] = self.task.reward(problem, text)
+                self.stats["tokens"] += n
+            group = RolloutGroup(
+                actor_id=self.actor_id, prompt_id=str(index), policy_version=version,
+                prompt_ids=torch.tensor(prompt, dtype=torch.int32), completion_ids=ids,
+                completion_lengths=lengths, logprobs=lps, rewards=rewards,
+                gen_seconds=gen_s / len(indices), created_at=time.time(), info={})
+            while not self.sockets.send_rollout(group, timeout_ms=500):
+                # The learner's queue is full: backpressure. Keep weights fresh
+                # and notice a stop while we wait; never drop the group.
+                self.poll_weights()
+                if self._check_stop():
+                    return
+            self.stats["groups"] += 1
+
+    def _check_stop(self) -> bool:
+        reason = self.sockets.recv_stop(timeout_ms=0)
+        if reason is not None:
+            self.stopped = reason
+        return self.stopped is not None
+
+    def _report(self, metrics: Any, elapsed: float) -> None:
+        s = self.stats
+        active = max(s["busy_s"] + s["idle_s"], 1e-9)
+        rec = {"actor_id": self.actor_id, "version": self.version, "elapsed_s": elapsed,
+               "actor/tokens_per_s": s["tokens"] / max(elapsed, 1e-9),
+               "actor/busy_frac": s["busy_s"] / active, **{f"actor/{k}": v for k, v in s.items()}}
+        metrics.write(rec)
+        try:
+            self.sockets.send_stats(self.actor_id, {k: v for k, v in rec.items()
+                                                    if isinstance(v, (int, float))})
+        except Exception as exc:  # stats are best effort; the loop goes on
+            log.warning("could not send stats: %s", exc)
+
+    def close(self) -> None:
+        try:
+            self.sockets.send_stats(self.actor_id, {"leaving": 1})
+        except Exception:
+            pass
+        self.sockets.close()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
