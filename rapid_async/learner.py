@@ -228,7 +228,8 @@ def run_learner(cfg: Config, resume: bool = False, model_dir: str | None = None)
     import torch
 
     from rapid_async.buffer import RolloutBuffer
-    from rapid_async.evaluate import evaluate_model
+    from rapid_async.engines.hf import HFEngine
+    from rapid_async.evaluate import evaluate as evaluate_engine
     from rapid_async.metrics import MetricsWriter, clean, progress_line
     from rapid_async.scheduler import WorkScheduler
     from rapid_async.tasks.base import get_task
@@ -266,9 +267,14 @@ def run_learner(cfg: Config, resume: bool = False, model_dir: str | None = None)
         "control": net.sockets.control_endpoint, "pid": os.getpid()}))
     log.info("learner listening on %s (mode %s)", net.sockets.control_endpoint, mode)
 
+    # Held-out evaluation runs greedy decoding on a copy of the current
+    # weights in the inference dtype, through the same engine code as an actor.
+    eval_engine = HFEngine(model_dir, device=cfg.learner.device, dtype=cfg.model.inference_dtype)
+
     def evaluate() -> float:
-        return evaluate_model(trainer.model, trainer.tokenizer, task, cfg.run.eval_size,
-                              cfg.algo.max_new_tokens)
+        eval_engine.load_weights(trainer.inference_state())
+        return evaluate_engine(eval_engine, trainer.tokenizer, task, cfg.run.eval_size,
+                               cfg.algo.max_new_tokens)
 
     t_start = time.time()
     busy = 0.0

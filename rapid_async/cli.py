@@ -1,0 +1,129 @@
+"""Command-line entry points: rapid-learner, rapid-actor, rapid-run, rapid-plot.
+
+Thin wrappers: parse arguments with typer, then import the heavy modules
+(torch, transformers, vllm) so that `--help` is instant. Errors a user can fix
+(bad config, no learner) print one clear line and exit with code 2.
+`python -m rapid_async.cli learner|actor|run|plot ...` is the same as the
+console scripts (the launcher starts its children that way).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Optional
+
+import typer
+
+CONFIG_HELP = "TOML run config (see configs/)."
+SET_HELP = "Override a config field, e.g. --set learner.lr=3e-4 (repeatable)."
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("RAPID_LOG", "INFO"),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def learner(config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+            set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+            resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in run.run_dir."),
+            model_dir: Optional[str] = typer.Option(None, "--model-dir", help="Model directory (default: model.path or the tiny model)."),
+            ) -> None:
+    """Bind the learner's sockets and train (rapid-learner)."""
+    from rapid_async.launch import apply_affinity_from_env
+
+    apply_affinity_from_env()
+    _setup_logging()
+    from rapid_async.config import load_config
+
+    try:
+        cfg = load_config(config, set_)
+        if os.environ.get("RAPID_DEVICE") == "cuda":
+            cfg.learner.device = "cuda"
+        from rapid_async.learner import run_learner
+
+        run_learner(cfg, resume=resume, model_dir=model_dir)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def actor(learner: str = typer.Option("127.0.0.1:5555", "--learner", "-l", help="The learner's control endpoint, HOST:PORT or tcp://HOST:PORT (see RUN_DIR/learner.json)."),
+          actor_id: Optional[str] = typer.Option(None, "--actor-id", help="Unique actor name (default: host-pid)."),
+          engine: Optional[str] = typer.Option(None, "--engine", help="hf or vllm (default: the run config's actor.engine)."),
+          ) -> None:
+    """Connect to a learner, generate and send rollouts (rapid-actor)."""
+    from rapid_async.launch import apply_affinity_from_env
+
+    apply_affinity_from_env()
+    _setup_logging()
+    import torch
+
+    if os.environ.get("RAPID_CPU_AFFINITY"):
+        torch.set_num_threads(1)
+    endpoint = learner if learner.startswith(("tcp://", "ipc://")) else f"tcp://{learner}"
+    from rapid_async.actor import Actor
+
+    try:
+        a = Actor(endpoint, actor_id=actor_id, engine=engine)
+        if os.environ.get("RAPID_DEVICE") == "cuda":
+            a.cfg.actor.device = "cuda"
+        a.setup()
+        reason = a.run()
+    except (ValueError, TimeoutError) as exc:
+        _fail(str(exc))
+    typer.echo(f"[actor {a.actor_id}] stopped: {reason}")
+
+
+def run(config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+        set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+        actors: Optional[int] = typer.Option(None, "--actors", "-n", help="Number of actors (default: one per free core or GPU)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
+        ) -> None:
+    """Start a learner and N actors on this node and watch them (rapid-run)."""
+    from rapid_async.launch import run_node
+
+    try:
+        code = run_node(config, set_, actors, resume=resume)
+    except ValueError as exc:
+        _fail(str(exc))
+    raise typer.Exit(code)
+
+
+def plot(run_dir: str = typer.Argument(..., help="A run directory with metrics.jsonl."),
+         out: Optional[str] = typer.Option(None, "--out", help="PNG path (default RUN_DIR/plots.png)."),
+         ) -> None:
+    """Draw a run's metrics as PNG plots (rapid-plot)."""
+    from rapid_async.metrics import plot_run
+
+    try:
+        typer.echo(str(plot_run(run_dir, out)))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+def _single(fn):
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(fn)
+    return app
+
+
+learner_main = _single(learner)
+actor_main = _single(actor)
+run_main = _single(run)
+plot_main = _single(plot)
+
+_COMMANDS = {"learner": learner_main, "actor": actor_main, "run": run_main, "plot": plot_main}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:
+        print(f"usage: python -m rapid_async.cli {{{','.join(_COMMANDS)}}} ...", file=sys.stderr)
+        sys.exit(2)
+    name = sys.argv.pop(1)
+    sys.argv[0] = f"rapid-{name}"
+    _COMMANDS[name]()

@@ -1,0 +1,251 @@
+"""One node, one command (`rapid-run`): a learner and N actors as child processes.
+
+The launcher builds (or finds in the cache) the model, starts the learner,
+waits for it to write RUN_DIR/learner.json with its control endpoint, then
+starts the actors. Each child gets one device: on a GPU node the learner gets
+GPU 0 and actor i GPU i+1 (CUDA_VISIBLE_DEVICES); on CPU the learner gets core
+0 and the actors the other cores (CPU affinity, one torch thread each).
+
+While the run goes on, the launcher prints a progress line from the learner's
+metrics. It stops every child it started, by pid, on Ctrl-C, when a child
+fails, and at the end, and exits non-zero if any child failed. Child output
+goes to RUN_DIR/learner.log and RUN_DIR/actor-N.log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rapid_async.config import Config
+
+
+def device_plan(n_actors: int) -> list[dict[str, str]]:
+    """Environment per child: index 0 the learner, then the actors."""
+    gpus = _gpu_count()
+    plans = []
+    if gpus >= 2:
+        for i in range(n_actors + 1):
+            plans.append({"CUDA_VISIBLE_DEVICES": str(i % gpus), "RAPID_DEVICE": "cuda"})
+        return plans
+    cores = sorted(os.sched_getaffinity(0))
+    for i in range(n_actors + 1):
+        core = cores[i % len(cores)]
+        plans.append({"RAPID_CPU_AFFINITY": str(core), "CUDA_VISIBLE_DEVICES": "",
+                      "OMP_NUM_THREADS": "1", "RAPID_LEARNER_THREADS": "1",
+                      "RAPID_DEVICE": "cpu"})
+    return plans
+
+
+def _gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def apply_affinity_from_env() -> None:
+    """Called first thing in a child: pin to the core the launcher chose."""
+    core = os.environ.get("RAPID_CPU_AFFINITY")
+    if core:
+        os.sched_setaffinity(0, {int(core)})
+
+
+class Launcher:
+    """Starts, watches and stops the learner and actor children."""
+
+    def __init__(self, config_path: str | None, overrides: list[str], cfg: Config,
+                 n_actors: int, resume: bool):
+        self.config_path = config_path
+        self.overrides = overrides
+        self.cfg = cfg
+        self.n_actors = n_actors
+        self.resume = resume
+        self.run_dir = Path(cfg.run.run_dir)
+        self.children: dict[str, subprocess.Popen] = {}
+        self._logs: list[Any] = []
+
+    def _spawn(self, name: str, args: list[str], env_extra: dict[str, str]) -> None:
+        env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
+        log = open(self.run_dir / f"{name}.log", "ab")
+        self._logs.append(log)
+        self.children[name] = subprocess.Popen(
+            [sys.executable, "-m", "rapid_async.cli", *args], env=env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def _config_args(self) -> list[str]:
+        args = ["--config", self.config_path] if self.config_path else []
+        for o in self.overrides:
+            args += ["--set", o]
+        return args
+
+    def start(self, model_dir: str) -> str:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        endpoint_file = self.run_dir / "learner.json"
+        endpoint_file.unlink(missing_ok=True)
+        plan = device_plan(self.n_actors)
+        args = ["learner", *self._config_args(), "--model-dir", model_dir]
+        if self.resume:
+            args.append("--resume")
+        self._spawn("learner", args, plan[0])
+        deadline = time.monotonic() + 300
+        while not endpoint_file.is_file():
+            self._check_children()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the learner wrote no {endpoint_file} in 300 s; "
+                                   f"see {self.run_dir / 'learner.log'}")
+            time.sleep(0.2)
+        endpoint = json.loads(endpoint_file.read_text())["control"]
+        for i in range(self.n_actors):
+            self._spawn(f"actor-{i}", ["actor", "--learner", endpoint, "--actor-id",
+                                       f"actor-{i}"], plan[i + 1])
+        return endpoint
+
+    def _check_children(self) -> None:
+        for name, proc in self.children.items():
+            rc = proc.poll()
+            if rc is not None and rc != 0:
+                raise ChildFailed(f"{name} (pid {proc.pid}) exited with code {rc}; "
+                                  f"see {self.run_dir / (name + '.log')}")
+
+    def watch(self, progress_every: float = 5.0) -> None:
+        """Print progress until the learner exits; raise ChildFailed on a failure."""
+        from rapid_async.metrics import progress_line
+
+        last_print = 0.0
+        learner = self.children["learner"]
+        while learner.poll() is None:
+            self._check_children()
+            if time.monotonic() - last_print > progress_every:
+                rec = _last_learner_record(self.run_dir)
+                if rec:
+                    busy = _actor_busy(self.run_dir)
+                    print(f"[rapid-run] {progress_line(rec)} actors busy {busy}", flush=True)
+                last_print = time.monotonic()
+            time.sleep(0.5)
+        self._check_children()
+        deadline = time.monotonic() + 60
+        for name, proc in self.children.items():
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        self._check_children()
+
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        """Stop every child this launcher started, by pid (TERM, then KILL)."""
+        for proc in self.children.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for proc in self.children.values():
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=10)
+        for log in self._logs:
+            log.close()
+
+
+class ChildFailed(RuntimeError):
+    """A learner or actor child exited with a non-zero code."""
+
+
+def _last_learner_record(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 65536))
+        lines = f.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("role") == "learner" and "step" in rec:
+            return rec
+    return None
+
+
+def _actor_busy(run_dir: Path) -> str:
+    path = run_dir / "metrics.jsonl"
+    latest: dict[str, float] = {}
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - 65536))
+            for line in f.read().decode(errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("role") == "actor" and "actor/busy_frac" in rec:
+                    latest[rec["actor_id"]] = rec["actor/busy_frac"]
+    except OSError:
+        return "-"
+    return " ".join(f"{v:.0%}" for _, v in sorted(latest.items())) or "-"
+
+
+def run_node(config_path: str | None, overrides: list[str], n_actors: int | None,
+             resume: bool = False) -> int:
+    """`rapid-run`: the whole node. Returns the process exit code."""
+    from rapid_async.config import load_config
+    from rapid_async.learner import resolve_model_dir
+
+    cfg = load_config(config_path, overrides)
+    if n_actors is None:
+        n_actors = max(1, len(os.sched_getaffinity(0)) - 1) if _gpu_count() < 2 \
+            else _gpu_count() - 1
+    model_dir = resolve_model_dir(cfg)
+    launcher = Launcher(config_path, overrides, cfg, n_actors, resume)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    code = 0
+    try:
+        endpoint = launcher.start(model_dir)
+        print(f"[rapid-run] learner at {endpoint}, {n_actors} actor(s), mode {cfg.run.mode}, "
+              f"run dir {launcher.run_dir}", flush=True)
+        launcher.watch()
+    except KeyboardInterrupt:
+        print("[rapid-run] interrupted: stopping the learner and actors", flush=True)
+        code = 130
+    except ChildFailed as exc:
+        print(f"[rapid-run] {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        launcher.stop_all()
+        signal.signal(signal.SIGTERM, previous)
+    _print_summary(launcher.run_dir)
+    return code
+
+
+def _print_summary(run_dir: Path) -> None:
+    from rapid_async.metrics import plot_run, read_metrics
+
+    try:
+        recs = [r for r in read_metrics(run_dir) if r.get("role") == "learner"]
+    except FileNotFoundError:
+        return
+    evals = [r["eval/success"] for r in recs if isinstance(r.get("eval/success"), (int, float))]
+    if len(evals) >= 2:
+        print(f"[rapid-run] held-out success: before {evals[0]:.3f}, after {evals[-1]:.3f}",
+              flush=True)
+    try:
+        print(f"[rapid-run] plots: {plot_run(run_dir)}", flush=True)
+    except ValueError as exc:
+        print(f"[rapid-run] no plots: {exc}", flush=True)
