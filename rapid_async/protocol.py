@@ -116,6 +116,27 @@ class Stop:
 
 
 @dataclass
+class WorkRequest:
+    """Actor -> learner (control): give me up to `max_groups` prompts."""
+
+    actor_id: str
+    max_groups: int
+
+
+@dataclass
+class WorkGrant:
+    """Learner -> actor (control): the reply to WorkRequest.
+
+    `prompt_indices` are indices into the task's training stream (possibly
+    empty: no work right now); the actor must generate them with weights of
+    version >= `min_version`.
+    """
+
+    prompt_indices: list
+    min_version: int
+
+
+@dataclass
 class ErrorReply:
     """Learner -> actor (control): the request could not be served."""
 
@@ -153,7 +174,8 @@ class RolloutGroup:
     info: dict
 
 
-Message = Hello | Welcome | SnapshotRequest | WeightUpdate | ActorStats | Stop | ErrorReply | RolloutGroup
+Message = (Hello | Welcome | SnapshotRequest | WeightUpdate | ActorStats | Stop | ErrorReply
+           | RolloutGroup | WorkRequest | WorkGrant)
 
 # ---------------------------------------------------------------- field checkers
 # Each checker takes (field name, value) and returns the value to store, or raises.
@@ -206,6 +228,12 @@ def _flat_dict(name: str, value: Any) -> dict:
                 f"field {name!r}[{key!r}] must be a str/int/float/bool, got {type(item).__name__}"
             )
     return value
+
+
+def _index_list(name: str, value: Any) -> list:
+    if not isinstance(value, (list, tuple)) or len(value) > 1_000_000:
+        raise ProtocolError(f"field {name!r} must be a list of ints, got {type(value).__name__}")
+    return [_nonneg_int(name, item) for item in value]
 
 
 def _tree(name: str, value: Any) -> Any:
@@ -317,6 +345,8 @@ _SPECS = [
     ),
     _Spec("actor_stats", ActorStats, {"actor_id": _str, "stats": _flat_dict}, {}),
     _Spec("stop", Stop, {"reason": _str}, {}),
+    _Spec("work_request", WorkRequest, {"actor_id": _str, "max_groups": _nonneg_int}, {}),
+    _Spec("work_grant", WorkGrant, {"prompt_indices": _index_list, "min_version": _nonneg_int}, {}),
     _Spec("error", ErrorReply, {"message": _str}, {}),
     _Spec(
         "rollout_group",
@@ -419,7 +449,7 @@ def _read_header(frame: bytes) -> dict:
     try:
         header = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated exception types
-        raise ProtocolError(f"header is not valid msgpack: {exc}") from exc
+        raise ProtocolError(f"header is not valid msgpack ({type(exc).__name__}: {exc})") from exc
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     if "protocol" not in header:
