@@ -54,14 +54,11 @@ class Actor:
     def __init__(self, control_endpoint: str, actor_id: str | None = None,
                  engine: str | None = None, hello_timeout_s: float = 60.0):
         from rapid_async.config import config_from_dict
-        from rapid_async.protocol import Hello
         from rapid_async.transport import ActorSockets
 
         self.actor_id = actor_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.sockets = ActorSockets(control_endpoint)
-        engine_name = engine or "hf"
-        welcome = self.sockets.hello(Hello(actor_id=self.actor_id, pid=os.getpid(),
-                                           engine=engine_name),
+        self.sockets = ActorSockets(control_endpoint, self.actor_id)
+        welcome = self.sockets.hello(os.getpid(), engine or "config",
                                      timeout_ms=int(hello_timeout_s * 1000))
         self.cfg = config_from_dict(welcome.settings["config"])
         self.engine_name = engine or self.cfg.actor.engine
@@ -101,23 +98,24 @@ class Actor:
         self.stats["snapshots" if update.kind == "snapshot" else "deltas"] += 1
 
     def _snapshot(self, reason: str) -> None:
-        from rapid_async.protocol import ErrorReply, Stop, WeightUpdate
-
-        for _ in range(50):
-            msg = self.sockets.request_snapshot(self.actor_id, reason)
-            if isinstance(msg, WeightUpdate):
-                self._install(msg)
+        """Ask for the full weights and install them (retrying while the
+        learner has none to give); return early if the learner says stop."""
+        for _ in range(100):
+            if self._check_stop():
                 return
-            if isinstance(msg, Stop):
-                self.stopped = msg.reason
-                return
-            if isinstance(msg, ErrorReply):
-                log.warning("snapshot request refused: %s", msg.message)
-            time.sleep(0.2)
-        raise RuntimeError("the learner did not send a weight snapshot after 50 tries")
+            try:
+                update = self.sockets.request_snapshot(reason, timeout_ms=60_000)
+            except RuntimeError as exc:  # an ErrorReply, e.g. no weights yet
+                log.warning("actor %s: %s", self.actor_id, exc)
+                time.sleep(0.2)
+                continue
+            self._install(update)
+            return
+        raise RuntimeError("the learner did not send a weight snapshot after 100 tries")
 
     def poll_weights(self, timeout_ms: int = 0) -> None:
         """Apply every queued weight update; ask for a snapshot on any doubt."""
+        from rapid_async.transport import BadMessage
         from rapid_async.weights import NeedSnapshot
 
         while True:
@@ -125,6 +123,11 @@ class Actor:
             if update is None:
                 return
             timeout_ms = 0
+            if isinstance(update, BadMessage):
+                log.warning("actor %s: bad weight update (%s); asking for a snapshot",
+                            self.actor_id, update.reason)
+                self._snapshot(f"bad update: {update.reason}")
+                continue
             if self.version is not None and update.version <= self.version:
                 continue
             try:
@@ -145,10 +148,9 @@ class Actor:
             while self.stopped is None:
                 t0 = time.perf_counter()
                 self.poll_weights()
-                grant = self.sockets.request_work(self.actor_id, self.cfg.actor.chunk_groups)
-                if grant is None or isinstance(grant, str):
-                    self.stopped = grant or "learner stopped"
+                if self._check_stop():
                     break
+                grant = self.sockets.request_work(self.cfg.actor.chunk_groups)
                 if not grant.prompt_indices or not self._wait_version(grant.min_version):
                     self.poll_weights(timeout_ms=20)
                     self.stats["idle_s"] += time.perf_counter() - t0
@@ -216,9 +218,18 @@ class Actor:
             self.stats["groups"] += 1
 
     def _check_stop(self) -> bool:
-        reason = self.sockets.recv_stop(timeout_ms=0)
-        if reason is not None:
-            self.stopped = reason
+        """Drain unsolicited control messages; True once the learner said Stop."""
+        from rapid_async.protocol import Stop
+
+        while self.stopped is None:
+            msg = self.sockets.recv_control(timeout_ms=0)
+            if msg is None:
+                break
+            if isinstance(msg, Stop):
+                self.stopped = msg.reason
+            else:
+                log.warning("actor %s: ignoring unexpected control message %s",
+                            self.actor_id, type(msg).__name__)
         return self.stopped is not None
 
     def _report(self, metrics: Any, elapsed: float) -> None:
@@ -229,14 +240,14 @@ class Actor:
                "actor/busy_frac": s["busy_s"] / active, **{f"actor/{k}": v for k, v in s.items()}}
         metrics.write(rec)
         try:
-            self.sockets.send_stats(self.actor_id, {k: v for k, v in rec.items()
-                                                    if isinstance(v, (int, float))})
+            self.sockets.send_stats({k: v for k, v in rec.items()
+                                     if isinstance(v, (int, float)) and v is not None})
         except Exception as exc:  # stats are best effort; the loop goes on
             log.warning("could not send stats: %s", exc)
 
     def close(self) -> None:
         try:
-            self.sockets.send_stats(self.actor_id, {"leaving": 1})
+            self.sockets.send_stats({"leaving": 1})
         except Exception:
             pass
         self.sockets.close()

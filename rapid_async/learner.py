@@ -54,7 +54,7 @@ class LearnerNetwork(threading.Thread):
         self.buffer = buffer
         self.scheduler = scheduler
         self.welcome_settings = welcome_settings
-        self.sockets = LearnerSockets(host=cfg.transport.host, port=cfg.transport.port,
+        self.sockets = LearnerSockets(host=cfg.transport.host, control_port=cfg.transport.port,
                                       rollout_hwm=cfg.transport.rollout_hwm,
                                       weights_hwm=cfg.transport.weights_hwm)
         self.outbox: queue.Queue = queue.Queue()
@@ -119,14 +119,7 @@ class LearnerNetwork(threading.Thread):
                 self.counters["weights/published"] += 1
                 self.counters["weights/published_bytes"] += len(item.payload)
             elif kind == "stop":
-                for identity in self._identities.values():
-                    self.sockets.reply(identity, Stop(reason=item))
-
-    @property
-    def _identities(self) -> dict[str, bytes]:
-        if not hasattr(self, "_ids"):
-            self._ids: dict[str, bytes] = {}
-        return self._ids
+                self.sockets.broadcast(Stop(reason=item))
 
     def _bad(self, where: str, reason: str) -> None:
         self.bad_messages[where] += 1
@@ -164,7 +157,7 @@ class LearnerNetwork(threading.Thread):
 
     def _serve_control(self, timeout_ms: int) -> None:
         from rapid_async.protocol import (ActorStats, ErrorReply, Hello, SnapshotRequest,
-                                          Welcome, WorkGrant, WorkRequest)
+                                          WorkGrant, WorkRequest)
         from rapid_async.transport import BadMessage
 
         got = self.sockets.poll_control(timeout_ms=timeout_ms)
@@ -177,14 +170,10 @@ class LearnerNetwork(threading.Thread):
                 self.sockets.reply(identity, ErrorReply(message=msg.reason))
             return
         if isinstance(msg, Hello):
-            self._identities[msg.actor_id] = identity
             self.scheduler.seen(msg.actor_id)
             version = self._published[0] if self._published else 0
             log.info("actor %s (pid %d, engine %s) joined", msg.actor_id, msg.pid, msg.engine)
-            self.sockets.reply(identity, Welcome(
-                rollout_endpoint=self.sockets.rollout_endpoint,
-                weights_endpoint=self.sockets.weights_endpoint,
-                policy_version=version, settings=self.welcome_settings))
+            self.sockets.reply(identity, self.sockets.welcome(version, self.welcome_settings))
         elif isinstance(msg, WorkRequest):
             version = self._published[0] if self._published else 0
             indices, min_version = self.scheduler.grant(
@@ -199,7 +188,6 @@ class LearnerNetwork(threading.Thread):
             self.actor_stats[msg.actor_id] = dict(msg.stats)
             if msg.stats.get("leaving"):
                 self.scheduler.forget(msg.actor_id)
-                self._identities.pop(msg.actor_id, None)
         else:
             self._bad("control", f"unexpected {type(msg).__name__} on the control socket")
             self.sockets.reply(identity, ErrorReply(
