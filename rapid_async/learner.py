@@ -59,7 +59,7 @@ class LearnerNetwork(threading.Thread):
                                       weights_hwm=cfg.transport.weights_hwm)
         self.outbox: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._lock = threading.Lock()
         self._published: tuple[int, dict] | None = None  # (version, inference state)
         self._snapshot_cache = None
@@ -85,14 +85,14 @@ class LearnerNetwork(threading.Thread):
             raise RuntimeError(f"learner network thread failed: {self.error!r}") from self.error
 
     def shutdown(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=10)
 
     # -- the thread
     def run(self) -> None:
         try:
             last_expire = time.monotonic()
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 self._drain_outbox()
                 got = self._pump_rollouts()
                 self._serve_control(timeout_ms=0 if got else 5)
