@@ -66,6 +66,7 @@ class Actor:
         self.run_dir = welcome.settings["run_dir"]
         self.state: dict | None = None
         self.version: int | None = None
+        self.checksum: str | None = None
         self.stopped: str | None = None
         self.stats: dict[str, float] = {"busy_s": 0.0, "idle_s": 0.0, "tokens": 0,
                                         "groups": 0, "snapshots": 0, "deltas": 0,
@@ -93,6 +94,7 @@ class Actor:
         new_state = apply_update(self.state, self.version, update)  # raises NeedSnapshot
         self.engine.load_weights(new_state)
         self.state, self.version = new_state, update.version
+        self.checksum = update.checksum  # apply_update verified it against new_state
         self.stats["update_s"] += time.perf_counter() - t0
         self.stats["update_bytes"] += len(update.payload)
         self.stats["snapshots" if update.kind == "snapshot" else "deltas"] += 1
@@ -236,6 +238,7 @@ class Actor:
         s = self.stats
         active = max(s["busy_s"] + s["idle_s"], 1e-9)
         rec = {"actor_id": self.actor_id, "version": self.version, "elapsed_s": elapsed,
+               "weights/checksum": self.checksum,
                "actor/tokens_per_s": s["tokens"] / max(elapsed, 1e-9),
                "actor/busy_frac": s["busy_s"] / active, **{f"actor/{k}": v for k, v in s.items()}}
         metrics.write(rec)

@@ -106,6 +106,8 @@ class Launcher:
         for i in range(self.n_actors):
             self._spawn(f"actor-{i}", ["actor", "--learner", endpoint, "--actor-id",
                                        f"actor-{i}"], plan[i + 1])
+        (self.run_dir / "children.json").write_text(json.dumps(
+            {name: proc.pid for name, proc in self.children.items()}))
         return endpoint
 
     def _check_children(self) -> None:
