@@ -31,12 +31,9 @@ learner lists `allowed_client_keys`), or an explicit `allow_insecure=True`.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import zmq
 import zmq.auth.thread
@@ -56,6 +53,9 @@ from rapid_async.protocol import (
     decode,
     encode,
 )
+from rapid_async.security import CurveCredentials, CurveKeys, check_secure, is_loopback, new_curve_keys, require_curve
+
+__all__ = ["ActorSockets", "BadMessage", "CurveKeys", "LearnerSockets", "is_loopback", "new_curve_keys"]
 
 DEFAULT_HOST = "127.0.0.1"
 MAX_INBOUND_BYTES = 256 * 1024 * 1024  # learner side: larger messages from an actor drop its connection
@@ -72,58 +72,6 @@ class BadMessage:
 
     reason: str
     socket: str
-
-
-class CurveKeys(NamedTuple):
-    """A CURVE keypair, Z85-encoded (40 bytes each)."""
-
-    public: bytes
-    secret: bytes
-
-
-def new_curve_keys() -> CurveKeys:
-    """Generates a CURVE keypair (needs libzmq built with libsodium: zmq.has("curve"))."""
-    _require_curve()
-    return CurveKeys(*zmq.curve_keypair())
-
-
-def _require_curve() -> None:
-    if not zmq.has("curve"):
-        raise RuntimeError("this libzmq has no CURVE support; install a pyzmq wheel built with libsodium")
-
-
-def is_loopback(endpoint_or_host: str) -> bool:
-    """True for ipc:// and inproc:// endpoints and for loopback hosts (127.x, ::1, localhost)."""
-    match = re.match(r"^(\w+)://(.*)$", endpoint_or_host)
-    if match and match.group(1) in ("ipc", "inproc"):
-        return True
-    host = match.group(2) if match else endpoint_or_host
-    host = host.rsplit(":", 1)[0] if match else host  # drop the port
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name, "*" or an interface name
-
-
-def _check_secure(where: str, curve: bool, allow_insecure: bool) -> None:
-    if not is_loopback(where) and not curve and not allow_insecure:
-        raise ValueError(
-            f"{where} is not a loopback address: pass CURVE keys (see new_curve_keys) "
-            "or allow_insecure=True to send rollouts and weights unencrypted"
-        )
-
-
-class _CurveCredentials:
-    """ZAP callback: accepts a client when its public key is in the allowed set."""
-
-    def __init__(self, allowed: list[bytes]):
-        self.allowed = set(allowed)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        return key in self.allowed
 
 
 def _recv_decoded(sock: zmq.Socket, name: str, timeout_ms: int, routed: bool = False):
@@ -172,7 +120,7 @@ class LearnerSockets:
         allow_insecure: bool = False,
         advertise_host: str | None = None,
     ):
-        _check_secure(host, curve_keys is not None, allow_insecure)
+        check_secure(host, curve_keys is not None, allow_insecure)
         self._ctx = zmq.Context()
         self._auth = None
         self._curve_keys = curve_keys
@@ -198,11 +146,11 @@ class LearnerSockets:
             raise
 
     def _start_curve(self, allowed_client_keys: list[bytes] | None) -> None:
-        _require_curve()
+        require_curve()
         if allowed_client_keys is not None:
             self._auth = zmq.auth.thread.ThreadAuthenticator(self._ctx)
             self._auth.start()
-            self._auth.configure_curve_callback("*", credentials_provider=_CurveCredentials(allowed_client_keys))
+            self._auth.configure_curve_callback("*", credentials_provider=CurveCredentials(allowed_client_keys))
 
     def _bind(self, kind: int, host: str, port: int, sndhwm: int = 1000, rcvhwm: int = 1000) -> zmq.Socket:
         sock = self._ctx.socket(kind)
@@ -308,9 +256,9 @@ class ActorSockets:
     ):
         if (curve_keys is None) != (server_key is None):
             raise ValueError("CURVE needs both curve_keys (the actor's) and server_key (the learner's public key)")
-        _check_secure(control_endpoint, curve_keys is not None, allow_insecure)
+        check_secure(control_endpoint, curve_keys is not None, allow_insecure)
         if curve_keys is not None:
-            _require_curve()
+            require_curve()
         self.control_endpoint = control_endpoint
         self.actor_id = actor_id
         self._curve = (curve_keys, server_key)

@@ -22,6 +22,8 @@ from rapid_async.protocol import (
     Stop,
     WeightUpdate,
     Welcome,
+    WorkGrant,
+    WorkRequest,
     decode,
     encode,
 )
@@ -91,6 +93,8 @@ simple_messages = st.one_of(
     st.builds(ActorStats, actor_id=text, stats=flat_dicts),
     st.builds(Stop, reason=text),
     st.builds(ErrorReply, message=text),
+    st.builds(WorkRequest, actor_id=text, max_groups=st.integers(0, 1000)),
+    st.builds(WorkGrant, prompt_indices=st.lists(st.integers(0, 2**40), max_size=20), min_version=versions),
     weight_updates,
 )
 
@@ -141,7 +145,8 @@ def test_rollout_group_round_trips(group):
 
 def test_registry_covers_every_message_type():
     assert set(protocol.message_types().values()) == {
-        Hello, Welcome, SnapshotRequest, WeightUpdate, ActorStats, Stop, ErrorReply, RolloutGroup
+        Hello, Welcome, SnapshotRequest, WeightUpdate, ActorStats, Stop, ErrorReply, RolloutGroup,
+        WorkRequest, WorkGrant,
     }
 
 
