@@ -1,0 +1,244 @@
+"""End to end: a real learner process and real actor processes over ZeroMQ.
+
+Each test starts `python -m rapid_async.cli learner` and `... actor` as child
+processes on loopback with random free ports, and checks what the run wrote
+(metrics.jsonl, checkpoints, logs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, cli, read_log, stop, wait_for_file
+from rapid_async.metrics import read_metrics
+
+CONFIG = REPO / "configs" / "quickstart.toml"
+
+
+def run_learner_and_actors(tmp_path: Path, model_dir: Path, overrides: list[str],
+                           n_actors: int = 1, timeout: float = 300,
+                           engine: str | None = None) -> tuple[list[dict], str]:
+    run_dir = tmp_path / "run"
+    args = ["learner", "--config", str(CONFIG), "--model-dir", str(model_dir),
+            "--set", f"run.run_dir={run_dir}"]
+    for o in overrides:
+        args += ["--set", o]
+    learner = cli(*args, log=tmp_path / "learner.log")
+    actors = []
+    try:
+        info = wait_for_file(run_dir / "learner.json", learner)
+        for i in range(n_actors):
+            extra = ["--engine", engine] if engine else []
+            actors.append(cli("actor", "--learner", info["control"], "--actor-id", f"a{i}",
+                              *extra, log=tmp_path / f"actor{i}.log"))
+        learner.wait(timeout=timeout)
+        for a in actors:
+            a.wait(timeout=60)
+    finally:
+        for p in [learner, *actors]:
+            stop(p)
+    logs = "\n".join(read_log(p) for p in sorted(tmp_path.glob("*.log")))
+    assert learner.returncode == 0, logs[-4000:]
+    for a in actors:
+        assert a.returncode == 0, logs[-4000:]
+    return read_metrics(run_dir), logs
+
+
+def _inference_checksum(checkpoint: Path, dtype: str) -> str:
+    from safetensors.torch import load_file
+
+    from rapid_async.weights import cast_state, state_checksum
+
+    state = load_file(str(checkpoint / "model.safetensors"))
+    if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state_checksum(cast_state(state, dtype))
+
+
+MODES = {
+    "grpo": ["run.mode=grpo", "algo.loss=grpo", "algo.beta=0.04",
+             "learner.batch_groups=4", "learner.minibatch_groups=4"],
+    "rapid-sync": ["run.mode=rapid-sync", "learner.batch_groups=8",
+                   "learner.minibatch_groups=4"],
+    "rapid-async": ["run.mode=rapid-async", "learner.minibatch_groups=4",
+                    "learner.max_staleness=2", "learner.buffer_groups=8",
+                    "actor.chunk_groups=4"],
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_modes_run_end_to_end(mode, tmp_path, random_model_dir):
+    steps = 20
+    overrides = MODES[mode] + [f"run.max_steps={steps}", "run.eval_every=0", "run.eval_size=20",
+                               "algo.group_size=4", "algo.max_new_tokens=4"]
+    records, logs = run_learner_and_actors(tmp_path, random_model_dir, overrides)
+    learner = [r for r in records if r["role"] == "learner" and "loss/policy" in r]
+    versions = [r["version"] for r in learner]
+    assert versions == list(range(1, steps + 1)), "one record per optimizer step, versions advance"
+    max_staleness = {"grpo": 0, "rapid-sync": 1, "rapid-async": 2}[mode]
+    assert max(r["staleness/max"] for r in learner) <= max_staleness
+    hist = learner[-1]["staleness/hist"]
+    assert sum(hist.values()) == learner[-1]["buffer/consumed"]
+    assert all(int(k) <= max_staleness for k in hist)
+    if mode == "rapid-sync":
+        assert set(hist) == {"0", "1"}, "H = 2 updates per batch: staleness 0 then 1"
+    # The actor applied the learner's updates and verified each checksum; its
+    # final weights are the learner's final weights cast to the inference dtype.
+    actor = [r for r in records if r["role"] == "actor"]
+    assert actor and actor[-1]["actor/snapshots"] >= 1
+    assert actor[-1]["actor/deltas"] >= 1
+    final = max(r["version"] for r in actor)
+    assert final == steps
+    ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    assert ckpt.name.endswith(f"{steps:08d}")
+    assert actor[-1]["weights/checksum"] == _inference_checksum(ckpt, "float32")
+    assert "Traceback" not in logs
+
+
+def test_reward_rises_on_easy_setting(tmp_path, warm_model_dir):
+    overrides = ["run.mode=rapid-async", "run.max_steps=40", "run.eval_every=0",
+                 "run.eval_size=100", "task.digits=1", "algo.group_size=8",
+                 "learner.minibatch_groups=8", "learner.buffer_groups=16",
+                 "actor.chunk_groups=8", "learner.lr=5e-4"]
+    records, _ = run_learner_and_actors(tmp_path, warm_model_dir, overrides)
+    learner = [r for r in records if r["role"] == "learner" and "reward/mean" in r]
+    first = sum(r["reward/mean"] for r in learner[:8]) / 8
+    last = sum(r["reward/mean"] for r in learner[-8:]) / 8
+    assert last > first + 0.1, (first, last)
+
+
+def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_dir):
+    import msgpack
+    import zmq
+
+    from rapid_async.protocol import RolloutGroup, encode
+
+    run_dir = tmp_path / "run"
+    learner = cli("learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
+                  "--set", f"run.run_dir={run_dir}", "--set", "run.max_steps=1",
+                  "--set", "learner.minibatch_groups=1", "--set", "learner.batch_groups=1",
+                  "--set", "algo.group_size=2", "--set", "run.eval_size=5",
+                  log=tmp_path / "learner.log")
+    ctx = zmq.Context()
+    try:
+        info = wait_for_file(run_dir / "learner.json", learner)
+        control = ctx.socket(zmq.DEALER)
+        control.linger = 0
+        control.connect(info["control"])
+        # 1. a malformed frame on the control socket
+        control.send_multipart([b"\xff\x00 not msgpack"])
+        assert control.poll(10_000), "the learner answers a malformed request"
+        assert b"msgpack" in b"".join(control.recv_multipart()).lower()
+        # 2. an unknown protocol version
+        control.send_multipart([msgpack.packb({"protocol": 99, "type": "hello", "fields": {},
+                                               "tensors": {}})])
+        assert control.poll(10_000)
+        assert b"99" in b"".join(control.recv_multipart())
+        # a proper hello gives the rollout endpoint
+        from rapid_async.protocol import Hello, decode
+
+        control.send_multipart(encode(Hello("tester", os.getpid(), "none")))
+        assert control.poll(10_000)
+        welcome = decode(control.recv_multipart())
+        push = ctx.socket(zmq.PUSH)
+        push.linger = 1000
+        push.connect(welcome.rollout_endpoint)
+        good = RolloutGroup(actor_id="tester", prompt_id="0", policy_version=0,
+                            prompt_ids=torch.tensor([1, 5, 6], dtype=torch.int32),
+                            completion_ids=torch.tensor([[7, 2], [8, 2]], dtype=torch.int32),
+                            completion_lengths=torch.tensor([2, 2], dtype=torch.int32),
+                            logprobs=torch.tensor([[-1.0, -0.5], [-2.0, -0.1]]),
+                            rewards=torch.tensor([1.0, 0.0]), gen_seconds=0.1,
+                            created_at=time.time(), info={})
+        frames = encode(good)
+        # 3. a tensor of the wrong shape: logprobs frame cut to one row
+        header = msgpack.unpackb(frames[0])
+        header["tensors"]["logprobs"]["shape"] = [1, 2]
+        bad = list(frames)
+        bad[0] = msgpack.packb(header)
+        names = list(header["tensors"])
+        bad[1 + names.index("logprobs")] = bytes(frames[1 + names.index("logprobs")])[:8]
+        push.send_multipart(bad)
+        push.send_multipart([b"garbage"])
+        push.send_multipart(frames)  # the one good group: must be trained on
+        learner.wait(timeout=120)
+        push.close()
+        control.close()
+    finally:
+        ctx.term()
+        stop(learner)
+    log = read_log(tmp_path / "learner.log")
+    assert learner.returncode == 0, log[-3000:]
+    assert "bad message on control socket" in log
+    assert "bad message on rollouts socket" in log
+    assert "logprobs" in log and "protocol" in log.lower()
+    recs = [r for r in read_metrics(run_dir) if r["role"] == "learner" and "loss/policy" in r]
+    assert len(recs) == 1
+    assert recs[0]["buffer/accepted"] == 1 and recs[0]["buffer/consumed"] == 1
+    assert recs[0]["net/bad_messages"] == 4
+    assert recs[0]["reward/mean"] == pytest.approx(0.5)
+
+
+def test_checkpoint_and_resume(tmp_path, random_model_dir):
+    common = ["run.mode=rapid-sync", "learner.batch_groups=4", "learner.minibatch_groups=2",
+              "run.eval_every=0", "run.eval_size=10", "algo.group_size=2",
+              "run.checkpoint_every=2"]
+    run_learner_and_actors(tmp_path, random_model_dir, common + ["run.max_steps=4"])
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002", "step-00000004"]
+    state = json.loads((tmp_path / "run" / "checkpoints" / ckpts[-1] /
+                        "rapid_checkpoint.json").read_text())
+    assert state["version"] == 4 and state["data_position"] >= 8
+    # resume: versions continue from 4
+    run_dir = tmp_path / "run"
+    (run_dir / "learner.json").unlink()
+    learner = cli("learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
+                  "--resume", "--set", f"run.run_dir={run_dir}",
+                  *sum((["--set", o] for o in common + ["run.max_steps=6"]), []),
+                  log=tmp_path / "learner2.log")
+    try:
+        info = wait_for_file(run_dir / "learner.json", learner)
+        actor = cli("actor", "--learner", info["control"], log=tmp_path / "actor2.log")
+        learner.wait(timeout=120)
+        actor.wait(timeout=60)
+    finally:
+        stop(learner)
+    recs = [r for r in read_metrics(run_dir) if r["role"] == "learner" and "loss/policy" in r]
+    assert [r["version"] for r in recs] == [1, 2, 3, 4, 5, 6]
+
+
+def test_rapid_run_stops_children_when_one_fails(tmp_path, random_model_dir):
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rapid_async.cli", "run", "--config", str(CONFIG), "--actors", "1",
+         "--set", f"run.run_dir={run_dir}", "--set", f"model.path={random_model_dir}",
+         "--set", "run.max_steps=100000", "--set", "run.eval_every=0",
+         "--set", "run.eval_size=10"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "children.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        pids = json.loads((run_dir / "children.json").read_text())
+        time.sleep(3)
+        os.kill(pids["actor-0"], signal.SIGKILL)  # a child we started, by pid
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "actor-0" in out and "exited with code" in out
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
