@@ -12,14 +12,18 @@ one group of K completions sampled from the behaviour policy mu.
 
 Its expectation (sequence-mean, clip inactive). Write h(y) = (1/T_y) sum_t
 rho_t grad log pi_t, c(y) = wbar(y) for "rapid" and 1 for "rapid_no_is". Then
-g_hat = (1/K) sum_i h_i (r_i - (1/K) sum_j c_j r_j). For j != i, y_i and y_j are
-independent and E_mu[h] = sum_t E_prefix~mu[E_pi[grad log pi_t]] = 0, so only the
-self term j = i survives:
+g_hat = (1/K) sum_i h_i (r_i - (1/K) sum_j c_j r_j), and since y_i, y_j are
+independent for j != i,
 
-    E[g_hat] = E_mu[ h(y) r(y) (1 - c(y)/K) ].
+    E[g_hat] = E_mu[h r (1 - c/K)] - ((K-1)/K) E_mu[h] E_mu[c r].
 
-With one-token completions h = w grad log pi and E_mu[w grad log pi r] = grad J, so
-E[g_hat] = grad J - (1/K) E_pi[wbar r grad log pi]: on-policy (1 - 1/K) grad J.
+E_mu[rho_t grad log pi_t | prefix] = E_pi[grad log pi_t | prefix] = 0, so E_mu[h] = 0
+when all completions have the same length; with lengths that vary, the 1/T_y of
+sequence-mean makes E_mu[h] != 0 and the group baseline no longer cancels (a
+length bias, present on-policy too). With one-token completions h = w grad log pi,
+E_mu[w grad log pi r] = grad J, so E[g_hat] = grad J - (1/K) E_pi[wbar r grad log pi]:
+on-policy (1 - 1/K) grad J. For more than one token the per-token ratios make
+E_mu[h r] differ from grad J (PPO's surrogate), even with eta = inf.
 """
 
 import argparse
@@ -116,12 +120,13 @@ def closed_form_expectation(
     policy: ToyPolicy, theta: torch.Tensor, mu_theta: torch.Tensor, rewards: torch.Tensor,
     group_size: int, settings: LossSettings,
 ) -> torch.Tensor:
-    """E[g_hat] = E_mu[h r (1 - c/K)] (module docstring); sequence-mean, clip inactive.
+    """E[g_hat] = E_mu[h r (1 - c/K)] - ((K-1)/K) E_mu[h] E_mu[c r] (module docstring).
 
-    Only for "rapid" and "rapid_no_is". Returns (P,).
+    Sequence-mean, clip inactive, "rapid" or "rapid_no_is" only. Returns (P,).
     """
     if settings.algorithm not in ("rapid", "rapid_no_is") or settings.aggregation != "sequence-mean":
         raise ValueError("closed_form_expectation covers rapid / rapid_no_is with sequence-mean only")
+    k = group_size
     _, _, mask = policy.enumerate()
     ids = torch.arange(len(mask))[None, :]  # (1, S)
     th = theta.detach().clone().requires_grad_()
@@ -130,7 +135,9 @@ def closed_form_expectation(
     rho = torch.exp(logp - mu) * mask  # (S, L)
     w = torch.exp(((logp - mu) * mask).sum(dim=-1)).detach()  # (S,)
     c = torch.clamp(w, max=settings.eta) if settings.algorithm == "rapid" else torch.ones_like(w)  # (S,)
-    coef = torch.exp(mu.sum(-1)) * rewards * (1 - c / group_size) / mask.sum(-1)  # (S,)
+    mu_seq = torch.exp(mu.sum(dim=-1))  # (S,)
+    cross = (k - 1) / k * (mu_seq * c * rewards).sum()  # ((K-1)/K) E_mu[c r]
+    coef = mu_seq * (rewards * (1 - c / k) - cross) / mask.sum(dim=-1)  # (S,)
     (grad,) = torch.autograd.grad((coef[:, None] * rho).sum(), th)
     return grad
 
