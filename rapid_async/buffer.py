@@ -75,8 +75,6 @@ class RolloutBuffer:
                 self._drop_stale_locked(version)
                 if len(self._groups) >= n:
                     out = [self._groups.popleft() for _ in range(n)]
-                    for g in out:
-                        self.consumed_staleness[version - g.policy_version] += 1
                     self.consumed += n
                     return out
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -85,8 +83,8 @@ class RolloutBuffer:
                 self._cond.wait(timeout=0.5 if remaining is None else min(remaining, 0.5))
 
     def record_consumed(self, groups: list[Any], version: int) -> None:
-        """Record staleness for groups used at `version` (after the first
-        update of a batch in rapid-sync, where one batch feeds H updates)."""
+        """Record the staleness of groups used in an update at `version`
+        (in rapid-sync one batch taken at version v feeds H updates)."""
         with self._cond:
             for g in groups:
                 self.consumed_staleness[version - g.policy_version] += 1

@@ -294,8 +294,7 @@ def run_learner(cfg: Config, resume: bool = False, model_dir: str | None = None)
             minibatches = [groups[i:i + cfg.learner.minibatch_groups]
                            for i in range(0, len(groups), cfg.learner.minibatch_groups)]
             for j, mb in enumerate(minibatches):
-                if j > 0:
-                    buffer.record_consumed(mb, trainer.version)
+                buffer.record_consumed(mb, trainer.version)
                 t1 = time.perf_counter()
                 m = trainer.update(mb)
                 trainer.data_position = scheduler.next_index
