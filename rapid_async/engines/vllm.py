@@ -103,6 +103,7 @@ class VLLMEngine:
         self.model_dir = str(model_dir)
         self.dtype = _DTYPES[dtype]
         self.eos_ids = read_eos_ids(model_dir)
+        self.vocab_size = int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
@@ -146,10 +147,18 @@ class VLLMEngine:
             raise ValueError("GenerateRequest needs n >= 1, temperature >= 0 and "
                              f"max_new_tokens >= 1; got n={request.n}, temperature="
                              f"{request.temperature}, max_new_tokens={request.max_new_tokens}")
+        self._check_prompts(request.prompts)
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in request.prompts]
         params = [self._sampling_params(request, i) for i in range(len(prompts))]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[self._completion(c) for c in out.outputs] for out in outputs]
+
+    def _check_prompts(self, prompts: list[list[int]]) -> None:
+        """Raise ValueError naming the first empty or out-of-vocabulary prompt."""
+        for i, prompt in enumerate(prompts):
+            if not prompt or min(prompt) < 0 or max(prompt) >= self.vocab_size:
+                raise ValueError(f"prompts[{i}] must be non-empty token ids in "
+                                 f"[0, {self.vocab_size}); got {list(prompt)[:8]}")
 
     def _completion(self, output) -> Completion:
         """Convert one vLLM CompletionOutput (sampled token ids + log-probs)."""
