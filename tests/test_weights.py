@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import struct
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rapid_async import weights
 from rapid_async.protocol import decode, encode
 from rapid_async.weights import (
     NeedSnapshot,
@@ -158,14 +160,29 @@ def test_corrupt_or_truncated_payloads_raise_need_snapshot(level):
         for what, payload in cases.items():
             with pytest.raises(NeedSnapshot, match="version 2"):
                 apply_update(prev, 1, dataclasses.replace(update, payload=payload))
-    with pytest.raises(NeedSnapshot, match="bytes, expected"):
+    with pytest.raises(NeedSnapshot, match="sizes do not add up to"):
         apply_update(prev, 1, dataclasses.replace(update, raw_nbytes=update.raw_nbytes - 1))
 
 
-def test_decompression_is_bounded_by_raw_nbytes():
-    bomb = make_snapshot({"w": torch.zeros(1 << 20)}, 1, level=1)
+def test_decompression_is_bounded_by_the_declared_sizes():
+    """A chunk that inflates beyond its declared raw size is refused (no zip bomb)."""
+    update = make_snapshot({"w": torch.zeros(1 << 20)}, 1, level=1)
+    magic, level, width, n = struct.unpack_from("<4sBBI", update.payload)
+    assert (magic, level, width, n) == (b"RPW1", 1, 4, 2)  # header chunk + one data chunk
+    (head_raw, head_size), (data_raw, data_size) = struct.iter_unpack("<QQ", update.payload[10 : 10 + 32])
+    assert data_raw == 4 << 20 and data_size < 100_000
+    forged = update.payload[:10] + struct.pack("<QQQQ", head_raw, head_size, 100, data_size) + update.payload[42:]
     with pytest.raises(NeedSnapshot, match="truncated or too long"):
-        apply_update(None, None, dataclasses.replace(bomb, raw_nbytes=100))
+        apply_update(None, None, dataclasses.replace(update, payload=forged, raw_nbytes=head_raw + 100))
+
+
+def test_large_states_travel_in_several_chunks(monkeypatch):
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 4096)
+    prev = {"a": torch.randn(3000), "b": torch.randn(50, 70)}
+    new = {name: tensor * 1.001 for name, tensor in prev.items()}
+    delta = make_delta(prev, new, 1, 0)
+    assert struct.unpack_from("<4sBBI", delta.payload)[3] == 1 + -(-(3000 + 3500) * 4 // 4096)
+    _assert_bit_equal(apply_update(prev, 0, delta), new)
 
 
 def test_delta_after_small_sgd_step_compresses_well(capsys):
