@@ -33,6 +33,7 @@ import torch
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
+MAX_NESTING = 16  # deepest list / dict nesting allowed in Welcome.settings
 
 # Tensor dtypes allowed on the wire: header name -> (little-endian numpy dtype, torch dtype).
 WIRE_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
@@ -236,15 +237,17 @@ def _index_list(name: str, value: Any) -> list:
     return [_nonneg_int(name, item) for item in value]
 
 
-def _tree(name: str, value: Any) -> Any:
+def _tree(name: str, value: Any, depth: int = 0) -> Any:
+    if depth > MAX_NESTING:
+        raise ProtocolError(f"field {name!r} is nested more than {MAX_NESTING} levels deep")
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if isinstance(value, (list, tuple)):
-        return [_tree(name, item) for item in value]
+        return [_tree(name, item, depth + 1) for item in value]
     if isinstance(value, dict):
         if not all(isinstance(key, str) for key in value):
             raise ProtocolError(f"field {name!r} must have str keys only")
-        return {key: _tree(name, item) for key, item in value.items()}
+        return {key: _tree(name, item, depth + 1) for key, item in value.items()}
     raise ProtocolError(f"field {name!r} holds a {type(value).__name__}, which is not allowed")
 
 

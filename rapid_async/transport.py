@@ -84,6 +84,8 @@ def _recv_decoded(sock: zmq.Socket, name: str, timeout_ms: int, routed: bool = F
         return identity, decode(frames)
     except ProtocolError as exc:
         return identity, BadMessage(str(exc), name)
+    except Exception as exc:  # a decoder bug must not kill the receive loop either
+        return identity, BadMessage(f"could not decode ({type(exc).__name__}: {exc})", name)
 
 
 def _expect(msg, cls: type, name: str):

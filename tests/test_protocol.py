@@ -186,6 +186,16 @@ def test_malformed_headers_raise_protocol_error(frames, match):
         decode(frames)
 
 
+def test_deeply_nested_settings_are_refused():
+    nested: list = []
+    for _ in range(900):
+        nested = [nested]
+    header = {"protocol": 1, "type": "welcome", "tensors": {}, "fields": {
+        "rollout_endpoint": "a", "weights_endpoint": "b", "policy_version": 0, "settings": {"x": nested}}}
+    with pytest.raises(ProtocolError, match="nested more than 16 levels"):
+        decode([msgpack.packb(header)])
+
+
 def test_protocol_error_is_a_value_error():
     assert issubclass(ProtocolError, ValueError)
 
