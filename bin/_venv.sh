@@ -12,9 +12,11 @@ if [ ! -x "$PY" ]; then
   echo "[setup] creating $VENV"
   python3 -m venv "$VENV"
 fi
-stamp="$VENV/.rapid_installed"
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/bin/_venv.sh" | sha256sum | cut -c1-16)-${RAPID_NO_VLLM:-0}"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+# Stamps record what was installed for this pyproject: "vllm" (everything) or
+# "base" (no vLLM). A base request is satisfied by either.
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/bin/_venv.sh" | sha256sum | cut -c1-16)"
+if [ "${RAPID_NO_VLLM:-0}" = "1" ]; then stamp="$VENV/.rapid_installed_base"; else stamp="$VENV/.rapid_installed_vllm"; fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] && [ "$(cat "$VENV/.rapid_installed_vllm" 2>/dev/null)" != "$want" ]; then
   if ! "$PY" -c "import torch" 2>/dev/null; then
     echo "[setup] installing torch==$TORCH_VERSION (CPU build where available)"
     "$PY" -m pip install -q "torch==$TORCH_VERSION"
