@@ -142,9 +142,33 @@ def closed_form_expectation(
     return grad
 
 
+@dataclass(frozen=True)
+class LeaveOneOut:
+    """Bench-only comparison, NOT the DESIGN.md objective: RAPID with the baseline
+    b_i = (1/(K-1)) sum_{j != i} wbar_j r_j (sample left out) and no clip.
+
+    For one-token completions its expectation is grad J exactly (no 1 - 1/K shrink,
+    no tilt from the sample's own weight).
+    """
+
+    eta: float = 2.0
+    algorithm: str = "rapid_loo"
+    aggregation: str = "sequence-mean"
+
+
+def _loo_loss(delta: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor, eta: float) -> torch.Tensor:
+    """Sequence-mean loss of `LeaveOneOut`. delta, mask (N*K, L); rewards (N, K)."""
+    n, k = rewards.shape
+    w_bar = torch.exp((delta * mask).sum(dim=-1)).detach().clamp(max=eta).view(n, k)  # (N, K)
+    wr = w_bar * rewards  # (N, K)
+    adv = (rewards - (wr.sum(dim=1, keepdim=True) - wr) / (k - 1)).reshape(-1)  # (N*K,)
+    token = -torch.exp(delta) * adv[:, None] * mask  # (N*K, L)
+    return (token.sum(dim=-1) / mask.sum(dim=-1)).mean()
+
+
 def per_group_gradients(
     policy: ToyPolicy, theta: torch.Tensor, mu_theta: torch.Tensor, rewards: torch.Tensor,
-    ids: torch.Tensor, settings: LossSettings,
+    ids: torch.Tensor, settings: "LossSettings | LeaveOneOut",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """g_hat = -grad loss for each group, in one backward pass.
 
@@ -153,9 +177,11 @@ def per_group_gradients(
 
     Args:
         ids: (N, K) completion indices of each group.
+        settings: the `compute_loss` settings, or `LeaveOneOut` for the bench-only variant.
 
     Returns:
-        (N, P) per-group estimates and the loss metrics of the whole batch.
+        (N, P) per-group estimates and the loss metrics of the whole batch
+        (empty for `LeaveOneOut`).
     """
     if settings.aggregation != "sequence-mean":
         raise ValueError("per-group gradients need aggregation = sequence-mean")
@@ -164,7 +190,11 @@ def per_group_gradients(
     th = theta.detach().expand(n, -1).clone().requires_grad_()  # (N, P)
     logp = policy.token_logprobs(th, ids)  # (N*K, L)
     mu = policy.token_logprobs(mu_theta, ids)  # (N*K, L)
-    loss, metrics = compute_loss(logp, mu, mask[ids].reshape(n * k, -1), rewards[ids].reshape(-1), k, settings)
+    batch_mask = mask[ids].reshape(n * k, -1)  # (N*K, L)
+    if isinstance(settings, LeaveOneOut):
+        loss, metrics = _loo_loss(logp - mu, batch_mask, rewards[ids], settings.eta), {}
+    else:
+        loss, metrics = compute_loss(logp, mu, batch_mask, rewards[ids].reshape(-1), k, settings)
     (grad,) = torch.autograd.grad(loss, th)
     return -n * grad, metrics
 
@@ -208,13 +238,13 @@ def _row(policy, theta, mu_theta, rewards, settings, groups, group_size, gen) ->
         "se": se.norm().item(),
         "rmse": ((grads - true) ** 2).sum(dim=1).mean().sqrt().item(),
         "z_max": ((mean - expect).abs() / se.clamp(min=1e-300)).max().item(),
-        "truncated": metrics["is/truncated_frac"],
-        "clip": metrics["ppo/clip_frac"],
+        "truncated": metrics.get("is/truncated_frac", math.nan),
+        "clip": metrics.get("ppo/clip_frac", 0.0),
         "grad_norm": norm,
     }
 
 
-def _settings_grid() -> list[tuple[str, LossSettings, bool]]:
+def _settings_grid() -> list[tuple[str, "LossSettings | LeaveOneOut", bool]]:
     """(label, settings, on_policy) rows of each table."""
     inf = math.inf
     rows = [("rapid, on-policy", LossSettings("rapid", eta=2.0, eps=0.2), True)]
@@ -223,6 +253,8 @@ def _settings_grid() -> list[tuple[str, LossSettings, bool]]:
             rows.append(("rapid", LossSettings("rapid", eta=eta, eps=eps), False))
         rows.append(("rapid_no_is", LossSettings("rapid_no_is", eps=eps), False))
     rows.append(("pg", LossSettings("pg"), False))
+    for eta in (inf, 2.0):
+        rows.append(("*leave-one-out (bench only)*", LeaveOneOut(eta), False))
     return rows
 
 
@@ -246,7 +278,19 @@ standard errors of that mean; *RMSE/group* = sqrt(E‖g_hat − ∇J‖²) of a
 single group's estimate (a batch of G groups divides the variance part by G);
 *max z* = largest |MC mean − E[g_hat]| / SE over parameters (a check of the
 Monte Carlo against the exact expectation); *trunc* / *clip* = `is/truncated_frac`
-and `ppo/clip_frac` over the Monte Carlo batch.
+and `ppo/clip_frac` over the Monte Carlo batch. Rows in italics are a bench-only
+variant that `loss.py` does not offer: the RAPID baseline with the sample left
+out, b_i = (1/(K-1)) sum_{{j != i}} wbar_j r_j, and no clip.
+
+How to read it (these follow from the formulas, see `bench_mc.py`):
+- one-step, on-policy or `rapid_no_is` without clip: scale exactly 0.75 = 1 − 1/K,
+  cos 1 (the mean baseline includes the sample itself);
+- one-step `rapid`: E[g_hat] = ∇J − (1/K) E_pi[wbar r ∇log pi]: the sample's own
+  truncated weight in the baseline tilts the direction as staleness grows; a
+  smaller eta shrinks the tilt; the leave-one-out baseline removes it (bias 0);
+- two-step: per-token ratios (PPO's surrogate) and the 1/T_y of sequence-mean
+  make E[g_hat] differ from ∇J even on-policy and with eta = inf, and the clip
+  (eps = 0.2) removes more of the signal as staleness grows.
 """
 
 
@@ -269,10 +313,10 @@ def run(groups: int, group_size: int, staleness: float, seed: int) -> str:
         for label, settings, on_policy in _settings_grid():
             mu = theta if on_policy else mu_theta
             s = _row(policy, theta, mu, rewards, settings, groups, group_size, gen)
-            eps = "-" if settings.algorithm == "pg" else f"{settings.eps:g}"
-            rapid = settings.algorithm == "rapid"
+            eps = "-" if settings.algorithm == "pg" else f"{getattr(settings, 'eps', math.inf):g}"
+            rapid = settings.algorithm in ("rapid", "rapid_loo")
             eta = f"{settings.eta:g}" if rapid else "-"
-            trunc = f"{s['truncated']:.3f}" if rapid else "-"
+            trunc = f"{s['truncated']:.3f}" if rapid and not math.isnan(s["truncated"]) else "-"
             lines.append(
                 f"| {label} | {eta} | {eps} | {s['exact_bias']:.4f} | {s['cos']:.4f} | {s['scale']:.4f} "
                 f"| {s['mc_bias']:.5f} | {s['se']:.5f} | {s['rmse']:.4f} | {s['z_max']:.2f} "

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from rapid_async.bench_mc import (
+    LeaveOneOut,
     ToyPolicy,
     closed_form_expectation,
     exact_gradient,
@@ -89,6 +90,14 @@ def test_on_policy_expectation_is_shrunk_true_gradient():
     theta, _, rewards, _ = toy_problem(policy, spread=0.0, seed=2)
     exact = tuple_expectation(policy, theta, theta, rewards, 4, LossSettings("rapid"))
     torch.testing.assert_close(exact, 0.75 * exact_gradient(policy, theta, rewards), atol=1e-13, rtol=0)
+
+
+def test_bench_leave_one_out_variant_is_unbiased_for_one_token():
+    # The bench-only comparison row: b_i leaves sample i out, so E[g_hat] = grad J exactly.
+    policy = ToyPolicy(4, 1)
+    theta, mu_theta, rewards, _ = toy_problem(policy, spread=2.0, seed=5)
+    exact = tuple_expectation(policy, theta, mu_theta, rewards, 3, LeaveOneOut(eta=1.5))
+    torch.testing.assert_close(exact, exact_gradient(policy, theta, rewards), atol=1e-13, rtol=0)
 
 
 def independent_expectation(policy, theta, mu_theta, rewards, k, eta):
