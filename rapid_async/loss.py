@@ -36,15 +36,17 @@ Aggregation (`LossSettings.aggregation`):
 - "token-mean":    loss = sum_it mask_it l_it / sum_it mask_it.
 
 How these depart from the textbook estimator of grad J = grad E_pi[r]:
-1. The baseline includes the sample itself. With weights independent across the
-   group, E[-grad loss] per group is E_mu[h(y) r(y) (1 - wbar(y)/K)], where
-   h(y) = (1/T_y) sum_t rho_t grad logp_t (sequence-mean, clip inactive).
-   On-policy this is (1 - 1/K) times the unbaselined gradient, the known
-   GRPO / mean-baseline shrink; off-policy the self term also tilts it.
+1. The baseline includes the sample itself. Per group, with the clip inactive,
+   E[-grad loss] = E_mu[h r (1 - wbar/K)] - ((K-1)/K) E_mu[h] E_mu[wbar r], where
+   h(y) = (1/T_y) sum_t rho_t grad logp_t (sequence-mean). E_mu[h] = 0 when all
+   completions have one length; then on-policy this is (1 - 1/K) grad J (the
+   GRPO / mean-baseline shrink) and off-policy the sample's own wbar tilts it:
+   grad J - (1/K) E_pi[wbar r grad log pi] for one-token completions.
 2. The gradient uses the per-token ratio rho_it, not the sequence weight w_i
    (w_i only enters the baseline). This is PPO's surrogate: for completions of
    more than one token it is not an unbiased importance-sampling estimate of
-   grad J even with eta = inf and no clip. `bin/bench-mc` measures the bias.
+   grad J even with eta = inf and no clip. `bin/bench-mc` measures both biases
+   (benchmarks/results/loss-montecarlo.md).
 3. sequence-mean weights each token of y_i by 1/T_i (a length bias);
    token-mean weights every token equally but its normaliser depends on the
    whole batch, so micro-batches must be rescaled by their token share when
