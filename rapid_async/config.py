@@ -9,6 +9,7 @@ validates; validation errors are `ValueError`s that name the field and the fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def validate(self) -> "Config":
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                if isinstance(value, float) and math.isnan(value):
+                    raise ValueError(f"{section}.{key} = nan: set a number")
         _check_choice("run.mode", self.run.mode, MODES)
         _check_choice("algo.loss", self.algo.loss, LOSSES)
         _check_choice("algo.aggregation", self.algo.aggregation, AGGREGATIONS)
@@ -308,7 +313,7 @@ def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Con
             if key not in hints:
                 raise ValueError(f"{source}: unknown field {section}.{key}; known: "
                                  f"{', '.join(hints)}")
-            setattr(obj, key, _coerce(f"{section}.{key}", value, hints[key]))
+            setattr(obj, key, _coerce(f"{source}: {section}.{key}", value, hints[key]))
     return cfg
 
 
