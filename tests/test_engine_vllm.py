@@ -135,8 +135,15 @@ def test_greedy_takes_argmax_with_untempered_logprobs(engine, learner):
 
 
 def test_rejects_bad_input(engine):
-    with pytest.raises(ValueError, match="engine dtype"):
-        engine.load_weights({"model.norm.weight": torch.ones(128, dtype=torch.bfloat16)})
+    full = state(AutoModelForCausalLM.from_pretrained(engine.model_dir, dtype=torch.float32))
+    with pytest.raises(ValueError, match="dtype torch.bfloat16"):
+        engine.load_weights({**full, "model.norm.weight": torch.ones(128, dtype=torch.bfloat16)})
+    with pytest.raises(ValueError, match="missing"):
+        engine.load_weights({k: v for k, v in full.items() if k != "model.norm.weight"})
+    with pytest.raises(ValueError, match="unknown tensor"):
+        engine.load_weights({**full, "model.extra.weight": torch.ones(2)})
+    with pytest.raises(ValueError, match="shape"):
+        engine.load_weights({**full, "model.norm.weight": torch.ones(3)})
     with pytest.raises(ValueError, match="no tensors"):
         engine.load_weights({})
     with pytest.raises(ValueError, match=r"prompts\[1\]"):

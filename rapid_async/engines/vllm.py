@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rapid_async.engines.base import Completion, GenerateRequest
@@ -63,6 +64,25 @@ def read_eos_ids(model_dir: str | Path) -> list[int]:
                 return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
     raise ValueError(f"model_dir {model_dir} names no eos_token_id in "
                      "generation_config.json or config.json; add one")
+
+
+def read_expected_tensors(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in a model directory's safetensors files.
+
+    Args:
+        model_dir: Hugging Face model directory (one or more *.safetensors).
+
+    Returns:
+        Hugging Face tensor name -> shape.
+    """
+    expected = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                expected[name] = tuple(f.get_slice(name).get_shape())
+    if not expected:
+        raise ValueError(f"model_dir {model_dir} has no *.safetensors weights")
+    return expected
 
 
 def _make_importable_in_workers() -> None:
@@ -103,7 +123,10 @@ class VLLMEngine:
         self.model_dir = str(model_dir)
         self.dtype = _DTYPES[dtype]
         self.eos_ids = read_eos_ids(model_dir)
-        self.vocab_size = int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        self.vocab_size = int(config["vocab_size"])
+        self._expected = read_expected_tensors(model_dir)
+        self._optional = {"lm_head.weight"} if config.get("tie_word_embeddings") else set()
         self.on_cpu = current_platform.is_cpu()
         if self.on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KVCACHE_GIB)
@@ -209,13 +232,7 @@ class VLLMEngine:
         Raises:
             ValueError: if empty or a floating tensor is not in the engine dtype.
         """
-        if not named_tensors:
-            raise ValueError("load_weights got no tensors; send the full model state")
-        wrong = [n for n, t in named_tensors.items()
-                 if t.is_floating_point() and t.dtype != self.dtype]
-        if wrong:
-            raise ValueError(f"tensors {wrong[:3]} are not in the engine dtype {self.dtype}; "
-                             "cast them to the inference dtype before load_weights")
+        self._validate(named_tensors)
         start = time.perf_counter()
         path = os.path.join(self._weights_dir, "update.safetensors")
         save_file(_unshared(named_tensors), path)
@@ -226,6 +243,29 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.last_update_seconds = time.perf_counter() - start
         self.updates += 1
+
+    def _validate(self, named_tensors: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError naming the first tensor that does not fit the model.
+
+        A tied lm_head.weight may be given or left out; vLLM never reads it.
+        """
+        if not named_tensors:
+            raise ValueError("load_weights got no tensors; send the full model state")
+        known = {**self._expected, **{n: None for n in self._optional}}
+        for name, tensor in named_tensors.items():
+            if name not in known:
+                raise ValueError(f"load_weights: unknown tensor {name!r} (expected Hugging "
+                                 "Face names as in model.safetensors)")
+            if known[name] is not None and tuple(tensor.shape) != known[name]:
+                raise ValueError(f"load_weights: {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"the model expects {known[name]}")
+            if tensor.is_floating_point() and tensor.dtype != self.dtype:
+                raise ValueError(f"load_weights: {name!r} has dtype {tensor.dtype}, the engine "
+                                 f"runs in {self.dtype}; cast to the inference dtype first")
+        missing = sorted(set(self._expected) - set(named_tensors))
+        if missing:
+            raise ValueError(f"load_weights: {len(missing)} tensor(s) missing, e.g. "
+                             f"{missing[0]!r}; send the full set of weights")
 
     def close(self) -> None:
         """Shut the engine core down and delete the weight-file directory."""
