@@ -89,7 +89,9 @@ class WorkScheduler:
                 min_version = self._round_version
             else:
                 n = min(max_groups, self.capacity - buffered - in_flight)
-                min_version = max(0, version - self.max_staleness + 1)
+                # One version of headroom, but never a version not yet trained:
+                # with max_staleness 0 training waits for data at `version`.
+                min_version = max(0, min(version, version - self.max_staleness + 1))
             indices = []
             for _ in range(max(0, n)):
                 if self._reissue:
