@@ -1,0 +1,155 @@
+"""Tests of rapid_async.policy: collation of whole groups and token log-probs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rapid_async.policy import collate, token_logprobs
+from rapid_async.protocol import RolloutGroup
+from rapid_async.tinymodel import build_model
+
+
+def make_group(prompt, completions, rewards, version=0, prompt_id="p", junk=77):
+    """A RolloutGroup from lists; padding beyond each length is `junk`, which
+    collate must ignore. Behaviour log-probs are -(token id) / 100."""
+    k = len(completions)
+    t = max(1, max(len(c) for c in completions))
+    ids = torch.full((k, t), junk, dtype=torch.int32)
+    lps = torch.full((k, t), -9.0, dtype=torch.float32)
+    for i, c in enumerate(completions):
+        ids[i, :len(c)] = torch.tensor(c, dtype=torch.int32)
+        lps[i, :len(c)] = -torch.tensor(c, dtype=torch.float32) / 100
+    return RolloutGroup(
+        actor_id="a0", prompt_id=prompt_id, policy_version=version,
+        prompt_ids=torch.tensor(prompt, dtype=torch.int32), completion_ids=ids,
+        completion_lengths=torch.tensor([len(c) for c in completions], dtype=torch.int32),
+        logprobs=lps, rewards=torch.tensor(rewards, dtype=torch.float32),
+        gen_seconds=0.1, created_at=0.0, info={})
+
+
+@pytest.fixture
+def groups():
+    # Group 0: prompt of 3 tokens; completions of 3 and 1 tokens.
+    # Group 1: prompt of 2 tokens; completions of 4 and 0 tokens.
+    return [make_group([1, 5, 6], [[7, 8, 9], [10]], [1.0, 0.0], version=3, prompt_id="a"),
+            make_group([1, 11], [[12, 13, 14, 15], []], [0.5, 0.25], version=5, prompt_id="b")]
+
+
+def test_collate_by_hand(groups):
+    batch = collate(groups, pad_id=2)
+    # L = max(3 + 3, 3 + 1, 2 + 4, 2 + 0) = 6; T = 4.
+    assert batch.group_size == 2
+    assert batch.input_ids.tolist() == [
+        [1, 5, 6, 7, 8, 9],
+        [1, 5, 6, 10, 2, 2],
+        [1, 11, 12, 13, 14, 15],
+        [1, 11, 2, 2, 2, 2],
+    ]
+    assert batch.attention_mask.tolist() == [
+        [1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 1],
+        [1, 1, 0, 0, 0, 0],
+    ]
+    # The logit at prompt_len - 1 + t predicts completion token t.
+    assert batch.positions.tolist() == [[2, 3, 4, 0], [2, 0, 0, 0], [1, 2, 3, 4], [0, 0, 0, 0]]
+    assert batch.completion_ids.tolist() == [[7, 8, 9, 0], [10, 0, 0, 0],
+                                             [12, 13, 14, 15], [0, 0, 0, 0]]
+    assert batch.mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]]
+    assert batch.mask.dtype == torch.float32
+    expected_blp = -batch.completion_ids.float() / 100  # 0 on padding, not the -9 junk
+    assert torch.equal(batch.behaviour_logprobs, expected_blp)
+    assert batch.rewards.tolist() == [1.0, 0.0, 0.5, 0.25]
+    assert batch.policy_versions.tolist() == [3, 3, 5, 5]
+    for name in ("input_ids", "attention_mask", "positions", "completion_ids", "policy_versions"):
+        assert getattr(batch, name).dtype == torch.long, name
+
+
+def test_collate_rejects_mixed_group_sizes_and_empty_input():
+    g2 = make_group([1, 5], [[7], [8]], [0.0, 1.0])
+    g3 = make_group([1, 5], [[7], [8], [9]], [0.0, 1.0, 1.0], prompt_id="three")
+    with pytest.raises(ValueError, match="three"):
+        collate([g2, g3])
+    with pytest.raises(ValueError, match="at least one group"):
+        collate([])
+
+
+def test_batch_to_keeps_every_field(groups):
+    batch = collate(groups)
+    moved = batch.to("cpu")
+    assert moved.group_size == batch.group_size
+    assert torch.equal(moved.positions, batch.positions)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(seed=1, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2)
+
+
+def naive_logprobs(model, groups, temperature):
+    """Per-row loop: forward each unpadded sequence alone, read the tempered
+    log-prob of each completion token. Returns a list of per-row lists."""
+    rows = []
+    for g in groups:
+        prompt = g.prompt_ids.tolist()
+        for i in range(g.completion_ids.shape[0]):
+            n = int(g.completion_lengths[i])
+            completion = g.completion_ids[i, :n].tolist()
+            ids = torch.tensor([prompt + completion])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0].double()  # (L, V)
+            row = []
+            for t, tok in enumerate(completion):
+                logp = torch.log_softmax(logits[len(prompt) - 1 + t] / temperature, dim=-1)
+                row.append(float(logp[tok]))
+            rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_match_a_naive_loop(model, groups, temperature):
+    batch = collate(groups, pad_id=0)
+    with torch.no_grad():
+        lp = token_logprobs(model, batch, temperature)  # (B, T)
+    assert lp.shape == batch.mask.shape and lp.dtype == torch.float32
+    for r, row in enumerate(naive_logprobs(model, groups, temperature)):
+        n = len(row)
+        assert torch.allclose(lp[r, :n].double(), torch.tensor(row, dtype=torch.float64),
+                              atol=1e-5, rtol=0), f"row {r}"
+        assert (lp[r, n:] == 0).all(), f"row {r}: padding is not exactly 0"
+    assert (lp[batch.mask == 1] < 0).all()
+
+
+def test_temperature_changes_the_logprobs(model, groups):
+    batch = collate(groups)
+    with torch.no_grad():
+        hot = token_logprobs(model, batch, 1.0)
+        cold = token_logprobs(model, batch, 0.7)
+    assert (hot - cold)[batch.mask == 1].abs().max() > 1e-3
+
+
+def test_pad_id_does_not_change_the_logprobs(model, groups):
+    with torch.no_grad():
+        a = token_logprobs(model, collate(groups, pad_id=0), 1.0)
+        b = token_logprobs(model, collate(groups, pad_id=9), 1.0)
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_gradients_flow_through_real_tokens_only(model, groups):
+    batch = collate(groups)
+    model.zero_grad(set_to_none=True)
+    lp = token_logprobs(model, batch, 0.7)
+    assert lp.requires_grad
+    lp.sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    # A loss on padding positions alone has no gradient.
+    model.zero_grad(set_to_none=True)
+    lp = token_logprobs(model, batch, 0.7)
+    (lp * (1 - batch.mask)).sum().backward()
+    assert all(float(p.grad.abs().sum()) == 0 for p in model.parameters())
+    model.zero_grad(set_to_none=True)
