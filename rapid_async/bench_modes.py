@@ -23,7 +23,8 @@ import typer
 from rapid_async.metrics import read_metrics
 
 MODE_OVERRIDES = {
-    "grpo": ["run.mode=grpo", "learner.batch_groups=8", "learner.minibatch_groups=8"],
+    "grpo": ["run.mode=grpo", "algo.loss=grpo", "algo.beta=0.04", "learner.batch_groups=8",
+             "learner.minibatch_groups=8"],
     "rapid-sync": ["run.mode=rapid-sync", "learner.batch_groups=32", "learner.minibatch_groups=8"],
     "rapid-async": ["run.mode=rapid-async", "learner.minibatch_groups=8",
                     "learner.buffer_groups=24", "actor.chunk_groups=8",

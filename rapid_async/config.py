@@ -65,7 +65,8 @@ class AlgoConfig:
     """PPO clip range."""
 
     beta: float = 0.0
-    """KL coefficient to a frozen reference model (GRPO uses 0.04)."""
+    """KL coefficient to a frozen reference model (0: no reference model; the
+    GRPO baseline of DESIGN.md uses 0.04, set it explicitly)."""
 
     aggregation: str = "sequence-mean"
     """How token losses are averaged: sequence-mean | token-mean."""
