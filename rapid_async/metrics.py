@@ -63,7 +63,9 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec, dict):
+        # A foreign line (not written by MetricsWriter) lacks role / time.
+        if isinstance(rec, dict) and isinstance(rec.get("role"), str) \
+                and isinstance(rec.get("time"), (int, float)):
             out.append(rec)
     return out
 

@@ -1,0 +1,120 @@
+"""Tests of rapid_async.metrics: JSONL records, progress line, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rapid_async.metrics import MetricsWriter, clean, plot_run, progress_line, read_metrics
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_writer_appends_lines_with_role_and_time(tmp_path):
+    run = tmp_path / "run"  # created by the writer
+    learner = MetricsWriter(run, "learner")
+    actor = MetricsWriter(run, "actor")
+    t0 = time.time()
+    rec = learner.write({"step": 1, "reward/mean": 0.5})
+    actor.write({"actor_id": "a0", "actor/tokens_per_s": np.float32(2.5),
+                 "version": torch.tensor(3)})
+    learner.write({"step": 2, "staleness/hist": {"0": 4, "1": 2}})
+    assert rec["role"] == "learner" and t0 <= rec["time"] <= time.time()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    assert [json.loads(line)["role"] for line in lines] == ["learner", "actor", "learner"]
+    recs = read_metrics(run)
+    assert recs[0] == rec
+    assert recs[1]["actor/tokens_per_s"] == 2.5 and recs[1]["version"] == 3
+    assert recs[2]["staleness/hist"] == {"0": 4, "1": 2}
+    assert recs[0]["time"] <= recs[1]["time"] <= recs[2]["time"]
+
+
+def test_writer_refuses_what_json_cannot_hold(tmp_path):
+    writer = MetricsWriter(tmp_path, "learner")
+    with pytest.raises(TypeError, match="object"):
+        writer.write({"bad": object()})
+
+
+def test_read_metrics_skips_torn_and_foreign_lines(tmp_path):
+    writer = MetricsWriter(tmp_path, "learner")
+    writer.write({"step": 1})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"role": "actor", "time": 12.5, "actor/tok\n')  # torn by a crash
+        f.write("[1, 2, 3]\n")  # valid JSON, not a record
+        f.write('{"hello": "world"}\n')  # a dict that no MetricsWriter wrote
+        f.write("\n")
+    writer.write({"step": 2})
+    recs = read_metrics(tmp_path)
+    assert [r["step"] for r in recs] == [1, 2]
+
+
+def test_read_metrics_names_a_missing_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run directory"):
+        read_metrics(tmp_path / "nope")
+
+
+def test_clean_replaces_non_finite_floats_by_none(tmp_path):
+    rec = {"a": math.nan, "b": math.inf, "c": -math.inf, "d": 1.5, "e": 3, "f": "x",
+           "g": {"h": math.nan, "i": 2.0}, "j": None}
+    out = clean(rec)
+    assert out == {"a": None, "b": None, "c": None, "d": 1.5, "e": 3, "f": "x",
+                   "g": {"h": None, "i": 2.0}, "j": None}
+    assert math.isnan(rec["a"])  # the input is not modified
+    MetricsWriter(tmp_path, "learner").write(out)  # now valid JSON
+    assert read_metrics(tmp_path)[0]["g"] == {"h": None, "i": 2.0}
+
+
+def test_progress_line_formats_a_record():
+    rec = {"step": 12, "version": 12, "reward/mean": 0.5, "eval/success": 0.25,
+           "throughput/tokens_per_s": 1234.4, "staleness/mean": 1.5,
+           "learner/busy_frac": 0.75, "elapsed_s": 60.2}
+    assert progress_line(rec) == ("step 12 v12 reward 0.500 heldout 0.250 tok/s 1234 "
+                                  "staleness 1.50 busy 75% t 60s")
+
+
+def test_progress_line_tolerates_missing_and_none_values():
+    line = progress_line({"step": 3, "reward/mean": None})
+    assert line == "step 3 v- reward - heldout - tok/s - staleness - busy - t -s"
+    assert progress_line({}).startswith("step - v- reward -")
+
+
+def write_run(run_dir, steps=6):
+    learner = MetricsWriter(run_dir, "learner")
+    actors = [MetricsWriter(run_dir, "actor") for _ in range(2)]
+    for step in range(1, steps + 1):
+        for i, a in enumerate(actors):
+            a.write({"actor_id": f"a{i}", "actor/tokens_per_s": 100.0 + 10 * i + step})
+        rec = {"step": step, "version": step, "reward/mean": step / steps,
+               "throughput/tokens_per_s": 150.0 + step, "staleness/mean": 0.5,
+               "staleness/max": 2, "staleness/hist": {"0": step, "1": 2 * step, "2": 1}}
+        if step % 3 == 0:
+            rec["eval/success"] = step / (2 * steps)
+        learner.write(clean(rec))
+        time.sleep(0.001)
+
+
+def test_plot_run_writes_a_png(tmp_path):
+    write_run(tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"note": "foreign line without role or time"}\n')
+    out = plot_run(tmp_path)
+    assert out == tmp_path / "plots.png"
+    data = out.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 20_000  # four panels with lines and bars, not an empty canvas
+    other = plot_run(tmp_path, tmp_path / "other.png")
+    assert other.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_run_needs_learner_records(tmp_path):
+    MetricsWriter(tmp_path, "actor").write({"actor_id": "a0", "actor/tokens_per_s": 1.0})
+    MetricsWriter(tmp_path, "learner").write({"event": "no step here"})
+    with pytest.raises(ValueError, match="no learner records"):
+        plot_run(tmp_path)
+    assert not (tmp_path / "plots.png").exists()
