@@ -1,0 +1,196 @@
+"""Tests for the transformers engine: exact log-probs, seeding, EOS, weight loading."""
+
+import pytest
+import torch
+
+from rapid_async.engines.base import GenerateRequest
+from rapid_async.engines.hf import HFEngine
+from rapid_async.tinymodel import build_tokenizer, init_model_dir
+
+TEXTS = ["1+2=", "12+34=", "99-7=", "5*5=", "123*45="]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from more threads; one avoids oversubscribing shared CPUs."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return init_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    tokenizer = build_tokenizer()
+    return [tokenizer(text)["input_ids"] for text in TEXTS]
+
+
+@pytest.fixture()
+def engine(model_dir):
+    return HFEngine(model_dir, seed=0)
+
+
+def teacher_forced(model, prompt, tokens, temperature):
+    """log_softmax(logits / T) of one unpadded sequence at `tokens`, (len(tokens),)."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float()  # (T, V)
+    scale = temperature if temperature > 0 else 1.0
+    logprobs = torch.log_softmax(logits / scale, dim=-1)
+    return logprobs.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1), logits
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_teacher_forcing(engine, prompts, temperature):
+    request = GenerateRequest(prompts=prompts, n=4, temperature=temperature, max_new_tokens=10,
+                              seed=1)
+    groups = engine.generate(request)
+    assert len(groups) == len(prompts) and all(len(g) == 4 for g in groups)
+    compared = 0
+    for prompt, group in zip(prompts, groups):
+        for completion in group:
+            assert len(completion.logprobs) == len(completion.token_ids) > 0
+            expected, _ = teacher_forced(engine.model, prompt, completion.token_ids, temperature)
+            torch.testing.assert_close(torch.tensor(completion.logprobs), expected,
+                                       atol=1e-5, rtol=0)
+            compared += len(completion.token_ids)
+    assert compared > 50
+
+
+def test_temperature_changes_logprobs(engine, prompts):
+    """The same tokens scored at T=0.7 and T=1 differ: temperature really is applied."""
+    completion = engine.generate(GenerateRequest(prompts=prompts[:1], n=1, temperature=0.7,
+                                                 max_new_tokens=6, seed=2))[0][0]
+    at_one, _ = teacher_forced(engine.model, prompts[0], completion.token_ids, 1.0)
+    assert (torch.tensor(completion.logprobs) - at_one).abs().max() > 1e-3
+
+
+def test_greedy_is_argmax_and_batch_independent(engine, prompts):
+    request = GenerateRequest(prompts=prompts, n=2, temperature=0.0, max_new_tokens=8)
+    batched = engine.generate(request)
+    for prompt, group in zip(prompts, batched):
+        assert group[0].token_ids == group[1].token_ids
+        expected, logits = teacher_forced(engine.model, prompt, group[0].token_ids, 0.0)
+        assert logits.argmax(-1).tolist() == group[0].token_ids
+        torch.testing.assert_close(torch.tensor(group[0].logprobs), expected, atol=1e-5, rtol=0)
+        alone = engine.generate(GenerateRequest(prompts=[prompt], n=1, temperature=0.0,
+                                                max_new_tokens=8))
+        assert alone[0][0].token_ids == group[0].token_ids
+
+
+def test_seeded_sampling_is_reproducible(model_dir, engine, prompts):
+    request = GenerateRequest(prompts=prompts, n=3, temperature=1.0, max_new_tokens=8, seed=5)
+    first, second = engine.generate(request), engine.generate(request)
+    assert first == second
+    request.seed = 6
+    assert engine.generate(request) != first
+    # without a request seed, the engine's own stream: same engine seed, same samples
+    unseeded = GenerateRequest(prompts=prompts, n=3, temperature=1.0, max_new_tokens=8)
+    a, b = HFEngine(model_dir, seed=3), HFEngine(model_dir, seed=3)
+    assert a.generate(unseeded) == b.generate(unseeded)
+    assert a.generate(unseeded) != a.generate(unseeded)  # the stream advances
+
+
+def test_eos_stops_and_length_caps(engine, prompts):
+    eos = engine.model.config.eos_token_id
+    groups = engine.generate(GenerateRequest(prompts=prompts, n=16, temperature=1.0,
+                                             max_new_tokens=12, seed=0))
+    reasons = {"stop": 0, "length": 0}
+    for group in groups:
+        for completion in group:
+            reasons[completion.finish_reason] += 1
+            assert eos not in completion.token_ids[:-1]
+            if completion.finish_reason == "stop":
+                assert completion.token_ids[-1] == eos
+            else:
+                assert len(completion.token_ids) == 12 and completion.token_ids[-1] != eos
+    assert reasons["stop"] > 0 and reasons["length"] > 0
+
+
+def _perturbed_state(engine):
+    """All parameters plus N(0, 0.05) noise, fp32, without the tied lm_head."""
+    generator = torch.Generator().manual_seed(11)
+    return {name: p.detach().clone() + 0.05 * torch.randn(p.shape, generator=generator)
+            for name, p in engine.model.named_parameters()}
+
+
+def test_load_weights_changes_outputs_like_a_fresh_engine(engine, prompts, tmp_path):
+    request = GenerateRequest(prompts=prompts, n=4, temperature=1.0, max_new_tokens=8, seed=9)
+    before = engine.generate(request)
+    state = _perturbed_state(engine)
+    engine.load_weights(state)
+    after = engine.generate(request)
+    assert after != before
+    for name, parameter in engine.model.named_parameters():
+        assert torch.equal(parameter, state[name]), name
+    engine.model.save_pretrained(tmp_path / "m")
+    fresh = HFEngine(tmp_path / "m", seed=0)
+    assert fresh.generate(request) == after
+    # the tied head follows the embedding
+    assert torch.equal(engine.model.lm_head.weight, state["model.embed_tokens.weight"])
+
+
+def test_load_weights_accepts_tied_head(engine):
+    state = _perturbed_state(engine)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    engine.load_weights(state)
+    state["lm_head.weight"] = state["lm_head.weight"] + 1.0
+    with pytest.raises(ValueError, match="lm_head.weight.*tied"):
+        engine.load_weights(state)
+
+
+@pytest.mark.parametrize("problem", ["shape", "unknown", "dtype", "missing", "not_tensor"])
+def test_load_weights_rejects_bad_tensors(engine, problem):
+    state = _perturbed_state(engine)
+    name = "model.layers.1.mlp.up_proj.weight"
+    if problem == "shape":
+        state[name] = state[name][:-1]
+        match = f"{name}.*shape"
+    elif problem == "unknown":
+        name = "model.layers.9.mlp.up_proj.weight"
+        state[name] = torch.zeros(3)
+        match = f"unknown tensor '{name}'"
+    elif problem == "dtype":
+        state[name] = state[name].to(torch.bfloat16)
+        match = f"{name}.*dtype"
+    elif problem == "missing":
+        del state[name]
+        match = f"missing.*{name}"
+    else:
+        state[name] = state[name].tolist()
+        match = f"{name}.*not a tensor"
+    before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        engine.load_weights(state)
+    for n, p in engine.model.named_parameters():  # nothing was copied
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [({"n": 0}, "n must"), ({"temperature": -1.0}, "temperature"),
+     ({"max_new_tokens": 0}, "max_new_tokens"), ({"prompts": [[]]}, r"prompts\[0\]"),
+     ({"prompts": [[1, 999]]}, r"prompts\[0\]")],
+)
+def test_bad_requests(engine, kwargs, field):
+    request = GenerateRequest(**{"prompts": [[1, 5]], "n": 1, **kwargs})
+    with pytest.raises(ValueError, match=field):
+        engine.generate(request)
+
+
+def test_bad_dtype(model_dir):
+    with pytest.raises(ValueError, match="dtype"):
+        HFEngine(model_dir, dtype="float8")
+
+
+def test_bfloat16_engine_runs(model_dir, prompts):
+    engine = HFEngine(model_dir, dtype="bfloat16")
+    assert next(engine.model.parameters()).dtype == torch.bfloat16
+    groups = engine.generate(GenerateRequest(prompts=prompts, n=2, max_new_tokens=4, seed=0))
+    assert all(len(c.token_ids) == len(c.logprobs) for g in groups for c in g)
+    assert all(lp <= 0.0 for g in groups for c in g for lp in c.logprobs)
