@@ -10,7 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rapid_async.config import load_config
 from rapid_async.protocol import RolloutGroup
+from rapid_async.tinymodel import init_model_dir
 from rapid_async.trainer import Trainer, latest_checkpoint
+
+SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "num_key_value_heads": 2}
 
 
 def make_group(prompt, completions, rewards, version=0):
@@ -37,6 +41,12 @@ def two_groups(version=0):
                        [0.0, 1.0, 0.5, 0.0], version)]
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small random tiny-model directory (faster updates than the default size)."""
+    return init_model_dir(tmp_path_factory.mktemp("trainer") / "model", seed=0, **SMALL)
+
+
 @pytest.fixture
 def cfg():
     return load_config(overrides=["learner.lr=1e-3", "algo.group_size=4", "run.seed=0"])
@@ -46,8 +56,8 @@ def weights(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_update_changes_weights_and_increments_version(cfg, random_model_dir):
-    trainer = Trainer(cfg, random_model_dir)
+def test_update_changes_weights_and_increments_version(cfg, model_dir):
+    trainer = Trainer(cfg, model_dir)
     before = weights(trainer.model)
     m = trainer.update(two_groups())
     assert trainer.version == 1
@@ -62,17 +72,17 @@ def test_update_changes_weights_and_increments_version(cfg, random_model_dir):
     assert trainer.version == 2 and m["staleness/mean"] == 1 and m["staleness/max"] == 1
 
 
-def test_grpo_with_kl_keeps_a_frozen_reference(random_model_dir):
+def test_grpo_with_kl_keeps_a_frozen_reference(model_dir):
     cfg = load_config(overrides=["algo.loss=grpo", "algo.beta=0.04", "learner.lr=1e-3"])
-    trainer = Trainer(cfg, random_model_dir)
+    trainer = Trainer(cfg, model_dir)
     ref = weights(trainer.ref_model)
     trainer.update(two_groups())
     assert all(torch.equal(v, ref[k]) for k, v in trainer.ref_model.state_dict().items())
     assert not all(torch.equal(v, ref[k]) for k, v in trainer.model.state_dict().items())
 
 
-def test_checkpoint_round_trip_is_bit_exact(cfg, random_model_dir, tmp_path):
-    trainer = Trainer(cfg, random_model_dir)
+def test_checkpoint_round_trip_is_bit_exact(cfg, model_dir, tmp_path):
+    trainer = Trainer(cfg, model_dir)
     trainer.update(two_groups())
     trainer.data_position = 17
     path = trainer.save_checkpoint(tmp_path, extra={"stop_reason": "test"})
@@ -81,7 +91,7 @@ def test_checkpoint_round_trip_is_bit_exact(cfg, random_model_dir, tmp_path):
         {"version": 1, "data_position": 17}
     assert not list(path.parent.glob(".tmp-*"))
 
-    fresh = Trainer(cfg, random_model_dir)
+    fresh = Trainer(cfg, model_dir)
     saved = weights(trainer.model)
     assert not all(torch.equal(v, saved[k]) for k, v in fresh.model.state_dict().items())
     assert fresh.load_checkpoint(path) == {"stop_reason": "test"}
@@ -95,9 +105,9 @@ def test_checkpoint_round_trip_is_bit_exact(cfg, random_model_dir, tmp_path):
         assert torch.equal(v, trainer.model.state_dict()[k]), k
 
 
-def test_latest_checkpoint_ignores_temporary_and_incomplete(cfg, random_model_dir, tmp_path):
+def test_latest_checkpoint_ignores_temporary_and_incomplete(cfg, model_dir, tmp_path):
     assert latest_checkpoint(tmp_path) is None
-    trainer = Trainer(cfg, random_model_dir)
+    trainer = Trainer(cfg, model_dir)
     trainer.update(two_groups())
     first = trainer.save_checkpoint(tmp_path)
     assert latest_checkpoint(tmp_path) == first
@@ -114,8 +124,8 @@ def test_latest_checkpoint_ignores_temporary_and_incomplete(cfg, random_model_di
     assert trainer.save_checkpoint(tmp_path) == second
 
 
-def test_checkpoint_is_a_hugging_face_model_dir(cfg, random_model_dir, tmp_path):
-    trainer = Trainer(cfg, random_model_dir)
+def test_checkpoint_is_a_hugging_face_model_dir(cfg, model_dir, tmp_path):
+    trainer = Trainer(cfg, model_dir)
     trainer.update(two_groups())
     path = trainer.save_checkpoint(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(path)
