@@ -123,7 +123,10 @@ def render(results: dict[str, dict], batches: list[int], max_new_tokens: int) ->
         f"prompt, temperature 1, up to {max_new_tokens} new tokens (EOS may end a "
         "sample early; only generated tokens count). Median of timed calls after one "
         "warm-up. vLLM on CPU binds its worker to one core and reserves the other for "
-        "its front end (VLLM_CPU_OMP_THREADS_BIND=auto); hf uses torch's threads.",
+        "its front end (VLLM_CPU_OMP_THREADS_BIND=auto); hf uses torch's threads. "
+        f"1-minute load average when the report was written: {os.getloadavg()[0]:.1f} "
+        "(a shared machine: other processes compete for the same cores, so small-batch "
+        "numbers in particular are noisy).",
         "",
         "| sequences | " + " | ".join(f"{n} tokens/s" for n in results) + " |",
         "|---:|" + "---:|" * len(results),
