@@ -153,10 +153,10 @@ class Actor:
                 if self._check_stop():
                     break
                 grant = self.sockets.request_work(self.cfg.actor.chunk_groups)
-                if not grant.prompt_indices or not self._wait_version(grant.min_version):
+                if not grant.prompt_indices:
                     self.poll_weights(timeout_ms=20)
                     self.stats["idle_s"] += time.perf_counter() - t0
-                else:
+                elif self._wait_version(grant.min_version):
                     self._generate_and_send(grant.prompt_indices)
                     self.stats["busy_s"] += time.perf_counter() - t0
                 if time.monotonic() - last_stats > 2.0:
@@ -168,13 +168,20 @@ class Actor:
         return self.stopped or "stopped"
 
     def _wait_version(self, min_version: int, timeout_s: float = 5.0) -> bool:
+        """Wait for weights of at least `min_version` (a snapshot if they do
+        not come by PUB in time). Returns False only when the learner said
+        stop; the grant is never dropped silently: if the snapshot is still
+        older (the learner moved on meanwhile) the work is done anyway and
+        the learner's staleness bound decides whether it is used."""
         deadline = time.monotonic() + timeout_s
         while (self.version or 0) < min_version:
+            if self._check_stop():
+                return False
             if time.monotonic() > deadline:
                 self._snapshot(f"behind: have {self.version}, need {min_version}")
-                return (self.version or 0) >= min_version
+                break
             self.poll_weights(timeout_ms=50)
-        return True
+        return self.stopped is None
 
     def _generate_and_send(self, indices: list[int]) -> None:
         import torch
