@@ -93,10 +93,21 @@ def _make_importable_in_workers() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in paths if p])
 
 
-def _weights_dir() -> str:
-    """A private directory for weight files: /dev/shm when usable, else TMPDIR."""
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix="rapid_vllm_weights_", dir=base)
+def _weights_file(nbytes: int) -> str:
+    """A new private file path for one weight update.
+
+    /dev/shm (memory) when it has room for twice the update, else TMPDIR:
+    containers often give /dev/shm only 64 MiB.
+
+    Args:
+        nbytes: size of the tensors to write.
+    """
+    base = None
+    if os.access("/dev/shm", os.W_OK) and shutil.disk_usage("/dev/shm").free > 2 * nbytes:
+        base = "/dev/shm"
+    fd, path = tempfile.mkstemp(prefix="rapid_vllm_weights_", suffix=".safetensors", dir=base)
+    os.close(fd)
+    return path
 
 
 class VLLMEngine:
@@ -140,7 +151,6 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         kwargs.update(engine_kwargs)
         self.llm = vllm.LLM(**kwargs)
-        self._weights_dir = _weights_dir()
         self.last_update_seconds: float | None = None
         self.updates = 0
 
@@ -230,13 +240,15 @@ class VLLMEngine:
                 in the inference dtype.
 
         Raises:
-            ValueError: if empty or a floating tensor is not in the engine dtype.
+            ValueError: if a tensor is unknown, missing, misshapen or not in the
+                engine dtype (nothing is loaded then).
         """
         self._validate(named_tensors)
         start = time.perf_counter()
-        path = os.path.join(self._weights_dir, "update.safetensors")
-        save_file(_unshared(named_tensors), path)
+        tensors = _unshared(named_tensors)
+        path = _weights_file(sum(t.numel() * t.element_size() for t in tensors.values()))
         try:
+            save_file(tensors, path)
             self.llm.collective_rpc("rapid_reload_weights", args=(path,))
         finally:
             os.remove(path)
@@ -268,11 +280,10 @@ class VLLMEngine:
                              f"{missing[0]!r}; send the full set of weights")
 
     def close(self) -> None:
-        """Shut the engine core down and delete the weight-file directory."""
+        """Shut the engine core (and its worker processes) down."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
-        shutil.rmtree(getattr(self, "_weights_dir", ""), ignore_errors=True)
 
 
 def _unshared(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
