@@ -39,7 +39,10 @@ def device_plan(n_actors: int) -> list[dict[str, str]]:
         core = cores[i % len(cores)]
         plans.append({"RAPID_CPU_AFFINITY": str(core), "CUDA_VISIBLE_DEVICES": "",
                       "OMP_NUM_THREADS": "1", "RAPID_LEARNER_THREADS": "1",
-                      "RAPID_DEVICE": "cpu"})
+                      "RAPID_DEVICE": "cpu",
+                      # vLLM's CPU worker binds its own OpenMP threads: keep
+                      # them on this child's core, not on the learner's.
+                      "VLLM_CPU_OMP_THREADS_BIND": str(core)})
     return plans
 
 

@@ -93,7 +93,13 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), clip if clip > 0 else float("inf"))
         self.optimizer.step()
-        staleness = (self.version - batch.policy_versions).float()
+        staleness = (self.version - batch.policy_versions).float()  # (B,)
+        fresh = (staleness == 0).float().unsqueeze(1) * batch.mask  # (B, T)
+        if fresh.sum() > 0:
+            # At staleness 0 the actor's and the learner's weights are the same
+            # bits, so |delta| is purely inference-engine vs trainer mismatch.
+            delta = (logprobs.detach() - batch.behaviour_logprobs).abs()
+            metrics["mismatch/engine_abs_delta"] = float((delta * fresh).sum() / fresh.sum())
         self.version += 1
         metrics.update({
             "reward/mean": float(batch.rewards.mean()),
