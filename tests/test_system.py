@@ -100,6 +100,8 @@ def test_modes_run_end_to_end(mode, tmp_path, random_model_dir):
     ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     assert ckpt.name.endswith(f"{steps:08d}")
     assert actor[-1]["weights/checksum"] == _inference_checksum(ckpt, "float32")
+    mism = [r["mismatch/engine_abs_delta"] for r in learner if "mismatch/engine_abs_delta" in r]
+    assert mism and max(mism) < 1e-4, mism
     assert "Traceback" not in logs
 
 
