@@ -1,4 +1,4 @@
-"""Tests for the tiny character model: tokenizer, model directory, warm start, cache."""
+"""Tests for the tiny character model: tokenizer, model dir, supervised warm start, cache."""
 
 import json
 
@@ -10,15 +10,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rapid_async import tinymodel
 from rapid_async.engines.hf import HFEngine
 from rapid_async.evaluate import evaluate, pass_at_k
+from rapid_async.supervised import encode_examples, train_supervised
 from rapid_async.tasks.arithmetic import ArithmeticTask
 from rapid_async.tinymodel import (
     build_config,
     build_model,
     build_tokenizer,
-    encode_examples,
     ensure_warm_model,
     init_model_dir,
-    train_supervised,
     warm_start,
 )
 
