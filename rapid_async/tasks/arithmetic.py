@@ -43,18 +43,21 @@ class ArithmeticTask:
         ops: operators to draw from, a non-empty subset of "+-*".
         seed: seeds both splits; different seeds give different problems.
         heldout_size: size of the fixed held-out set; at most half of all
-            possible problems.
+            possible problems (default: 500, or half of them if fewer).
     """
 
     name = "arithmetic"
 
-    def __init__(self, digits: int = 2, ops: str = "+-", seed: int = 0, heldout_size: int = 500):
+    def __init__(self, digits: int = 2, ops: str = "+-", seed: int = 0,
+                 heldout_size: int | None = None):
         if not isinstance(digits, int) or not 1 <= digits <= 9:
             raise ValueError(f"digits must be an integer in 1..9, got {digits!r}")
         if not ops or any(op not in OPERATORS for op in ops) or len(set(ops)) != len(ops):
             raise ValueError(f"ops must be distinct characters from {OPERATORS!r}, got {ops!r}")
         space = len(ops) * (10**digits) ** 2
-        if not 1 <= heldout_size <= space // 2:
+        if heldout_size is None:
+            heldout_size = min(500, space // 2)
+        if not isinstance(heldout_size, int) or not 1 <= heldout_size <= space // 2:
             raise ValueError(
                 f"heldout_size must be in 1..{space // 2} (half of the {space} possible problems"
                 f" for digits={digits}, ops={ops!r}), got {heldout_size}"
