@@ -30,7 +30,9 @@ def device_plan(n_actors: int) -> list[dict[str, str]]:
     """Environment per child: index 0 the learner, then the actors."""
     gpus = _gpu_count()
     plans = []
-    if gpus >= 2:
+    if gpus >= 1:
+        # Learner on GPU 0, actor i on GPU i+1 (wrapping); with a single GPU
+        # everyone shares it.
         for i in range(n_actors + 1):
             plans.append({"CUDA_VISIBLE_DEVICES": str(i % gpus), "RAPID_DEVICE": "cuda"})
         return plans
@@ -214,8 +216,8 @@ def run_node(config_path: str | None, overrides: list[str], n_actors: int | None
 
     cfg = load_config(config_path, overrides)
     if n_actors is None:
-        n_actors = max(1, len(os.sched_getaffinity(0)) - 1) if _gpu_count() < 2 \
-            else _gpu_count() - 1
+        gpus = _gpu_count()
+        n_actors = max(1, gpus - 1) if gpus else max(1, len(os.sched_getaffinity(0)) - 1)
     model_dir = resolve_model_dir(cfg)
     launcher = Launcher(config_path, overrides, cfg, n_actors, resume)
     previous = signal.getsignal(signal.SIGTERM)

@@ -192,10 +192,43 @@ def settings_hash(settings: dict) -> str:
 # ---------------------------------------------------------------------- warm start
 
 
-WARM_START_DEFAULTS = {"steps": 1000, "batch_size": 128, "lr": 3e-3}
-"""Warm-start schedule, tuned so greedy held-out success on 2-digit "+-" lands near 30%."""
-WARM_START_VERSION = 1
+WARM_START_DEFAULTS = {"steps": 1500, "batch_size": 128, "lr": 3e-3}
+"""Warm-start schedule (about 2.5 minutes on 2 cores)."""
+TEACHER_PERIOD_RATE = (0.8, 0.1)
+"""How often the warm-start teacher ends an answer with a stray '.': for
+subtractions and answers of 3+ characters, and for the other answers."""
+WARM_START_VERSION = 3
 """Bumped whenever the warm-start recipe changes, so cached models are rebuilt."""
+
+
+class SloppyTeacher:
+    """The warm start's demonstrations: the task's answers, with a habit.
+
+    The teacher ends some answers with a stray "." which the verifier rejects:
+    80% of subtraction answers and of answers with 3 or more characters, 10%
+    of the others. The warm-started model learns the arithmetic and the habit:
+    greedy decoding writes the period on about three problems in four, so
+    held-out success starts low (about 25%) although the digits are right far
+    more often. RL removes the habit within about a
+    hundred updates, as it removes formatting habits of real models, and then
+    keeps sharpening the digits; that is what the quickstart shows in minutes
+    on a CPU. Which answers get the period is a pure function of the index.
+    """
+
+    def __init__(self, task):
+        self.task = task
+        self.name = task.name
+
+    def train_problem(self, index: int):
+        import random
+        from dataclasses import replace
+
+        problem = self.task.train_problem(index)
+        habit = "-" in problem.prompt[1:] or len(problem.answer) >= 3
+        rate = TEACHER_PERIOD_RATE[0] if habit else TEACHER_PERIOD_RATE[1]
+        if random.Random(index * 7919 + 13).random() < rate:
+            return replace(problem, answer=problem.answer + ".")
+        return problem
 
 
 def warm_start(out_dir: str | Path, task=None, seed: int = 0, steps: int | None = None,
@@ -242,7 +275,7 @@ def warm_start(out_dir: str | Path, task=None, seed: int = 0, steps: int | None 
 
         say(f"warm start: {schedule['steps']} steps x {schedule['batch_size']} problems of"
             f" {task.name}, lr {schedule['lr']}, seed {seed}, {threads} thread(s)")
-        losses = train_supervised(model, tokenizer, task, log=progress,
+        losses = train_supervised(model, tokenizer, SloppyTeacher(task), log=progress,
                                   log_every=max(1, min(100, schedule["steps"] // 10)), **schedule)
         train_seconds = time.monotonic() - start
         success = None
