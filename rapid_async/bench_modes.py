@@ -23,11 +23,11 @@ import typer
 from rapid_async.metrics import read_metrics
 
 MODE_OVERRIDES = {
-    "grpo": ["run.mode=grpo", "algo.loss=grpo", "algo.beta=0.04", "learner.batch_groups=8",
-             "learner.minibatch_groups=8"],
-    "rapid-sync": ["run.mode=rapid-sync", "learner.batch_groups=32", "learner.minibatch_groups=8"],
-    "rapid-async": ["run.mode=rapid-async", "learner.minibatch_groups=8",
-                    "learner.buffer_groups=24", "actor.chunk_groups=8",
+    "grpo": ["run.mode=grpo", "algo.loss=grpo", "algo.beta=0.04", "learner.batch_groups=32",
+             "learner.minibatch_groups=32"],
+    "rapid-sync": ["run.mode=rapid-sync", "learner.batch_groups=128", "learner.minibatch_groups=32"],
+    "rapid-async": ["run.mode=rapid-async", "learner.batch_groups=32", "learner.minibatch_groups=32",
+                    "learner.buffer_groups=96", "actor.chunk_groups=32",
                     "learner.max_staleness=4", "learner.sync_every=1"],
 }
 
