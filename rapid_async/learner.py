@@ -249,7 +249,8 @@ def run_learner(cfg: Config, resume: bool = False, model_dir: str | None = None)
     net = LearnerNetwork(cfg, buffer, scheduler, settings)
     metrics = MetricsWriter(run_dir, "learner")
     published_state = trainer.inference_state()
-    net.set_published(trainer.version, published_state)
+    published_version = trainer.version
+    net.set_published(published_version, published_state)
     net.start()
     _endpoint_file(run_dir).write_text(json.dumps({
         "control": net.sockets.control_endpoint, "pid": os.getpid()}))
@@ -268,9 +269,9 @@ def run_learner(cfg: Config, resume: bool = False, model_dir: str | None = None)
     busy = 0.0
     wait = 0.0
     tokens = 0.0
-    eval_s = 0.0
     start_version = trainer.version
     first_eval = evaluate()
+    eval_s = time.time() - t_start  # evaluations are not training time
     metrics.write({"step": trainer.version, "version": trainer.version, "eval/success": first_eval,
                    "elapsed_s": 0.0, "event": "start"})
     print(f"[learner] held-out success at start: {first_eval:.3f}", flush=True)
@@ -307,8 +308,8 @@ def run_learner(cfg: Config, resume: bool = False, model_dir: str | None = None)
                     t2 = time.perf_counter()
                     new_state = trainer.inference_state()
                     update = make_delta(published_state, new_state, trainer.version,
-                                        base_version=net._published[0])
-                    published_state = new_state
+                                        base_version=published_version)
+                    published_state, published_version = new_state, trainer.version
                     net.set_published(trainer.version, new_state)
                     net.publish(update)
                     m["weights/update_bytes"] = len(update.payload)
