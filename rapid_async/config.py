@@ -133,6 +133,9 @@ class LearnerConfig:
     buffer_groups: int = 64
     """Capacity of the rollout buffer plus work handed out (backpressure)."""
 
+    actor_timeout_s: float = 30.0
+    """An actor silent this long loses its unfinished work to the others."""
+
     device: str = "cpu"
     """Torch device of the learner."""
 
@@ -203,7 +206,8 @@ class Config:
             _check_positive(name, self._get(name))
         for name in ("run.eval_every", "run.checkpoint_every", "run.max_seconds",
                      "learner.max_staleness", "learner.weight_decay",
-                     "learner.grad_clip", "algo.beta", "transport.port"):
+                     "learner.grad_clip", "algo.beta", "transport.port",
+                     "learner.actor_timeout_s"):
             if self._get(name) < 0:
                 raise ValueError(f"{name} = {self._get(name)} must be >= 0")
         if self.algo.temperature <= 0:

@@ -243,7 +243,8 @@ def run_learner(cfg: Config, resume: bool = False, model_dir: str | None = None)
     buffer = RolloutBuffer(max_staleness=max_staleness)
     round_groups = cfg.learner.batch_groups
     scheduler = WorkScheduler(mode, round_groups, cfg.learner.buffer_groups, max_staleness,
-                              start_index=trainer.data_position)
+                              start_index=trainer.data_position,
+                              actor_timeout=cfg.learner.actor_timeout_s)
     settings = {"config": cfg.to_dict(), "model_dir": str(Path(model_dir).resolve()),
                 "run_dir": str(run_dir.resolve())}
     net = LearnerNetwork(cfg, buffer, scheduler, settings)

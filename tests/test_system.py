@@ -273,3 +273,48 @@ def test_modes_run_with_vllm_engine(mode, tmp_path, random_model_dir):
     # would show up here as a gap of nats.
     mism = [r["mismatch/engine_abs_delta"] for r in learner if "mismatch/engine_abs_delta" in r]
     assert mism and max(mism) < 1e-3, mism
+
+
+def test_actors_join_and_leave_while_learner_runs(tmp_path, random_model_dir):
+    """An actor killed mid-run loses no prompt: its work goes to a late joiner."""
+    run_dir = tmp_path / "run"
+    overrides = ["run.mode=rapid-sync", "learner.batch_groups=8", "learner.minibatch_groups=4",
+                 "algo.group_size=2", "run.max_steps=12", "run.eval_every=0",
+                 "run.eval_size=10", "learner.actor_timeout_s=2", "actor.chunk_groups=2"]
+    learner = cli("learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
+                  "--set", f"run.run_dir={run_dir}", *sum((["--set", o] for o in overrides), []),
+                  log=tmp_path / "learner.log")
+    procs = [learner]
+    try:
+        info = wait_for_file(run_dir / "learner.json", learner)
+        first = cli("actor", "--learner", info["control"], "--actor-id", "first",
+                    log=tmp_path / "first.log")
+        procs.append(first)
+        deadline = time.monotonic() + 120
+        while not any(r.get("step", 0) >= 2 for r in _records(run_dir)):
+            assert time.monotonic() < deadline and learner.poll() is None
+            time.sleep(0.1)
+        first.kill()  # a child we started, by its pid
+        first.wait()
+        late = cli("actor", "--learner", info["control"], "--actor-id", "late",
+                   log=tmp_path / "late.log")
+        procs.append(late)
+        learner.wait(timeout=180)
+        late.wait(timeout=60)
+    finally:
+        for p in procs:
+            stop(p)
+    assert learner.returncode == 0, read_log(tmp_path / "learner.log")[-3000:]
+    records = _records(run_dir)
+    steps = [r for r in records if r["role"] == "learner" and "loss/policy" in r]
+    assert [r["version"] for r in steps] == list(range(1, 13))
+    late_recs = [r for r in records if r.get("actor_id") == "late"]
+    assert late_recs and late_recs[-1]["actor/snapshots"] >= 1 and late_recs[-1]["version"] == 12
+    assert max(r["staleness/max"] for r in steps) <= 1
+
+
+def _records(run_dir: Path) -> list[dict]:
+    try:
+        return read_metrics(run_dir)
+    except FileNotFoundError:
+        return []
