@@ -179,14 +179,20 @@ def _last_learner_record(run_dir: Path) -> dict | None:
         size = f.tell()
         f.seek(max(0, size - 65536))
         lines = f.read().decode(errors="replace").splitlines()
+    latest = None
     for line in reversed(lines):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("role") == "learner" and "step" in rec:
-            return rec
-    return None
+        if rec.get("role") != "learner" or "step" not in rec:
+            continue
+        if latest is None:
+            latest = dict(rec)
+        if isinstance(rec.get("eval/success"), (int, float)):
+            latest.setdefault("eval/success", rec["eval/success"])  # the newest evaluation
+            break
+    return latest
 
 
 def _actor_busy(run_dir: Path) -> str:

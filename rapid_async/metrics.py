@@ -130,7 +130,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.legend()
 
     ax = axes[1][1]
-    hist = learner[-1].get("staleness/hist") or {}
+    hist = next((r["staleness/hist"] for r in reversed(learner) if r.get("staleness/hist")), {})
     if hist:
         ks = sorted(hist, key=int)
         ax.bar([int(k) for k in ks], [hist[k] for k in ks])
