@@ -1,4 +1,4 @@
-"""Command-line entry points: rapid-learner, rapid-actor, rapid-run, rapid-plot.
+"""Command-line entry points: rapid-learner, rapid-actor, rapid-run, rapid-plot, rapid-tune.
 
 Thin wrappers: parse arguments with typer, then import the heavy modules
 (torch, transformers, vllm) so that `--help` is instant. Errors a user can fix
@@ -107,6 +107,24 @@ def plot(run_dir: str = typer.Argument(..., help="A run directory with metrics.j
         _fail(str(exc))
 
 
+def tune(config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+         grid: list[str] = typer.Option([], "--grid", help="A setting to vary, e.g. --grid learner.max_staleness=1,2,4 (repeatable; all combinations are tried)."),
+         set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applied to every trial."),
+         budget_s: float = typer.Option(60.0, "--budget-s", help="Training seconds per trial."),
+         actors: Optional[int] = typer.Option(None, "--actors", "-n", help="Actors per trial (default as rapid-run)."),
+         root: str = typer.Option("runs/tune", "--root", help="Where the trial runs go."),
+         ) -> None:
+    """Run short trials over a grid of settings and compare them (rapid-tune)."""
+    from pathlib import Path
+
+    from rapid_async.tune import tune as run_tune
+
+    try:
+        run_tune(config, grid, budget_s, Path(root), actors=actors, fixed=set_)
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+
+
 def _single(fn):
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command()(fn)
@@ -117,8 +135,10 @@ learner_main = _single(learner)
 actor_main = _single(actor)
 run_main = _single(run)
 plot_main = _single(plot)
+tune_main = _single(tune)
 
-_COMMANDS = {"learner": learner_main, "actor": actor_main, "run": run_main, "plot": plot_main}
+_COMMANDS = {"learner": learner_main, "actor": actor_main, "run": run_main, "plot": plot_main,
+             "tune": tune_main}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:
