@@ -107,18 +107,20 @@ def tune(config: str | None, grid: list[str], budget_s: float, root: Path,
     return the comparison."""
     from rapid_async.config import load_config
 
-    trials = [[*(fixed or []), *combo] for combo in parse_grid(grid)]
+    fixed = fixed or []
+    trials = parse_grid(grid)
     for overrides in trials:  # fail on a bad value before spending time on runs
-        load_config(config, overrides)
+        load_config(config, [*fixed, *overrides])
     rows = []
     for i, overrides in enumerate(trials):
         print(f"[rapid-tune] trial {i + 1}/{len(trials)}: {' '.join(overrides) or '(base)'}",
               flush=True)
-        rows.append((overrides, run_trial(config, overrides, root / f"trial-{i}", budget_s,
-                                          actors)))
+        rows.append((overrides, run_trial(config, [*fixed, *overrides], root / f"trial-{i}",
+                                          budget_s, actors)))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     text = (f"# rapid-tune: {len(trials)} trials of {budget_s:g} s training each\n\n"
-            f"Base config: `{config}`\n\n{table(rows)}\n")
+            f"Base config: `{config}`; for every trial: `{' '.join(fixed) or '-'}`\n\n"
+            f"{table(rows)}\n")
     out = out or root / "tune.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
