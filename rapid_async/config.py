@@ -236,8 +236,6 @@ class Config:
             raise ValueError(
                 f"learner.buffer_groups = {lb.buffer_groups} must be >= "
                 f"learner.minibatch_groups = {lb.minibatch_groups}")
-        if self.algo.loss == "grpo" and self.algo.beta > 0 and self.run.mode != "grpo":
-            pass  # allowed: a reference model is kept by the learner in any mode
         if self.transport.host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(
                 f"transport.host = {self.transport.host!r}: only loopback is supported "

@@ -14,6 +14,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from more threads; one avoids oversubscribing shared CPUs."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised tiny model directory (fast to build)."""

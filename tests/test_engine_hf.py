@@ -5,23 +5,17 @@ import torch
 
 from rapid_async.engines.base import GenerateRequest
 from rapid_async.engines.hf import HFEngine
-from rapid_async.tinymodel import build_tokenizer, init_model_dir
+from rapid_async.tinymodel import build_tokenizer
 
 TEXTS = ["1+2=", "12+34=", "99-7=", "5*5=", "123*45="]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads; one avoids oversubscribing shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return init_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+@pytest.fixture
+def model_dir(random_model_dir):
+    return random_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ from rapid_async.tinymodel import (
     build_model,
     build_tokenizer,
     ensure_warm_model,
-    init_model_dir,
     warm_start,
 )
 
@@ -26,18 +25,12 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
 TEXTS = ["12+34=46", "99-7=92", "5*5=25", "-3", "(1.5)/2, 7 = 7", ""]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from more threads; one avoids oversubscribing shared CPUs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return init_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+@pytest.fixture
+def model_dir(random_model_dir):
+    return random_model_dir
 
 
 def test_tokenizer_round_trip():
