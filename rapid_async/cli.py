@@ -46,7 +46,7 @@ def learner(config: Optional[str] = typer.Option(None, "--config", "-c", help=CO
         cfg = load_config(config, set_)
         if os.environ.get("RAPID_DEVICE") == "cuda":
             cfg.learner.device = "cuda"
-        from rapid_async.learner import run_learner
+        from rapid_async.learner.loop import run_learner
 
         run_learner(cfg, resume=resume, model_dir=model_dir)
     except ValueError as exc:
@@ -67,7 +67,7 @@ def actor(learner: str = typer.Option("127.0.0.1:5555", "--learner", "-l", help=
     if os.environ.get("RAPID_CPU_AFFINITY"):
         torch.set_num_threads(1)
     endpoint = learner if learner.startswith(("tcp://", "ipc://")) else f"tcp://{learner}"
-    from rapid_async.actor import Actor
+    from rapid_async.actor.loop import Actor
 
     try:
         a = Actor(endpoint, actor_id=actor_id, engine=engine)

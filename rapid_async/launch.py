@@ -218,7 +218,7 @@ def run_node(config_path: str | None, overrides: list[str], n_actors: int | None
              resume: bool = False) -> int:
     """`rapid-run`: the whole node. Returns the process exit code."""
     from rapid_async.config import load_config
-    from rapid_async.learner import resolve_model_dir
+    from rapid_async.learner.loop import resolve_model_dir
 
     cfg = load_config(config_path, overrides)
     if n_actors is None:

@@ -43,7 +43,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from rapid_async.protocol import WeightUpdate
+from rapid_async.wire.protocol import WeightUpdate
 
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MAGIC = b"RPW1"

@@ -1,4 +1,4 @@
-"""Tests of rapid_async.buffer: FIFO of whole groups, staleness drops, threads."""
+"""Tests of rapid_async.learner.buffer: FIFO of whole groups, staleness drops, threads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from rapid_async.buffer import RolloutBuffer
+from rapid_async.learner.buffer import RolloutBuffer
 
 
 @dataclass

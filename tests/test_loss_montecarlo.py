@@ -1,6 +1,6 @@
 """Monte Carlo and exact-expectation tests of the RAPID gradient on toy policies.
 
-The toy policies (rapid_async.bench_mc.ToyPolicy) have few enough completions
+The toy policies (rapid_async.bench.mc.ToyPolicy) have few enough completions
 that J = E_pi[r], its gradient, and the expectation of the per-group estimator
 g_hat = -grad loss are all computable by enumeration. Derivation of E[g_hat]
 (see also rapid_async/bench_mc.py): with g_i = grad log pi(y_i), one-token
@@ -26,7 +26,7 @@ import math
 import pytest
 import torch
 
-from rapid_async.bench_mc import (
+from rapid_async.bench.mc import (
     LeaveOneOut,
     ToyPolicy,
     closed_form_expectation,

@@ -1,12 +1,12 @@
-"""Tests of rapid_async.policy: collation of whole groups and token log-probs."""
+"""Tests of rapid_async.learner.policy: collation of whole groups and token log-probs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rapid_async.policy import collate, token_logprobs
-from rapid_async.protocol import RolloutGroup
+from rapid_async.learner.policy import collate, token_logprobs
+from rapid_async.wire.protocol import RolloutGroup
 from rapid_async.tinymodel import build_model
 
 

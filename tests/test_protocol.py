@@ -1,4 +1,4 @@
-"""Tests for rapid_async.protocol: round trips of every message type and each malformed case."""
+"""Tests for rapid_async.wire.protocol: round trips of every message type and each malformed case."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rapid_async import protocol
-from rapid_async.protocol import (
+from rapid_async.wire import protocol
+from rapid_async.wire.protocol import (
     PROTOCOL_VERSION,
     ActorStats,
     ErrorReply,
@@ -171,12 +171,12 @@ def _reheader(frames: list[bytes], edit) -> list[bytes]:
         ([b"\xc1"], "not valid msgpack"),
         ([msgpack.packb([1, 2])], "must be a msgpack map"),
         ([msgpack.packb({"type": "stop", "fields": {"reason": "x"}, "tensors": {}})], "no 'protocol'"),
-        ([msgpack.packb({"protocol": 7, "type": "stop", "fields": {}, "tensors": {}})], "got 7, expected 1"),
-        ([msgpack.packb({"protocol": 1, "fields": {}, "tensors": {}})], "no 'type'"),
-        ([msgpack.packb({"protocol": 1, "type": "nope", "fields": {}, "tensors": {}})], "unknown message type 'nope'"),
-        ([msgpack.packb({"protocol": 1, "type": "stop", "fields": {}, "tensors": {}})], "fields missing \\['reason'\\]"),
-        ([msgpack.packb({"protocol": 1, "type": "stop", "fields": {"reason": 3}, "tensors": {}})], "'reason' must be a str"),
-        ([msgpack.packb({"protocol": 1, "type": "stop", "fields": [], "tensors": {}})], "'fields' must be a map"),
+        ([msgpack.packb({"protocol": 7, "type": "stop", "fields": {}, "tensors": {}})], f"got 7, expected {PROTOCOL_VERSION}"),
+        ([msgpack.packb({"protocol": PROTOCOL_VERSION, "fields": {}, "tensors": {}})], "no 'type'"),
+        ([msgpack.packb({"protocol": PROTOCOL_VERSION, "type": "nope", "fields": {}, "tensors": {}})], "unknown message type 'nope'"),
+        ([msgpack.packb({"protocol": PROTOCOL_VERSION, "type": "stop", "fields": {}, "tensors": {}})], "fields missing \\['reason'\\]"),
+        ([msgpack.packb({"protocol": PROTOCOL_VERSION, "type": "stop", "fields": {"reason": 3}, "tensors": {}})], "'reason' must be a str"),
+        ([msgpack.packb({"protocol": PROTOCOL_VERSION, "type": "stop", "fields": [], "tensors": {}})], "'fields' must be a map"),
         ([b"\x80" + b"x" * (protocol.MAX_HEADER_BYTES + 1)], "more than MAX_HEADER_BYTES"),
         ([*encode(Stop("x")), b"extra"], "wrong number of frames: got 2, expected 1"),
     ],
@@ -190,7 +190,7 @@ def test_deeply_nested_settings_are_refused():
     nested: list = []
     for _ in range(900):
         nested = [nested]
-    header = {"protocol": 1, "type": "welcome", "tensors": {}, "fields": {
+    header = {"protocol": PROTOCOL_VERSION, "type": "welcome", "tensors": {}, "fields": {
         "rollout_endpoint": "a", "weights_endpoint": "b", "policy_version": 0, "settings": {"x": nested}}}
     with pytest.raises(ProtocolError, match="nested more than 16 levels"):
         decode([msgpack.packb(header)])

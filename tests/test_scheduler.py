@@ -1,10 +1,10 @@
-"""Tests of rapid_async.scheduler: grants per mode, deliveries, silent actors."""
+"""Tests of rapid_async.learner.scheduler: grants per mode, deliveries, silent actors."""
 
 from __future__ import annotations
 
 import time
 
-from rapid_async.scheduler import WorkScheduler
+from rapid_async.learner.scheduler import WorkScheduler
 
 
 def test_async_grants_bounded_by_capacity_minus_buffered_minus_in_flight():

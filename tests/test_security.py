@@ -1,11 +1,11 @@
-"""Tests for rapid_async.security: the loopback rule and CURVE keys."""
+"""Tests for rapid_async.wire.security: the loopback rule and CURVE keys."""
 
 from __future__ import annotations
 
 import pytest
 import zmq
 
-from rapid_async.security import check_secure, is_loopback, new_curve_keys
+from rapid_async.wire.security import check_secure, is_loopback, new_curve_keys
 
 
 @pytest.mark.parametrize(

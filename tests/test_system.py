@@ -125,7 +125,7 @@ def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_d
     import msgpack
     import zmq
 
-    from rapid_async.protocol import RolloutGroup, encode
+    from rapid_async.wire.protocol import RolloutGroup, encode
 
     run_dir = tmp_path / "run"
     learner = cli("learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
@@ -149,7 +149,7 @@ def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_d
         assert control.poll(10_000)
         assert b"99" in b"".join(control.recv_multipart())
         # a proper hello gives the rollout endpoint
-        from rapid_async.protocol import Hello, decode
+        from rapid_async.wire.protocol import Hello, decode
 
         control.send_multipart(encode(Hello("tester", os.getpid(), "none")))
         assert control.poll(10_000)

@@ -1,4 +1,4 @@
-"""Tests of rapid_async.trainer: one update, atomic checkpoints, resume."""
+"""Tests of rapid_async.learner.trainer: one update, atomic checkpoints, resume."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rapid_async.config import load_config
-from rapid_async.protocol import RolloutGroup
+from rapid_async.wire.protocol import RolloutGroup
 from rapid_async.tinymodel import init_model_dir
-from rapid_async.trainer import Trainer, latest_checkpoint
+from rapid_async.learner.trainer import Trainer, latest_checkpoint
 
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 2, "num_key_value_heads": 2}

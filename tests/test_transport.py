@@ -1,4 +1,4 @@
-"""Tests for rapid_async.transport: real ZeroMQ sockets on loopback, random free ports."""
+"""Tests for rapid_async.wire.transport: real ZeroMQ sockets on loopback, random free ports."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 import zmq
 
-from rapid_async.protocol import (
+from rapid_async.wire.protocol import (
     ActorStats,
     ErrorReply,
     Hello,
@@ -24,7 +24,7 @@ from rapid_async.protocol import (
     WorkRequest,
     encode,
 )
-from rapid_async.transport import ActorSockets, BadMessage, LearnerSockets, new_curve_keys
+from rapid_async.wire.transport import ActorSockets, BadMessage, LearnerSockets, new_curve_keys
 from rapid_async.weights import apply_update, make_delta, make_snapshot
 
 SETTINGS = {"group_size": 4, "temperature": 1.0, "task": {"name": "arithmetic"}}

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rapid_async import weights
-from rapid_async.protocol import decode, encode
+from rapid_async.wire.protocol import decode, encode
 from rapid_async.weights import (
     NeedSnapshot,
     apply_update,

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.auth.thread
 
-from rapid_async.protocol import (
+from rapid_async.wire.protocol import (
     ActorStats,
     ErrorReply,
     Hello,
@@ -53,7 +53,7 @@ from rapid_async.protocol import (
     decode,
     encode,
 )
-from rapid_async.security import CurveCredentials, CurveKeys, check_secure, is_loopback, new_curve_keys, require_curve
+from rapid_async.wire.security import CurveCredentials, CurveKeys, check_secure, is_loopback, new_curve_keys, require_curve
 
 __all__ = ["ActorSockets", "BadMessage", "CurveKeys", "LearnerSockets", "is_loopback", "new_curve_keys"]
 

@@ -1,4 +1,4 @@
-"""The actor process (`rapid-actor`): weights in, rollouts out.
+"""The actor's loop (`rapid-actor`): weights in, rollouts out.
 
 The loop, as in DESIGN.md section 3:
 
@@ -54,7 +54,7 @@ class Actor:
     def __init__(self, control_endpoint: str, actor_id: str | None = None,
                  engine: str | None = None, hello_timeout_s: float = 60.0):
         from rapid_async.config import config_from_dict
-        from rapid_async.transport import ActorSockets
+        from rapid_async.wire.transport import ActorSockets
 
         self.actor_id = actor_id or f"{socket.gethostname()}-{os.getpid()}"
         self.sockets = ActorSockets(control_endpoint, self.actor_id)
@@ -117,7 +117,7 @@ class Actor:
 
     def poll_weights(self, timeout_ms: int = 0) -> None:
         """Apply every queued weight update; ask for a snapshot on any doubt."""
-        from rapid_async.transport import BadMessage
+        from rapid_async.wire.transport import BadMessage
         from rapid_async.weights import NeedSnapshot
 
         while True:
@@ -184,40 +184,12 @@ class Actor:
         return self.stopped is None
 
     def _generate_and_send(self, indices: list[int]) -> None:
-        import torch
+        from rapid_async.actor.rollout import generate_groups
 
-        from rapid_async.engines.base import GenerateRequest
-        from rapid_async.protocol import RolloutGroup
-
-        cfg = self.cfg
-        problems = [self.task.train_problem(i) for i in indices]
-        prompts = [self.tokenizer.encode(p.prompt) for p in problems]
-        version = self.version
-        t0 = time.perf_counter()
-        outs = self.engine.generate(GenerateRequest(
-            prompts=prompts, n=cfg.algo.group_size, temperature=cfg.algo.temperature,
-            max_new_tokens=cfg.algo.max_new_tokens))
-        gen_s = time.perf_counter() - t0
-        for index, problem, prompt, comps in zip(indices, problems, prompts, outs):
-            k = len(comps)
-            t = max(1, max(len(c.token_ids) for c in comps))
-            ids = torch.zeros((k, t), dtype=torch.int32)
-            lps = torch.zeros((k, t), dtype=torch.float32)
-            lengths = torch.zeros(k, dtype=torch.int32)
-            rewards = torch.zeros(k, dtype=torch.float32)
-            for i, c in enumerate(comps):
-                n = len(c.token_ids)
-                ids[i, :n] = torch.tensor(c.token_ids, dtype=torch.int32)
-                lps[i, :n] = torch.tensor(c.logprobs, dtype=torch.float32).clamp(max=0.0)
-                lengths[i] = n
-                text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-                rewards[i] = self.task.reward(problem, text)
-                self.stats["tokens"] += n
-            group = RolloutGroup(
-                actor_id=self.actor_id, prompt_id=str(index), policy_version=version,
-                prompt_ids=torch.tensor(prompt, dtype=torch.int32), completion_ids=ids,
-                completion_lengths=lengths, logprobs=lps, rewards=rewards,
-                gen_seconds=gen_s / len(indices), created_at=time.time(), info={})
+        groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
+                                 self.version, self.actor_id)
+        for group in groups:
+            self.stats["tokens"] += int(group.completion_lengths.sum())
             while not self.sockets.send_rollout(group, timeout_ms=500):
                 # The learner's queue is full: backpressure. Keep weights fresh
                 # and notice a stop while we wait; never drop the group.
@@ -228,7 +200,7 @@ class Actor:
 
     def _check_stop(self) -> bool:
         """Drain unsolicited control messages; True once the learner said Stop."""
-        from rapid_async.protocol import Stop
+        from rapid_async.wire.protocol import Stop
 
         while self.stopped is None:
             msg = self.sockets.recv_control(timeout_ms=0)

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rapid_async.config import Config
 from rapid_async.loss import LossSettings, compute_loss
-from rapid_async.policy import collate, token_logprobs
+from rapid_async.learner.policy import collate, token_logprobs
 from rapid_async.weights import INFERENCE_DTYPES, cast_state
 
 CHECKPOINT_PREFIX = "step-"

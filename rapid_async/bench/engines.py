@@ -6,7 +6,7 @@ the wall time of one in-place weight update, the engine start time and the
 resident memory of each engine, and writes a Markdown table (by default
 `benchmarks/results/engines-cpu.md`).
 
-Run as `python -m rapid_async.bench_engines [--out PATH] [--batches 8,32,128,512]`;
+Run as `python -m rapid_async.bench.engines [--out PATH] [--batches 8,32,128,512]`;
 the `__main__` guard matters because vLLM spawns its engine core.
 """
 

@@ -1,4 +1,4 @@
-"""CURVE keys and the loopback rule for the ZeroMQ sockets of `rapid_async.transport`.
+"""CURVE keys and the loopback rule for the ZeroMQ sockets of `rapid_async.wire.transport`.
 
 Used by both the learner and the actor processes (through the transport). The
 rule: sockets bind / connect to loopback addresses unless CURVE keys are given

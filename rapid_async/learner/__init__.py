@@ -1,0 +1,10 @@
+"""The learner process (`rapid-learner`): buffer -> mini-batch updates -> weights.
+
+Modules:
+    loop.py       the `Learner`: take -> update -> publish -> record
+    network.py    the network thread that owns the learner's sockets
+    trainer.py    model, optimizer, one update, checkpoints
+    policy.py     batch collation and the learner's token log-probs
+    buffer.py     staleness-aware rollout buffer
+    scheduler.py  work hand-out per mode
+"""

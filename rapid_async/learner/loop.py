@@ -1,0 +1,275 @@
+"""The learner's training loop (`rapid-learner`): take -> update -> publish -> record.
+
+The `Learner` owns the trainer (model, optimizer), the staleness-aware buffer,
+the work scheduler and the network thread (`network.py`, which owns every
+socket). Its loop reads like the algorithm:
+
+    while not done:
+        groups = take()                   # a round (sync modes) or a mini-batch
+        for minibatch in split(groups):
+            metrics = update(minibatch)   # one optimizer step
+            publish(metrics)              # every sync_every steps / end of round
+            record(metrics)               # evaluation, checkpoint, metrics.jsonl
+
+Per mode (DESIGN.md section 2):
+    grpo         one round = minibatch_groups prompts at version v, 1 update
+    rapid-sync   one round = batch_groups prompts at version v, H updates,
+                 then publish; generation waits for training
+    rapid-async  actors generate continuously; each update takes the oldest
+                 fresh minibatch from the buffer (staleness <= max_staleness)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rapid_async.config import Config, dumps_toml
+
+log = logging.getLogger("rapid.learner")
+
+
+class Learner:
+    """One learner process: set-up in `__init__`, the loop in `run`.
+
+    Args:
+        cfg: the run config.
+        resume: continue from the newest checkpoint in `run.run_dir`.
+        model_dir: model directory (default: `model.path` or the tiny model).
+    """
+
+    def __init__(self, cfg: Config, resume: bool = False, model_dir: str | None = None):
+        import torch
+
+        from rapid_async.learner.buffer import RolloutBuffer
+        from rapid_async.learner.network import LearnerNetwork
+        from rapid_async.learner.scheduler import WorkScheduler
+        from rapid_async.learner.trainer import Trainer
+        from rapid_async.metrics import MetricsWriter
+        from rapid_async.tasks.base import get_task
+
+        torch.set_num_threads(int(os.environ.get("RAPID_LEARNER_THREADS", "1")))
+        self.cfg = cfg
+        self.mode = cfg.run.mode
+        self.sync = self.mode != "rapid-async"
+        self.run_dir = Path(cfg.run.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.toml").write_text(dumps_toml(cfg))
+        self.model_dir = model_dir or resolve_model_dir(cfg)
+        self.trainer = Trainer(cfg, self.model_dir)
+        if resume:
+            self._resume()
+        self.task = get_task(cfg.task.name, digits=cfg.task.digits, ops=cfg.task.ops,
+                             seed=cfg.task.seed)
+        max_staleness = cfg.learner.max_staleness if not self.sync else cfg.updates_per_batch - 1
+        self.buffer = RolloutBuffer(max_staleness=max_staleness)
+        self.scheduler = WorkScheduler(self.mode, cfg.learner.batch_groups,
+                                       cfg.learner.buffer_groups, max_staleness,
+                                       start_index=self.trainer.data_position,
+                                       actor_timeout=cfg.learner.actor_timeout_s)
+        settings = {"config": cfg.to_dict(), "model_dir": str(Path(self.model_dir).resolve()),
+                    "run_dir": str(self.run_dir.resolve())}
+        self.net = LearnerNetwork(cfg, self.buffer, self.scheduler, settings)
+        self.metrics = MetricsWriter(self.run_dir, "learner")
+        self.published_state = self.trainer.inference_state()
+        self.published_version = self.trainer.version
+        self.net.set_published(self.published_version, self.published_state)
+        self.eval_engine: Any = None
+        self.start_version = self.trainer.version
+        self.clock = {"busy": 0.0, "wait": 0.0, "eval": 0.0, "tokens": 0.0}
+        self.last_eval: float | None = None
+        self.stop_reason = "done"
+
+    def _resume(self) -> None:
+        from rapid_async.learner.trainer import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise ValueError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        self.trainer.load_checkpoint(ckpt)
+        log.info("resumed from %s at version %d", ckpt, self.trainer.version)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        """Train until `run.max_steps` (or `run.max_seconds`); return a summary."""
+        self.start()
+        try:
+            while not self.done():
+                minibatches = self.split(self.take())
+                for j, minibatch in enumerate(minibatches):
+                    metrics = self.update(minibatch)
+                    self.publish(metrics, end_of_round=j == len(minibatches) - 1)
+                    self.record(metrics)
+                    if self.trainer.version >= self.cfg.run.max_steps:
+                        break
+        finally:
+            summary = self.shutdown()
+        return summary
+
+    def start(self) -> None:
+        """Open the sockets, announce the endpoint, evaluate the starting weights."""
+        self.net.start()
+        endpoint_file(self.run_dir).write_text(json.dumps(
+            {"control": self.net.sockets.control_endpoint, "pid": os.getpid()}))
+        log.info("learner listening on %s (mode %s)", self.net.sockets.control_endpoint, self.mode)
+        self.t_start = time.time()
+        self.first_eval = self.evaluate()
+        self.clock["eval"] = time.time() - self.t_start  # evaluations are not training time
+        self.metrics.write({"step": self.trainer.version, "version": self.trainer.version,
+                            "eval/success": self.first_eval, "elapsed_s": 0.0, "event": "start"})
+        print(f"[learner] held-out success at start: {self.first_eval:.3f}", flush=True)
+
+    def done(self) -> bool:
+        """True when the step or time budget is spent (sets `stop_reason`)."""
+        if self.trainer.version >= self.cfg.run.max_steps:
+            return True
+        limit = self.cfg.run.max_seconds
+        if limit and time.time() - self.t_start - self.clock["eval"] > limit:
+            self.stop_reason = "max_seconds"
+            return True
+        return False
+
+    def take(self) -> list[Any]:
+        """Wait for the next round (sync modes) or mini-batch (rapid-async) of groups."""
+        need = self.cfg.learner.minibatch_groups
+        if self.sync:
+            self.scheduler.open_round(self.trainer.version)
+            need = self.cfg.learner.batch_groups
+        t0 = time.perf_counter()
+        groups = None
+        while groups is None:
+            self.net.check()
+            groups = self.buffer.take(need, self.trainer.version, timeout=0.5)
+        self.clock["wait"] += time.perf_counter() - t0
+        return groups
+
+    def split(self, groups: list[Any]) -> list[list[Any]]:
+        """Whole groups in mini-batches of `minibatch_groups`."""
+        size = self.cfg.learner.minibatch_groups
+        return [groups[i:i + size] for i in range(0, len(groups), size)]
+
+    def update(self, minibatch: list[Any]) -> dict[str, Any]:
+        """One optimizer step on a mini-batch; returns its metrics."""
+        self.buffer.record_consumed(minibatch, self.trainer.version)
+        t0 = time.perf_counter()
+        metrics = self.trainer.update(minibatch)
+        self.trainer.data_position = self.scheduler.next_index
+        self.clock["busy"] += time.perf_counter() - t0
+        self.clock["tokens"] += metrics["batch/tokens"]
+        return metrics
+
+    def publish(self, metrics: dict[str, Any], end_of_round: bool) -> None:
+        """Hand new weights to the actors when it is time (adds weight metrics)."""
+        from rapid_async.weights import make_delta
+
+        version = self.trainer.version
+        due = end_of_round if self.sync else version % self.cfg.learner.sync_every == 0
+        if not due:
+            return
+        t0 = time.perf_counter()
+        new_state = self.trainer.inference_state()
+        update = make_delta(self.published_state, new_state, version,
+                            base_version=self.published_version)
+        self.published_state, self.published_version = new_state, version
+        self.net.set_published(version, new_state)
+        self.net.publish(update)
+        metrics["weights/update_bytes"] = len(update.payload)
+        metrics["weights/raw_bytes"] = update.raw_nbytes
+        metrics["weights/encode_s"] = time.perf_counter() - t0
+        self.clock["busy"] += time.perf_counter() - t0
+
+    def record(self, metrics: dict[str, Any]) -> None:
+        """Evaluate and checkpoint when due; write the step's metrics record."""
+        from rapid_async.metrics import clean, progress_line
+
+        version = self.trainer.version
+        if self.cfg.run.eval_every and version % self.cfg.run.eval_every == 0:
+            t0 = time.perf_counter()
+            metrics["eval/success"] = self.evaluate()
+            self.clock["eval"] += time.perf_counter() - t0
+        if self.cfg.run.checkpoint_every and version % self.cfg.run.checkpoint_every == 0:
+            self.trainer.save_checkpoint(self.run_dir)
+        rec = clean({"step": version, "version": version, "mode": self.mode, **metrics,
+                     **self.buffer.stats(), **self._clock_stats(), **self._net_stats()})
+        self.metrics.write(rec)
+        print("[learner] " + progress_line(rec), flush=True)
+
+    def _clock_stats(self) -> dict[str, float]:
+        elapsed = time.time() - self.t_start
+        active = max(elapsed - self.clock["eval"], 1e-9)
+        return {"elapsed_s": elapsed, "train_s": active,
+                "learner/busy_s": self.clock["busy"], "learner/wait_s": self.clock["wait"],
+                "learner/busy_frac": self.clock["busy"] / active,
+                "throughput/tokens_per_s": self.clock["tokens"] / active}
+
+    def _net_stats(self) -> dict[str, Any]:
+        net = self.net
+        return {"net/bad_messages": sum(net.bad_messages.values()),
+                **{f"net/{k}": v for k, v in net.counters.items()},
+                "scheduler/reissued": self.scheduler.reissued,
+                "actors": len(self.scheduler.actors())}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> float:
+        """Held-out greedy success of the current weights (inference dtype)."""
+        from rapid_async.engines.hf import HFEngine
+        from rapid_async.evaluate import evaluate as evaluate_engine
+
+        cfg = self.cfg
+        if self.eval_engine is None:
+            self.eval_engine = HFEngine(self.model_dir, device=cfg.learner.device,
+                                        dtype=cfg.model.inference_dtype)
+        self.eval_engine.load_weights(self.trainer.inference_state())
+        self.last_eval = evaluate_engine(self.eval_engine, self.trainer.tokenizer, self.task,
+                                         cfg.run.eval_size, cfg.algo.max_new_tokens)
+        return self.last_eval
+
+    # ------------------------------------------------------------------ shut-down
+
+    def shutdown(self) -> dict[str, Any]:
+        """Final evaluation, checkpoint and end record; stop the actors and sockets."""
+        trained = self.trainer.version > self.start_version
+        final_eval = self.evaluate() if trained else self.last_eval
+        elapsed = time.time() - self.t_start
+        self.trainer.save_checkpoint(self.run_dir, extra={"stop_reason": self.stop_reason})
+        self.metrics.write({"step": self.trainer.version, "version": self.trainer.version,
+                            "event": "end", "eval/success": final_eval, "elapsed_s": elapsed,
+                            "stop_reason": self.stop_reason})
+        self.net.stop_actors(self.stop_reason)
+        time.sleep(0.3)
+        self.net.shutdown()
+        summary = {"start_success": self.first_eval, "final_success": final_eval,
+                   "steps": self.trainer.version - self.start_version, "elapsed_s": elapsed,
+                   "bad_messages": dict(self.net.bad_messages), "run_dir": str(self.run_dir)}
+        print(f"[learner] held-out success: {self.first_eval:.3f} -> {final_eval:.3f} "
+              f"after {summary['steps']} steps in {elapsed:.0f}s", flush=True)
+        return summary
+
+
+def endpoint_file(run_dir: Path) -> Path:
+    """RUN_DIR/learner.json: where actors and the launcher find the control endpoint."""
+    return run_dir / "learner.json"
+
+
+def run_learner(cfg: Config, resume: bool = False, model_dir: str | None = None) -> dict[str, Any]:
+    """Train until `run.max_steps` (or `run.max_seconds`); return a summary."""
+    return Learner(cfg, resume=resume, model_dir=model_dir).run()
+
+
+def resolve_model_dir(cfg: Config) -> str:
+    """The model directory of a run: `model.path`, or the cached tiny model."""
+    if cfg.model.path:
+        p = Path(cfg.model.path)
+        if not (p / "config.json").is_file():
+            raise ValueError(f"model.path = {cfg.model.path!r} is not a Hugging Face model "
+                             "directory (no config.json)")
+        return str(p)
+    from rapid_async.tinymodel import ensure_warm_model
+
+    return str(ensure_warm_model())
