@@ -13,6 +13,7 @@ import torch
 import zmq
 
 from rapid_async.wire.protocol import (
+    PROTOCOL_VERSION,
     ActorStats,
     ErrorReply,
     Hello,
@@ -195,7 +196,7 @@ def _bad_messages() -> dict[str, list[bytes]]:
     wrong_shape["tensors"]["rewards"]["shape"] = [3]
     return {
         "not valid msgpack": [b"\xc1garbage"],
-        "got 7, expected 1": [msgpack.packb(wrong_version), *good[1:]],
+        f"got 7, expected {PROTOCOL_VERSION}": [msgpack.packb(wrong_version), *good[1:]],
         "frame has 8 bytes": [msgpack.packb(wrong_shape), *good[1:]],
         "wrong number of frames": good[:3],
     }
