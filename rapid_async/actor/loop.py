@@ -69,7 +69,7 @@ class Actor:
         self.checksum: str | None = None
         self.stopped: str | None = None
         self.stats: dict[str, float] = {"busy_s": 0.0, "idle_s": 0.0, "tokens": 0,
-                                        "groups": 0, "snapshots": 0, "deltas": 0,
+                                        "groups": 0, "snapshots": 0, "deltas": 0, "gen_s": 0.0,
                                         "update_s": 0.0, "update_bytes": 0}
 
     def setup(self) -> None:
@@ -188,6 +188,7 @@ class Actor:
 
         groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
                                  self.version, self.actor_id)
+        self.stats["gen_s"] += sum(group.gen_seconds for group in groups)
         for group in groups:
             self.stats["tokens"] += int(group.completion_lengths.sum())
             while not self.sockets.send_rollout(group, timeout_ms=500):

@@ -80,7 +80,8 @@ class Learner:
         self.net.set_published(self.published_version, self.published_state)
         self.eval_engine: Any = None
         self.start_version = self.trainer.version
-        self.clock = {"busy": 0.0, "wait": 0.0, "eval": 0.0, "tokens": 0.0}
+        self.clock = {"busy": 0.0, "wait": 0.0, "publish": 0.0, "eval": 0.0, "checkpoint": 0.0,
+                      "tokens": 0.0}
         self.last_eval: float | None = None
         self.stop_reason = "done"
 
@@ -181,7 +182,7 @@ class Learner:
         metrics["weights/update_bytes"] = len(update.payload)
         metrics["weights/raw_bytes"] = update.raw_nbytes
         metrics["weights/encode_s"] = time.perf_counter() - t0
-        self.clock["busy"] += time.perf_counter() - t0
+        self.clock["publish"] += time.perf_counter() - t0
 
     def record(self, metrics: dict[str, Any]) -> None:
         """Evaluate and checkpoint when due; write the step's metrics record."""
@@ -191,9 +192,12 @@ class Learner:
         if self.cfg.run.eval_every and version % self.cfg.run.eval_every == 0:
             t0 = time.perf_counter()
             metrics["eval/success"] = self.evaluate()
+            metrics["eval/version"] = version
             self.clock["eval"] += time.perf_counter() - t0
         if self.cfg.run.checkpoint_every and version % self.cfg.run.checkpoint_every == 0:
+            t0 = time.perf_counter()
             self.trainer.save_checkpoint(self.run_dir)
+            self.clock["checkpoint"] += time.perf_counter() - t0
         rec = clean({"step": version, "version": version, "mode": self.mode, **metrics,
                      **self.buffer.stats(), **self._clock_stats(), **self._net_stats()})
         self.metrics.write(rec)
@@ -202,9 +206,12 @@ class Learner:
     def _clock_stats(self) -> dict[str, float]:
         elapsed = time.time() - self.t_start
         active = max(elapsed - self.clock["eval"], 1e-9)
+        busy = self.clock["busy"] + self.clock["publish"] + self.clock["checkpoint"]
         return {"elapsed_s": elapsed, "train_s": active,
                 "learner/busy_s": self.clock["busy"], "learner/wait_s": self.clock["wait"],
-                "learner/busy_frac": self.clock["busy"] / active,
+                "learner/publish_s": self.clock["publish"], "learner/eval_s": self.clock["eval"],
+                "learner/checkpoint_s": self.clock["checkpoint"],
+                "learner/busy_frac": busy / active,
                 "throughput/tokens_per_s": self.clock["tokens"] / active}
 
     def _net_stats(self) -> dict[str, Any]:
