@@ -153,3 +153,71 @@ def test_gradients_flow_through_real_tokens_only(model, groups):
     (lp * (1 - batch.mask)).sum().backward()
     assert all(float(p.grad.abs().sum()) == 0 for p in model.parameters())
     model.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------- no full logits
+
+
+def full_logits_logprobs(model, batch, temperature):
+    """The former implementation: (B, L, V) logits, (B, T, V) fp32 gather and log_softmax."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    idx = batch.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])  # (B, T, V)
+    logp = torch.log_softmax(torch.gather(logits, 1, idx).float() / temperature, dim=-1)
+    return torch.gather(logp, 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1) * batch.mask
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_chunked_logprobs_and_gradients_equal_the_full_logits_path(model, groups, chunk):
+    batch = collate(groups)
+    model.zero_grad(set_to_none=True)
+    new = token_logprobs(model, batch, 0.7, chunk_tokens=chunk)
+    (new * torch.linspace(-1, 1, new.numel()).view_as(new)).sum().backward()
+    new_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    old = full_logits_logprobs(model, batch, 0.7)
+    (old * torch.linspace(-1, 1, old.numel()).view_as(old)).sum().backward()
+    torch.testing.assert_close(new, old, atol=1e-5, rtol=0)
+    for p, g in zip(model.parameters(), new_grads):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    model.zero_grad(set_to_none=True)
+
+
+class LogitSizedTensors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op output with a vocabulary-sized last dimension and more than
+    `limit` rows (weights, their transposes and gradients, (V, H) / (H, V), are exempt)."""
+
+    def __init__(self, vocab: int, hidden: int, limit: int):
+        super().__init__()
+        self.vocab, self.hidden, self.limit, self.seen = vocab, hidden, limit, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and self.vocab in t.shape \
+                    and tuple(t.shape) not in {(self.vocab, self.hidden), (self.hidden, self.vocab)} \
+                    and t.numel() > self.limit * self.vocab:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_no_vocabulary_sized_tensor_beyond_one_chunk_forward_and_backward(groups):
+    # vocab 32 and hidden 48 differ from every other size here (L = 6, T = 4, B = 4).
+    model = build_model(seed=2, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2)
+    vocab = model.config.vocab_size
+    batch = collate(groups)
+    assert batch.input_ids.shape[0] * batch.input_ids.shape[1] > 2  # a (B, L, V) would be caught
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda mod, inputs, out: calls.append(tuple(inputs[0].shape)))
+    with LogitSizedTensors(vocab, 48, limit=2) as mode:
+        token_logprobs(model, batch, 1.0, chunk_tokens=2).sum().backward()
+    hook.remove()
+    assert mode.seen == []
+    # lm_head sees (n <= chunk, H) hidden states only: 8 completion tokens -> 4 chunks,
+    # each computed in the forward and again in the backward (checkpointed).
+    assert calls and all(len(c) == 2 and c[0] <= 2 for c in calls) and len(calls) == 8
+    # The detector does catch the former implementation's (B, L, V) logits.
+    with LogitSizedTensors(vocab, 48, limit=2) as mode:
+        full_logits_logprobs(model, batch, 1.0).sum().backward()
+    assert any(shape[:2] == tuple(batch.input_ids.shape) for _, shape in mode.seen)

@@ -4,7 +4,9 @@ Used by the learner process. `collate` turns whole rollout groups into padded
 tensors in group-major order (row b = group b // K, completion b % K), and
 `token_logprobs` computes log pi_theta(y_t | x, y_<t) for every completion
 token with the same temperature the actor sampled with, so that
-delta = logprobs - behaviour_logprobs compares like with like.
+delta = logprobs - behaviour_logprobs compares like with like. It never builds
+full-vocabulary logits for the batch: the model body gives hidden states, and
+only the completion positions go through `lm_head`, a chunk at a time.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -93,20 +96,68 @@ def collate(groups: list[Any], pad_id: int = 0) -> Batch:
                  torch.tensor(versions, dtype=torch.long), k)
 
 
-def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float) -> torch.Tensor:
+LOGPROB_CHUNK_TOKENS = 256
+"""Completion tokens per lm_head chunk: one chunk's (chunk, V) logits exist at a time."""
+
+
+def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float,
+                   chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> torch.Tensor:
     """log pi_theta of each completion token under the tempered distribution.
 
+    Runs the model body once, takes the hidden states at the N completion
+    positions only, and computes the N sampled tokens' log-probs through
+    `lm_head` in chunks of `chunk_tokens`: no (B, L, V) or (B, T, V) tensor
+    exists, only one (chunk, V) block at a time. With gradients on, each chunk
+    is recomputed in the backward pass (activation checkpointing), so the
+    autograd graph holds (N, H) hidden states, not (N, V) logits.
+
     Args:
-        model: a causal LM returning `.logits` of shape (B, L, V).
-        batch: the collated mini-batch.
+        model: a Hugging Face causal LM (`get_decoder()` the body, returning
+            `last_hidden_state`; `get_output_embeddings()` the lm_head).
+        batch: the collated mini-batch (or micro-batch).
         temperature: sampling temperature used by the actor.
+        chunk_tokens: completion tokens per lm_head call.
 
     Returns:
-        (B, T) log-probs, 0 where batch.mask is 0. Differentiable.
+        (B, T) float32 log-probs, 0 where batch.mask is 0. Differentiable.
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, L, V)
-    idx = batch.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])  # (B, T, V)
-    picked = torch.gather(logits, 1, idx).float() / temperature  # (B, T, V)
-    logp = torch.log_softmax(picked, dim=-1)  # (B, T, V)
-    tok = torch.gather(logp, 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return tok * batch.mask
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                 use_cache=False).last_hidden_state  # (B, L, H)
+    rows, cols = batch.mask.nonzero(as_tuple=True)  # (N,), (N,)
+    h = hidden[rows, batch.positions[rows, cols]]  # (N, H)
+    targets = batch.completion_ids[rows, cols]  # (N,)
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    pieces = []
+    for i in range(0, h.shape[0], chunk_tokens):
+        args = (head, h[i:i + chunk_tokens], targets[i:i + chunk_tokens], temperature, cap)
+        if torch.is_grad_enabled() and h.requires_grad:
+            pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False))
+        else:
+            pieces.append(chunk_logprobs(*args))
+    flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)  # (N,)
+    out = torch.zeros(batch.mask.shape, dtype=torch.float32, device=flat.device)  # (B, T)
+    return out.index_put((rows, cols), flat)
+
+
+def chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor,
+                   temperature: float, softcap: float | None = None) -> torch.Tensor:
+    """Tempered log-softmax of lm_head(h), read at the target tokens.
+
+    Args:
+        head: the lm_head (H -> V).
+        h: (n, H) hidden states.
+        targets: (n,) token ids.
+        temperature: divides the logits.
+        softcap: the model's final logit soft-capping (Gemma), or None.
+
+    Returns:
+        (n,) float32 log-probs.
+    """
+    logits = head(h).float()  # (n, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)  # (n,)
+    return picked - torch.logsumexp(logits, dim=-1)  # (n,)
