@@ -170,6 +170,25 @@ class TransportConfig:
 
 
 @dataclass
+class MetricsConfig:
+    backends: str = ""
+    """Where the learner and actors log besides RUN_DIR/metrics.jsonl: a comma-separated
+    list of "tensorboard" (RUN_DIR/tensorboard; needs the tensorboard package) and
+    "wandb" (needs the wandb package and a login, or wandb_mode = "offline").
+    Empty: metrics.jsonl only."""
+
+    wandb_project: str = "rapid_async"
+    """Weights & Biases project of the run."""
+
+    wandb_entity: str = ""
+    """Weights & Biases entity (team or user); empty: your default."""
+
+    wandb_mode: str = ""
+    """Weights & Biases mode: online, offline or disabled; empty: wandb's default
+    (the WANDB_MODE environment variable, else online)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -178,6 +197,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def updates_per_batch(self) -> int:
@@ -236,11 +256,24 @@ class Config:
             raise ValueError(
                 f"learner.buffer_groups = {lb.buffer_groups} must be >= "
                 f"learner.minibatch_groups = {lb.minibatch_groups}")
+        self._validate_metrics()
         if self.transport.host not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(
                 f"transport.host = {self.transport.host!r}: only loopback is supported "
                 "without CURVE keys; bind 127.0.0.1 and tunnel, or add CURVE keys")
         return self
+
+    def _validate_metrics(self) -> None:
+        from rapid_async.metrics_backends import missing_package, parse_backends
+
+        for name in parse_backends(self.metrics.backends):
+            package = missing_package(name)
+            if package:
+                raise ValueError(f"metrics.backends = {self.metrics.backends!r}: {name} needs "
+                                 f"the {package} package; pip install {package}, or leave "
+                                 f"{name} out")
+        _check_choice("metrics.wandb_mode", self.metrics.wandb_mode,
+                      ("", "online", "offline", "disabled"))
 
     def _get(self, dotted: str) -> Any:
         section, key = dotted.split(".")

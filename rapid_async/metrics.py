@@ -1,7 +1,9 @@
 """Metrics: JSONL records, a one-line progress display, and PNG plots.
 
 Every process appends records to RUN_DIR/metrics.jsonl, one JSON object per
-line, each tagged with its `role` ("learner" or "actor") and the wall time.
+line, each tagged with its `role` ("learner" or "actor") and the wall time,
+and, when `[metrics] backends` asks for it, to TensorBoard and Weights &
+Biases as well (`rapid_async.metrics_backends`).
 Appends of single short lines are atomic enough for several writers on one
 node; `read_metrics` skips a torn or foreign line instead of failing.
 `plot_run` draws reward and held-out success against wall time, throughput
@@ -11,26 +13,60 @@ and staleness (`rapid-plot RUN_DIR`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("rapid.metrics")
+
 
 class MetricsWriter:
-    """Append-only JSONL writer for one role."""
+    """Append-only JSONL writer for one role, forwarding to optional backends.
 
-    def __init__(self, run_dir: str | Path, role: str):
+    Args:
+        run_dir: the run directory (metrics.jsonl goes there).
+        role: "learner" or "actor", stored in every record.
+        backends: opened `metrics_backends` (TensorBoard, W&B) that also get
+            every record's numeric fields; one that fails is dropped with a warning.
+    """
+
+    def __init__(self, run_dir: str | Path, role: str, backends: list[Any] | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.role = role
+        self.backends = list(backends or [])
+        self._count = 0
 
     def write(self, record: dict[str, Any]) -> dict[str, Any]:
         rec = {"role": self.role, "time": time.time(), **record}
         line = json.dumps(rec, default=_json_default, allow_nan=False) + "\n"
         with open(self.path, "a") as f:
             f.write(line)
+        self._count += 1
+        if self.backends:
+            self._forward(json.loads(line))
         return rec
+
+    def _forward(self, rec: dict[str, Any]) -> None:
+        step = rec["step"] if isinstance(rec.get("step"), int) else self._count
+        for backend in list(self.backends):
+            try:
+                backend.write(rec, step)
+            except Exception as exc:  # a dashboard problem must not stop training
+                log.warning("metrics backend %s failed (%s); leaving it out",
+                            type(backend).__name__, exc)
+                self.backends.remove(backend)
+
+    def close(self) -> None:
+        """Flush and close the backends (metrics.jsonl needs nothing)."""
+        for backend in self.backends:
+            try:
+                backend.close()
+            except Exception as exc:
+                log.warning("closing metrics backend %s failed: %s", type(backend).__name__, exc)
+        self.backends = []
 
 
 def _json_default(obj: Any) -> Any:

@@ -118,3 +118,53 @@ def test_plot_run_needs_learner_records(tmp_path):
     with pytest.raises(ValueError, match="no learner records"):
         plot_run(tmp_path)
     assert not (tmp_path / "plots.png").exists()
+
+
+def test_writer_forwards_scalars_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rapid_async.metrics_backends import TensorBoardBackend
+
+    tb = tmp_path / "tensorboard" / "learner"
+    writer = MetricsWriter(tmp_path, "learner", backends=[TensorBoardBackend(tb)])
+    for step in (1, 2, 3):
+        writer.write({"step": step, "loss/policy": 0.5 / step, "mode": "rapid-async",
+                      "staleness/hist": {"0": step, "2": 1}, "eval/success": None})
+    writer.close()
+    acc = EventAccumulator(str(tb)).Reload()
+    assert [e.step for e in acc.Scalars("loss/policy")] == [1, 2, 3]
+    assert acc.Scalars("loss/policy")[-1].value == pytest.approx(0.5 / 3)
+    assert [e.value for e in acc.Scalars("staleness/hist/0")] == [1, 2, 3]
+    assert "mode" not in acc.Tags()["scalars"] and "eval/success" not in acc.Tags()["scalars"]
+    assert len(read_metrics(tmp_path)) == 3  # metrics.jsonl as before
+
+
+def test_a_failing_backend_is_dropped_and_training_goes_on(tmp_path, caplog):
+    class Broken:
+        def write(self, rec, step):
+            raise OSError("disk full")
+
+        def close(self):
+            pass
+
+    writer = MetricsWriter(tmp_path, "actor", backends=[Broken()])
+    writer.write({"actor_id": "a0", "actor/groups": 1})
+    writer.write({"actor_id": "a0", "actor/groups": 2})
+    assert writer.backends == [] and "disk full" in caplog.text
+    assert [r["actor/groups"] for r in read_metrics(tmp_path)] == [1, 2]
+
+
+def test_backends_are_validated_by_name_and_package():
+    from rapid_async.config import load_config
+    from rapid_async.metrics_backends import missing_package, parse_backends
+
+    assert parse_backends(" tensorboard , wandb") == ["tensorboard", "wandb"]
+    assert parse_backends("") == []
+    with pytest.raises(ValueError, match="'mlflow' is not one of tensorboard, wandb"):
+        load_config(None, ["metrics.backends=mlflow"])
+    assert load_config(None, ["metrics.backends=tensorboard"]).metrics.backends == "tensorboard"
+    if missing_package("wandb"):
+        with pytest.raises(ValueError, match="pip install wandb"):
+            load_config(None, ["metrics.backends=wandb"])
+    with pytest.raises(ValueError, match="metrics.wandb_mode"):
+        load_config(None, ["metrics.wandb_mode=sometimes"])

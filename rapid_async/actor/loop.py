@@ -70,7 +70,8 @@ class Actor:
         self.stopped: str | None = None
         self.stats: dict[str, float] = {"busy_s": 0.0, "idle_s": 0.0, "tokens": 0,
                                         "groups": 0, "snapshots": 0, "deltas": 0, "gen_s": 0.0,
-                                        "update_s": 0.0, "update_bytes": 0}
+                                        "update_s": 0.0, "update_bytes": 0, "chunks": 0,
+                                        "send_wait_s": 0.0}
 
     def setup(self) -> None:
         """Load tokenizer, task and engine, then the learner's current weights."""
@@ -142,8 +143,10 @@ class Actor:
     def run(self) -> str:
         """Generate until the learner says stop; return its reason."""
         from rapid_async.metrics import MetricsWriter
+        from rapid_async.metrics_backends import open_backends
 
-        metrics = MetricsWriter(self.run_dir, "actor")
+        metrics = MetricsWriter(self.run_dir, "actor", backends=open_backends(
+            self.cfg, self.run_dir, self.actor_id, "actor"))
         last_stats = time.monotonic()
         t_start = time.monotonic()
         try:
@@ -164,6 +167,7 @@ class Actor:
                     last_stats = time.monotonic()
             self._report(metrics, time.monotonic() - t_start)
         finally:
+            metrics.close()
             self.close()
         return self.stopped or "stopped"
 
@@ -189,14 +193,17 @@ class Actor:
         groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
                                  self.version, self.actor_id)
         self.stats["gen_s"] += sum(group.gen_seconds for group in groups)
+        self.stats["chunks"] += 1
         for group in groups:
             self.stats["tokens"] += int(group.completion_lengths.sum())
+            t_send = time.perf_counter()
             while not self.sockets.send_rollout(group, timeout_ms=500):
                 # The learner's queue is full: backpressure. Keep weights fresh
                 # and notice a stop while we wait; never drop the group.
                 self.poll_weights()
                 if self._check_stop():
                     return
+            self.stats["send_wait_s"] += time.perf_counter() - t_send
             self.stats["groups"] += 1
 
     def _check_stop(self) -> bool:

@@ -50,6 +50,7 @@ class Learner:
         from rapid_async.learner.scheduler import WorkScheduler
         from rapid_async.learner.trainer import Trainer
         from rapid_async.metrics import MetricsWriter
+        from rapid_async.metrics_backends import open_backends
         from rapid_async.tasks.base import get_task
 
         torch.set_num_threads(int(os.environ.get("RAPID_LEARNER_THREADS", "1")))
@@ -74,7 +75,8 @@ class Learner:
         settings = {"config": cfg.to_dict(), "model_dir": str(Path(self.model_dir).resolve()),
                     "run_dir": str(self.run_dir.resolve())}
         self.net = LearnerNetwork(cfg, self.buffer, self.scheduler, settings)
-        self.metrics = MetricsWriter(self.run_dir, "learner")
+        self.metrics = MetricsWriter(self.run_dir, "learner",
+                                     backends=open_backends(cfg, self.run_dir, "learner", "learner"))
         self.published_state = self.trainer.inference_state()
         self.published_version = self.trainer.version
         self.net.set_published(self.published_version, self.published_state)
@@ -251,6 +253,7 @@ class Learner:
         self.net.stop_actors(self.stop_reason)
         time.sleep(0.3)
         self.net.shutdown()
+        self.metrics.close()
         summary = {"start_success": self.first_eval, "final_success": final_eval,
                    "steps": self.trainer.version - self.start_version, "elapsed_s": elapsed,
                    "bad_messages": dict(self.net.bad_messages), "run_dir": str(self.run_dir)}
