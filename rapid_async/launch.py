@@ -6,8 +6,9 @@ starts the actors. Each child gets one device: on a GPU node the learner gets
 GPU 0 and actor i GPU i+1 (CUDA_VISIBLE_DEVICES); on CPU the learner gets core
 0 and the actors the other cores (CPU affinity, one torch thread each).
 
-While the run goes on, the launcher prints a progress line from the learner's
-metrics. It stops every child it started, by pid, on Ctrl-C, when a child
+While the run goes on, the launcher shows the learner's progress from its
+metrics (`rapid_async.progress`: a rich bar on a terminal, a line every few
+seconds in a log). It stops every child it started, by pid, on Ctrl-C, when a child
 fails, and at the end, and exits non-zero if any child failed. Child output
 goes to RUN_DIR/learner.log and RUN_DIR/actor-N.log.
 """
@@ -56,6 +57,17 @@ def _gpu_count() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
+def placement_record(plan: list[dict[str, str]]) -> dict[str, Any]:
+    """Which device each child got (RUN_DIR/placement.json, read by rapid-tune):
+    {"kind": "cpu"|"cuda", "devices": N on the node, "children": {name: device}}."""
+    kind = plan[0].get("RAPID_DEVICE", "cpu") if plan else "cpu"
+    key = "CUDA_VISIBLE_DEVICES" if kind == "cuda" else "RAPID_CPU_AFFINITY"
+    names = ["learner"] + [f"actor-{i}" for i in range(len(plan) - 1)]
+    devices = _gpu_count() if kind == "cuda" else len(os.sched_getaffinity(0))
+    return {"kind": kind, "devices": devices,
+            "children": {name: env.get(key, "") for name, env in zip(names, plan)}}
+
+
 def apply_affinity_from_env() -> None:
     """Called first thing in a child: pin to the core the launcher chose."""
     core = os.environ.get("RAPID_CPU_AFFINITY")
@@ -96,6 +108,7 @@ class Launcher:
         endpoint_file = self.run_dir / "learner.json"
         endpoint_file.unlink(missing_ok=True)
         plan = device_plan(self.n_actors)
+        (self.run_dir / "placement.json").write_text(json.dumps(placement_record(plan)))
         args = ["learner", *self._config_args(), "--model-dir", model_dir]
         if self.resume:
             args.append("--resume")
@@ -123,20 +136,22 @@ class Launcher:
                                   f"see {self.run_dir / (name + '.log')}")
 
     def watch(self, progress_every: float = 5.0) -> None:
-        """Print progress until the learner exits; raise ChildFailed on a failure."""
-        from rapid_async.metrics import progress_line
+        """Show progress until the learner exits; raise ChildFailed on a failure."""
+        from rapid_async.progress import ProgressDisplay, run_status
 
-        last_print = 0.0
+        run = self.cfg.run
+        by_time = run.max_seconds > 0 and run.max_steps >= 100_000
+        total = run.max_seconds if by_time else run.max_steps
         learner = self.children["learner"]
-        while learner.poll() is None:
-            self._check_children()
-            if time.monotonic() - last_print > progress_every:
+        with ProgressDisplay("[rapid-run]", total=total, every_s=progress_every) as display:
+            while learner.poll() is None:
+                self._check_children()
                 rec = _last_learner_record(self.run_dir)
                 if rec:
-                    busy = _actor_busy(self.run_dir)
-                    print(f"[rapid-run] {progress_line(rec)} actors busy {busy}", flush=True)
-                last_print = time.monotonic()
-            time.sleep(0.5)
+                    done = rec.get("train_s" if by_time else "step")
+                    display.update(completed=round(done) if isinstance(done, (int, float)) else None,
+                                   status=run_status(rec, _actor_busy(self.run_dir)))
+                time.sleep(0.5)
         self._check_children()
         deadline = time.monotonic() + 60
         for name, proc in self.children.items():
