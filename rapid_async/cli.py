@@ -1,5 +1,7 @@
 """Command-line entry points: rapid-learner, rapid-actor, rapid-run, rapid-plot, rapid-tune.
 
+`rapid-tune` has subcommands: report RUN_DIR, recommend, sweep.
+
 Thin wrappers: parse arguments with typer, then import the heavy modules
 (torch, transformers, vllm) so that `--help` is instant. Errors a user can fix
 (bad config, no learner) print one clear line and exit with code 2.
@@ -107,22 +109,80 @@ def plot(run_dir: str = typer.Argument(..., help="A run directory with metrics.j
         _fail(str(exc))
 
 
-def tune(config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-         grid: list[str] = typer.Option([], "--grid", help="A setting to vary, e.g. --grid learner.max_staleness=1,2,4 (repeatable; all combinations are tried)."),
-         set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applied to every trial."),
-         budget_s: float = typer.Option(60.0, "--budget-s", help="Training seconds per trial."),
-         actors: Optional[int] = typer.Option(None, "--actors", "-n", help="Actors per trial (default as rapid-run)."),
-         root: str = typer.Option("runs/tune", "--root", help="Where the trial runs go."),
-         ) -> None:
-    """Run short trials over a grid of settings and compare them (rapid-tune)."""
-    from pathlib import Path
+tune_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                       help="Measure what limits a run, predict and recommend settings (rapid-tune).")
 
-    from rapid_async.tune import tune as run_tune
+
+@tune_app.command("report")
+def tune_report(run_dir: str = typer.Argument(..., help="A run directory with metrics.jsonl and config.toml."),
+                top: int = typer.Option(5, "--top", help="How many ranked changes to show."),
+                ) -> None:
+    """Which role limits a run, why (in numbers), and what would move it."""
+    from rapid_async.tune.report import report_text
 
     try:
-        run_tune(config, grid, budget_s, Path(root), actors=actors, fixed=set_)
+        typer.echo(report_text(run_dir, top=top))
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+@tune_app.command("recommend")
+def tune_recommend(
+        config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+        set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applied to every trial."),
+        budget_s: float = typer.Option(150.0, "--budget-s", help="Training seconds of all trials together (2 calibration trials 30% each, verification 40%)."),
+        actors: Optional[int] = typer.Option(None, "--actors", "-n", help="Actors of the config as given (default as rapid-run)."),
+        root: str = typer.Option("runs/recommend", "--root", help="Where the trial runs and results go."),
+        out: Optional[str] = typer.Option(None, "--out", help="TOML file of the recommended config (default ROOT/recommended.toml)."),
+        max_mean_staleness: float = typer.Option(3.0, help="Highest predicted mean staleness (versions)."),
+        max_truncated: float = typer.Option(0.05, help="Highest predicted truncated-weight fraction."),
+        max_dropped: float = typer.Option(0.2, help="Highest predicted fraction of groups dropped as stale."),
+        min_minibatch_groups: int = typer.Option(0, help="Smallest mini-batch to consider (0: a quarter of the config's)."),
+        max_actors: int = typer.Option(0, help="Most actors to consider (0: devices + 1)."),
+        verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the recommended setting and compare."),
+) -> None:
+    """Calibration trials, the cost model's best setting under the rules, a verification trial."""
+    from pathlib import Path
+
+    from rapid_async.tune.recommend import Rules, recommend
+
+    rules = Rules(max_mean_staleness=max_mean_staleness, max_truncated=max_truncated,
+                  max_dropped=max_dropped, min_minibatch_groups=min_minibatch_groups,
+                  max_actors=max_actors)
+    try:
+        recommend(config, budget_s, Path(root), actors=actors, fixed=set_, rules=rules,
+                  verify=verify, out=Path(out) if out else None)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
+
+
+@tune_app.command("sweep")
+def tune_sweep(config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+               grid: list[str] = typer.Option([], "--grid", help="A setting to vary, e.g. --grid learner.max_staleness=1,2,4 or --grid actors=1,2 (repeatable; all combinations are tried)."),
+               set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applied to every trial."),
+               budget_s: float = typer.Option(60.0, "--budget-s", help="Training seconds per trial."),
+               actors: Optional[int] = typer.Option(None, "--actors", "-n", help="Actors per trial (default as rapid-run)."),
+               root: str = typer.Option("runs/tune", "--root", help="Where the trial runs and results go."),
+               eval_every: int = typer.Option(0, "--eval-every", help="Held-out evaluation every N steps in each trial (0: start and end)."),
+               ) -> None:
+    """Short trials over a grid of settings: table, CSV, JSON and PNG plots."""
+    from pathlib import Path
+
+    from rapid_async.tune.sweep import sweep
+
+    try:
+        sweep(config, grid, budget_s, Path(root), actors=actors, fixed=set_, eval_every=eval_every)
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+
+
+def tune_main() -> None:
+    """rapid-tune; `rapid-tune --grid ...` (no subcommand) still means `sweep`."""
+    args = sys.argv[1:]
+    if args and args[0] not in ("report", "recommend", "sweep", "--help", "-h",
+                                "--install-completion", "--show-completion"):
+        sys.argv.insert(1, "sweep")
+    tune_app(prog_name="rapid-tune")
 
 
 def _single(fn):
@@ -135,7 +195,6 @@ learner_main = _single(learner)
 actor_main = _single(actor)
 run_main = _single(run)
 plot_main = _single(plot)
-tune_main = _single(tune)
 
 _COMMANDS = {"learner": learner_main, "actor": actor_main, "run": run_main, "plot": plot_main,
              "tune": tune_main}

@@ -1,0 +1,254 @@
+"""`rapid-tune recommend --config C`: calibrate, predict, recommend a setting, verify it.
+
+Used from the command line on the node that will run the job. Steps:
+
+1. Two short calibration trials (real `rapid-run`s, `trials.run_trial`): the
+   config as given, and the same with a quarter of the mini-batch and chunk
+   (so that training and generation costs are measured at two sizes).
+2. `calibrate.calibrate` turns them into per-operation costs.
+3. The cost model predicts every setting of a grid around the config: actors
+   per learner, minibatch_groups (batch_groups with it in rapid-async),
+   max_staleness, buffer_groups (as versions of data in flight), sync_every,
+   chunk_groups and, on a node with several GPUs, the learner's share of them.
+4. The rule (`Rules`): the highest predicted updates/s among settings whose
+   predicted mean staleness, truncated-weight fraction and dropped fraction
+   stay under the thresholds and whose mini-batch is not below the floor;
+   among settings within `within` of that rate, the lowest mean staleness, then
+   the fewest actors, then the largest mini-batch. Every threshold is a
+   command-line option. Updates/s is the objective because each update is one
+   step of the optimizer; the mini-batch floor keeps it from buying updates
+   with ever noisier gradients.
+5. The choice is printed as config lines and written as a full TOML config
+   (ROOT/recommended.toml) with the prediction in its header, then run as a
+   verification trial and reported as measured against predicted
+   (ROOT/recommend.md, ROOT/recommend.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rapid_async.tune.model import Costs, Prediction, Setting, predict
+
+
+@dataclass
+class Rules:
+    """What `recommend` may choose (command-line options of the same names)."""
+
+    max_mean_staleness: float = 3.0
+    """Highest predicted mean staleness of consumed groups (versions)."""
+    max_truncated: float = 0.05
+    """Highest predicted fraction of truncated importance weights."""
+    max_dropped: float = 0.2
+    """Highest predicted fraction of generated groups dropped as stale."""
+    min_minibatch_groups: int = 0
+    """Smallest mini-batch (0: a quarter of the config's)."""
+    max_actors: int = 0
+    """Most actors per learner (0: one per device, plus one)."""
+    within: float = 0.03
+    """Settings this close to the best updates/s count as ties."""
+
+
+def node_devices() -> tuple[str, int]:
+    """("cuda", GPUs) on a GPU node, else ("cpu", cores this process may use)."""
+    from rapid_async.launch import _gpu_count
+
+    gpus = _gpu_count()
+    return ("cuda", gpus) if gpus else ("cpu", len(os.sched_getaffinity(0)))
+
+
+def calibration_settings(base: Setting) -> list[tuple[str, Setting]]:
+    """The calibration trials: the base setting and one with a quarter-size mini-batch."""
+    mb = max(1, base.minibatch_groups // 4)
+    h = max(1, base.batch_groups // base.minibatch_groups)
+    small = dataclasses.replace(
+        base, minibatch_groups=mb, batch_groups=mb if base.mode == "rapid-async" else mb * h,
+        chunk_groups=max(1, base.chunk_groups // 4),
+        buffer_groups=max(mb, mb * max(1, base.max_staleness)))
+    return [("as configured", base), ("quarter mini-batch and chunk", small)]
+
+
+def search_space(base: Setting, rules: Rules) -> list[Setting]:
+    """Settings the model compares (the base setting included)."""
+    floor = rules.min_minibatch_groups or max(1, base.minibatch_groups // 4)
+    mbs = sorted({m for m in (1, 2, 4, 8, 16, 32, 64, 128, 256) if floor <= m
+                  <= 2 * base.minibatch_groups} | {base.minibatch_groups})
+    max_actors = rules.max_actors or base.devices + 1
+    splits = range(1, base.devices - 1) if base.devices > 2 and _gpu_split_supported() else [1]
+    out = {base}
+    for mb, actors, m in itertools.product(mbs, range(1, max_actors + 1), splits):
+        if base.mode != "rapid-async":
+            h = max(1, base.batch_groups // base.minibatch_groups)
+            for hh, chunk in itertools.product({h, 2 * h, max(1, h // 2)}, {mb, 2 * mb}):
+                out.add(dataclasses.replace(base, minibatch_groups=mb, batch_groups=mb * hh,
+                                            chunk_groups=chunk, actors=actors,
+                                            learner_devices=m))
+            continue
+        for stale, depth, sync, chunk in itertools.product(
+                (1, 2, 3, 4, 6), (1, 2, 3, 4, 6), (1, 2, 4), {mb, 2 * mb, base.chunk_groups}):
+            if sync > stale + 1:  # every group would be stale on arrival
+                continue
+            out.add(dataclasses.replace(base, minibatch_groups=mb, batch_groups=mb,
+                                        max_staleness=stale, buffer_groups=mb * depth,
+                                        sync_every=sync, chunk_groups=chunk, actors=actors,
+                                        learner_devices=m))
+    return sorted(out, key=lambda s: s.label())
+
+
+def _gpu_split_supported() -> bool:
+    """Whether rapid-run can give the learner several devices (`--learner-devices`)."""
+    import inspect
+
+    from rapid_async import launch
+
+    return "learner_devices" in inspect.signature(launch.run_node).parameters
+
+
+def allowed(p: Prediction, rules: Rules) -> bool:
+    return (p.updates_per_s > 0 and p.staleness_mean <= rules.max_mean_staleness
+            and p.truncated_frac <= rules.max_truncated and p.drop_frac <= rules.max_dropped)
+
+
+def choose(preds: list[Prediction], rules: Rules) -> Prediction | None:
+    """The rule of the module docstring; None when no setting is allowed."""
+    ok = [p for p in preds if allowed(p, rules)]
+    if not ok:
+        return None
+    best = max(p.updates_per_s for p in ok)
+    ties = [p for p in ok if p.updates_per_s >= best * (1 - rules.within)]
+    return min(ties, key=lambda p: (round(p.staleness_mean, 2), p.setting.actors,
+                                    -p.setting.minibatch_groups, -p.updates_per_s))
+
+
+def search(costs: Costs, base: Setting, rules: Rules) -> tuple[Prediction | None, int]:
+    """Predict the whole search space; return the choice and how many were compared."""
+    preds = [predict(costs, s, updates=60) for s in search_space(base, rules)]
+    chosen = choose(preds, rules)
+    return (predict(costs, chosen.setting) if chosen else None), len(preds)
+
+
+def prediction_row(p: Prediction) -> dict[str, float]:
+    return {"updates_per_s": p.updates_per_s, "learner_wait": p.learner.get("wait", 0.0),
+            "actor_busy": p.actor_busy, "mean_staleness": p.staleness_mean,
+            "drop_frac": p.drop_frac, "truncated_frac": p.truncated_frac,
+            "ess_per_group": p.ess_per_group}
+
+
+def measured_row(run: Any) -> dict[str, float]:
+    busy = [a.busy_frac for a in run.actors]
+    return {"updates_per_s": run.updates_per_s,
+            "learner_wait": run.learner_fracs().get("wait_s", 0.0),
+            "actor_busy": sum(busy) / len(busy) if busy else float("nan"),
+            "mean_staleness": run.staleness_mean, "drop_frac": run.drop_frac,
+            "truncated_frac": run.truncated_frac, "ess_per_group": run.ess_per_group}
+
+
+def config_lines(s: Setting) -> list[str]:
+    return [f"actors = {s.actors}   (rapid-run --actors {s.actors})",
+            *(o.replace("=", " = ", 1) for o in s.overrides()),
+            *([f"learner devices = {s.learner_devices}"] if s.learner_devices > 1 else [])]
+
+
+def write_toml(config: str | None, fixed: list[str], p: Prediction, out: Path,
+               rules: Rules) -> Path:
+    """The base config with the recommended setting, as a TOML file with the
+    prediction in its header."""
+    from rapid_async.config import dumps_toml, load_config
+
+    cfg = load_config(config, [*fixed, *p.setting.overrides()])
+    row = prediction_row(p)
+    head = [f"# rapid-tune recommend from {config or 'the defaults'}; run it with",
+            f"#   rapid-run --config {out} --actors {p.setting.actors}",
+            f"# predicted: {row['updates_per_s']:.2f} updates/s, learner waits "
+            f"{row['learner_wait']:.0%}, actors busy {row['actor_busy']:.0%}, mean staleness "
+            f"{row['mean_staleness']:.2f}, dropped {row['drop_frac']:.0%}, truncated "
+            f"{row['truncated_frac']:.3f}",
+            f"# rules: {json.dumps(dataclasses.asdict(rules))}", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(head) + dumps_toml(cfg))
+    return out
+
+
+def comparison(pred: dict[str, float], meas: dict[str, float]) -> str:
+    lines = ["| | predicted | measured |", "|---|---|---|"]
+    for key, fmt in [("updates_per_s", ".2f"), ("learner_wait", ".0%"), ("actor_busy", ".0%"),
+                     ("mean_staleness", ".2f"), ("drop_frac", ".0%"),
+                     ("truncated_frac", ".4f"), ("ess_per_group", ".3f")]:
+        lines.append(f"| {key} | {pred[key]:{fmt}} | {meas[key]:{fmt}} |")
+    return "\n".join(lines)
+
+
+def recommend(config: str | None, budget_s: float, root: Path, actors: int | None = None,
+              fixed: list[str] | None = None, rules: Rules | None = None,
+              verify: bool = True, out: Path | None = None) -> dict[str, Any]:
+    """The whole `rapid-tune recommend` (see the module docstring); returns its results."""
+    from rapid_async.config import load_config
+    from rapid_async.tune.calibrate import calibrate
+    from rapid_async.tune.measure import measure_run
+    from rapid_async.tune.trials import run_trial
+
+    t_start = time.monotonic()
+    fixed, rules = fixed or [], rules or Rules()
+    cfg = load_config(config, fixed)
+    kind, devices = node_devices()
+    base = Setting.from_config(cfg, actors=actors or max(1, devices - 1), devices=devices)
+    per_trial = budget_s * (0.3 if verify else 0.5)
+    runs = []
+    for i, (name, s) in enumerate(calibration_settings(base)):
+        print(f"[rapid-tune] calibration {i + 1}/2 ({name}, {per_trial:.0f} s): {s.label()}",
+              flush=True)
+        run_dir = run_trial(config, [*fixed, *s.overrides()], root / f"calibrate-{i}",
+                            per_trial, s.actors)
+        runs.append(measure_run(run_dir))
+        print(f"[rapid-tune]   measured {runs[-1].updates_per_s:.2f} updates/s", flush=True)
+    costs = calibrate(runs)
+    chosen, compared = search(costs, base, rules)
+    if chosen is None:
+        raise ValueError("no setting meets the rules; relax --max-mean-staleness, "
+                         "--max-truncated or --max-dropped")
+    base_pred = predict(costs, base)
+    toml = write_toml(config, fixed, chosen, out or root / "recommended.toml", rules)
+    print(f"[rapid-tune] compared {compared} settings on {devices} {kind} device(s); "
+          "recommended:", flush=True)
+    for line in config_lines(chosen.setting):
+        print(f"  {line}", flush=True)
+    print(f"[rapid-tune] predicted {chosen.updates_per_s:.2f} updates/s (the config as given: "
+          f"{base_pred.updates_per_s:.2f} predicted, {runs[0].updates_per_s:.2f} measured); "
+          f"wrote {toml}", flush=True)
+    result = {"costs": dataclasses.asdict(costs), "rules": dataclasses.asdict(rules),
+              "base": {"setting": dataclasses.asdict(base), "predicted": prediction_row(base_pred),
+                       "measured": measured_row(runs[0])},
+              "recommended": {"setting": dataclasses.asdict(chosen.setting),
+                              "predicted": prediction_row(chosen)},
+              "toml": str(toml), "compared": compared}
+    if verify:
+        print(f"[rapid-tune] verification trial ({budget_s * 0.4:.0f} s)", flush=True)
+        run_dir = run_trial(config, [*fixed, *chosen.setting.overrides()], root / "verify",
+                            budget_s * 0.4, chosen.setting.actors)
+        result["recommended"]["measured"] = measured_row(measure_run(run_dir))
+        print(comparison(result["recommended"]["predicted"], result["recommended"]["measured"]),
+              flush=True)
+    result["wall_s"] = time.monotonic() - t_start
+    _write_summary(root, config, result)
+    return result
+
+
+def _write_summary(root: Path, config: str | None, result: dict[str, Any]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "recommend.json").write_text(json.dumps(result, indent=1, default=str))
+    rec = result["recommended"]
+    lines = [f"# rapid-tune recommend: {config}", "",
+             f"{result['compared']} settings compared; wall time {result['wall_s']:.0f} s.", "",
+             "Recommended (`" + "`, `".join(config_lines(Setting(**rec["setting"]))) + "`)", ""]
+    if "measured" in rec:
+        lines += [comparison(rec["predicted"], rec["measured"]), ""]
+    lines += ["The config as given:", "", comparison(result["base"]["predicted"],
+                                                     result["base"]["measured"]), ""]
+    (root / "recommend.md").write_text("\n".join(lines))
