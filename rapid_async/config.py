@@ -20,6 +20,7 @@ LOSSES = ("rapid", "grpo", "pg", "rapid_no_is")
 AGGREGATIONS = ("sequence-mean", "token-mean")
 ENGINES = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -32,7 +33,9 @@ class ModelConfig:
     """dtype of the actor's weights; updates are exact in this dtype."""
 
     train_dtype: str = "float32"
-    """dtype of the learner's master weights."""
+    """dtype of the learner's master weights and AdamW state: float32 (low
+    precision arithmetic is `learner.compute_dtype`; bf16 master weights lose
+    updates at small learning rates, so they are refused)."""
 
 
 @dataclass
@@ -139,6 +142,37 @@ class LearnerConfig:
     device: str = "cpu"
     """Torch device of the learner."""
 
+    micro_batch_tokens: int = 16384
+    """Padded tokens (rows x longest prompt + completion) per forward/backward
+    pass. A mini-batch is split into micro-batches of whole groups under this
+    budget and their gradients accumulated (exactly the full-batch gradient);
+    memory then depends on this, not on the mini-batch. 0: one pass."""
+
+    logprob_chunk_tokens: int = 256
+    """Completion tokens per lm_head call when computing log-probs: one
+    (chunk, vocabulary) block of logits exists at a time."""
+
+    compute_dtype: str = "auto"
+    """Arithmetic of forward and backward: auto (bfloat16 on CUDA, float32 on
+    CPU), float32 or bfloat16 (autocast; master weights and optimizer state
+    stay in float32)."""
+
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in the backward pass instead of keeping its
+    activations (less memory, about a third more compute)."""
+
+    devices: int = 1
+    """Learner ranks (GPUs on a GPU node): > 1 shards the model with FSDP2
+    under torchrun (`rapid-run --learner-devices M`); gloo on CPU."""
+
+    gpus: str = ""
+    """GPUs of the learner ranks on this node, e.g. "0,1" (empty: the first
+    `devices` GPUs). Used by rapid-run."""
+
+    max_skipped_steps: int = 10
+    """Stop with an error after this many consecutive steps skipped for a
+    non-finite loss or gradient norm (0: never stop)."""
+
 
 @dataclass
 class ActorConfig:
@@ -150,6 +184,10 @@ class ActorConfig:
 
     device: str = "cpu"
     """Torch device of the actor (hf engine)."""
+
+    gpus: str = ""
+    """GPUs for the actors on this node, one actor each, e.g. "2,3" (empty:
+    every GPU the learner does not use). Used by rapid-run."""
 
 
 @dataclass
@@ -218,16 +256,26 @@ class Config:
         _check_choice("actor.engine", self.actor.engine, ENGINES)
         _check_choice("model.inference_dtype", self.model.inference_dtype, DTYPES)
         _check_choice("model.train_dtype", self.model.train_dtype, DTYPES)
+        if self.model.train_dtype != "float32":
+            raise ValueError(
+                f"model.train_dtype = {self.model.train_dtype!r}: master weights must be float32 "
+                "(AdamW steps at small learning rates vanish in 16-bit weights); for 16-bit "
+                "arithmetic set learner.compute_dtype = \"bfloat16\"")
+        _check_choice("learner.compute_dtype", self.learner.compute_dtype, COMPUTE_DTYPES)
+        for name in ("learner.gpus", "actor.gpus"):
+            _check_gpu_list(name, self._get(name))
         for name in ("algo.group_size", "algo.max_new_tokens", "run.max_steps",
                      "run.eval_size", "learner.batch_groups",
                      "learner.minibatch_groups", "learner.sync_every",
                      "learner.buffer_groups", "actor.chunk_groups",
-                     "transport.rollout_hwm", "transport.weights_hwm"):
+                     "transport.rollout_hwm", "transport.weights_hwm",
+                     "learner.logprob_chunk_tokens", "learner.devices"):
             _check_positive(name, self._get(name))
         for name in ("run.eval_every", "run.checkpoint_every", "run.max_seconds",
                      "learner.max_staleness", "learner.weight_decay",
                      "learner.grad_clip", "algo.beta", "transport.port",
-                     "learner.actor_timeout_s"):
+                     "learner.actor_timeout_s", "learner.micro_batch_tokens",
+                     "learner.max_skipped_steps"):
             if self._get(name) < 0:
                 raise ValueError(f"{name} = {self._get(name)} must be >= 0")
         if self.algo.temperature <= 0:
@@ -283,6 +331,12 @@ class Config:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} = {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_gpu_list(name: str, value: str) -> None:
+    if value and not all(part.strip().isdigit() for part in value.split(",")):
+        raise ValueError(f"{name} = {value!r}: expected GPU indices separated by commas, "
+                         "e.g. \"0,1\" (empty: automatic)")
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -18,7 +18,11 @@ from rapid_async.loss import (
     effective_sample_size,
     group_advantages,
     k3_kl,
+    loss_normalisers,
+    microbatch_loss,
+    partial_aggregate,
     pg_token_loss,
+    row_advantages,
     sequence_log_weights,
 )
 
@@ -397,6 +401,78 @@ def test_gradient_accumulation_token_mean_needs_token_share():
         assert metrics["batch/tokens"] == n
         scaled.append(grad)
     torch.testing.assert_close(torch.cat(scaled), full, atol=1e-12, rtol=0)
+
+
+# ---------------------------------------------------------------- micro-batches
+
+
+def test_partial_aggregate_by_hand():
+    values = torch.tensor([[1.0, 2.0, 100.0], [4.0, 100.0, 100.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=F64)
+    rows, tokens = loss_normalisers(mask)
+    assert (rows, tokens) == (2.0, 3.0)
+    # sequence-mean: row means 1.5 and 4, each / 2 rows -> .75 + 2 = 2.75 = (1.5 + 4) / 2
+    # token-mean: sums 3 and 4, each / 3 tokens -> 1 + 4/3 = 7/3
+    parts = {agg: [partial_aggregate(values[i:i + 1], mask[i:i + 1], agg, rows, tokens).item()
+                   for i in (0, 1)] for agg in ("sequence-mean", "token-mean")}
+    assert parts["sequence-mean"] == pytest.approx([0.75, 2.0], abs=ATOL)
+    assert parts["token-mean"] == pytest.approx([1.0, 4.0 / 3], abs=ATOL)
+    # A row with no loss token adds nothing and is not counted.
+    empty = torch.zeros(1, 3, dtype=F64)
+    assert loss_normalisers(torch.cat([mask, empty])) == (2.0, 3.0)
+    assert partial_aggregate(values[:1], empty, "sequence-mean", rows, tokens).item() == 0.0
+
+
+def test_row_advantages_and_microbatch_loss_by_hand():
+    # The hand batch: A = [-.75, .25, -.8125, -.0625], row losses [1.0, -.275, .65, .125] (above).
+    b = hand_batch()
+    settings = LossSettings("rapid")
+    adv = row_advantages(b["logprobs"], b["behaviour_logprobs"], b["mask"], b["rewards"], 2, settings)
+    torch.testing.assert_close(adv, torch.tensor([-0.75, 0.25, -0.8125, -0.0625], dtype=F64))
+    rows, tokens = loss_normalisers(b["mask"])
+    parts = [microbatch_loss(b["logprobs"][h], b["behaviour_logprobs"][h], b["mask"][h], adv[h],
+                             settings, rows, tokens) for h in (slice(0, 2), slice(2, 4))]
+    # group 0: (1.0 - .275) / 4 = .18125; group 1: (.65 + .125) / 4 = .19375; sum .375
+    assert [p.item() for p in parts] == pytest.approx([0.18125, 0.19375], abs=ATOL)
+
+
+SPLITS = {"whole groups": [0, 8, 16, 32], "rows, across groups": [0, 3, 13, 14, 30, 32],
+          "one row each": list(range(33))}
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("aggregation", ["sequence-mean", "token-mean"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda s: f"{s.algorithm}-eta{s.eta}-eps{s.eps}-beta{s.beta}")
+def test_microbatches_add_up_to_the_full_loss_and_gradient(variant, aggregation, split):
+    # Advantages from the whole mini-batch, then any split of the rows: the micro-batch
+    # losses and their accumulated gradients equal compute_loss on the whole batch.
+    settings = LossSettings(**{**variant.__dict__, "aggregation": aggregation})
+    logp, mu, mask, rewards, ref = random_batch(9, groups=8)
+    mask[16:, 3:] = 0.0  # uneven lengths, so token shares differ
+    mask[16:, 0] = 1.0
+    lp_full = logp.clone().requires_grad_()
+    full, _ = compute_loss(lp_full, mu, mask, rewards, 4, settings, ref_logprobs=ref)
+    (full_grad,) = torch.autograd.grad(full, lp_full)
+    adv = row_advantages(logp, mu, mask, rewards, 4, settings)
+    rows, tokens = loss_normalisers(mask)
+    lp = logp.clone().requires_grad_()
+    bounds = SPLITS[split]
+    total = sum(microbatch_loss(lp[a:b], mu[a:b], mask[a:b], adv[a:b], settings, rows, tokens, ref[a:b])
+                for a, b in zip(bounds, bounds[1:]))
+    (grad,) = torch.autograd.grad(total, lp)
+    assert total.item() == pytest.approx(full.item(), abs=1e-12)
+    torch.testing.assert_close(grad, full_grad, atol=1e-12, rtol=0)
+
+
+def test_microbatches_of_whole_groups_need_no_advantage_pass():
+    # With whole groups in each micro-batch, advantages computed inside it are the same.
+    logp, mu, mask, rewards, _ = random_batch(10, groups=6)
+    settings = LossSettings("rapid", eta=1.2)
+    whole = row_advantages(logp, mu, mask, rewards, 4, settings)
+    parts = torch.cat([row_advantages(logp[a:a + 8], mu[a:a + 8], mask[a:a + 8], rewards[a:a + 8], 4, settings)
+                       for a in (0, 8, 16)])
+    assert torch.equal(parts, whole)
+    assert (whole != row_advantages(logp, mu, mask, rewards, 4, LossSettings("rapid_no_is"))).any()
 
 
 def test_padding_values_never_matter():

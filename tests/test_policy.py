@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rapid_async.learner.policy import collate, token_logprobs
+from rapid_async.learner.policy import (collate, plan_microbatches, rank_rows, splits_groups,
+                                        token_logprobs)
 from rapid_async.wire.protocol import RolloutGroup
 from rapid_async.tinymodel import build_model
 
@@ -80,6 +81,44 @@ def test_batch_to_keeps_every_field(groups):
     moved = batch.to("cpu")
     assert moved.group_size == batch.group_size
     assert torch.equal(moved.positions, batch.positions)
+
+
+def test_select_trims_rows_to_their_own_lengths(groups):
+    batch = collate(groups, pad_id=2)
+    assert batch.lengths == [6, 4, 6, 2]
+    sub = batch.select([1, 3])
+    # Rows 1 and 3: longest sequence 4, longest completion 1.
+    assert sub.input_ids.tolist() == [[1, 5, 6, 10], [1, 11, 2, 2]]
+    assert sub.positions.tolist() == [[2], [0]] and sub.mask.tolist() == [[1], [0]]
+    assert sub.rewards.tolist() == [0.0, 0.25] and sub.policy_versions.tolist() == [3, 5]
+    assert sub.group_size == 2
+    again = batch.select([0, 1, 2, 3])
+    assert all(torch.equal(getattr(again, k), getattr(batch, k)) for k in ("input_ids", "mask"))
+
+
+def test_plan_microbatches_by_hand():
+    # K = 2; group lengths (longest row): g0 5, g1 9, g2 3, g3 4.
+    lengths = [5, 4, 9, 2, 3, 3, 1, 4]
+    # Longest first: g1 (rows 2, 3) then g0, g3, g2. Budget 20: g1 alone is 2 x 9 = 18;
+    # g0 + g3 + g2 = 6 rows x 5 = 30 > 20 -> g0 + g3 = 4 x 5 = 20, then g2.
+    assert plan_microbatches(lengths, 2, 20) == [[2, 3], [0, 1, 6, 7], [4, 5]]
+    assert plan_microbatches(lengths, 2, 0) == [[2, 3, 0, 1, 6, 7, 4, 5]]
+    # Budget 12: g1 (18) is over budget on its own -> split into rows of 9.
+    plan = plan_microbatches(lengths, 2, 12)
+    assert plan == [[2], [3], [0, 1], [6, 7], [4, 5]]
+    assert splits_groups(plan, 2) and not splits_groups(plan_microbatches(lengths, 2, 20), 2)
+    for budget in (0, 1, 7, 12, 20, 100):
+        rows = sorted(r for mb in plan_microbatches(lengths, 2, budget) for r in mb)
+        assert rows == list(range(8))
+
+
+def test_rank_rows_deal_whole_groups():
+    lengths = [5, 4, 9, 2, 3, 3, 1, 4, 7, 7]  # K = 2, group longest: 5, 9, 3, 4, 7
+    # Longest first: g1, g4, g0, g3, g2 -> rank 0: g1, g0, g2; rank 1: g4, g3.
+    assert rank_rows(lengths, 2, 0, 2) == [0, 1, 2, 3, 4, 5]
+    assert rank_rows(lengths, 2, 1, 2) == [6, 7, 8, 9]
+    assert rank_rows(lengths, 2, 0, 1) == list(range(10))
+    assert rank_rows(lengths[:2], 2, 1, 2) == []
 
 
 @pytest.fixture(scope="module")

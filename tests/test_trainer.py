@@ -134,3 +134,125 @@ def test_checkpoint_is_a_hugging_face_model_dir(cfg, model_dir, tmp_path):
     expected = trainer.model.state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(v, expected[k]), k
+
+
+# ---------------------------------------------------------------- micro-batches
+
+
+def six_groups(version=0):
+    """Six groups of K = 4 with different prompt and completion lengths."""
+    gen = torch.Generator().manual_seed(3)
+    groups = []
+    for g in range(6):
+        prompt = [1] + torch.randint(4, 20, (3 + g,), generator=gen).tolist()
+        completions = [torch.randint(4, 20, (1 + (g * 3 + i) % 7,), generator=gen).tolist()
+                       for i in range(4)]
+        groups.append(make_group(prompt, completions, [float((g + i) % 2) for i in range(4)],
+                                 version))
+    return groups
+
+
+def grads(model):
+    return {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("overrides", [
+    ["algo.aggregation=sequence-mean"],
+    ["algo.aggregation=token-mean"],
+    ["algo.aggregation=token-mean", "algo.loss=grpo", "algo.beta=0.04"],
+    ["algo.loss=pg"],
+])
+def test_microbatched_update_equals_the_full_batch_update(model_dir, overrides):
+    # Budgets: one pass; whole groups (several per micro-batch); 20 tokens, which
+    # splits groups by rows (advantages then come from a no-grad pass first).
+    results = {}
+    for budget in (0, 64, 20):
+        cfg = load_config(overrides=["learner.lr=1e-3", f"learner.micro_batch_tokens={budget}",
+                                     *overrides])
+        trainer = Trainer(cfg, model_dir)
+        m = trainer.update(six_groups())
+        results[budget] = (m, grads(trainer.model), weights(trainer.model))
+    full_m, full_g, full_w = results[0]
+    assert full_m["batch/microbatches"] == 1
+    assert results[64][0]["batch/microbatches"] > 2 and results[20][0]["batch/microbatches"] > 6
+    assert max(v.abs().max() for v in full_g.values()) > 1e-3
+    for budget in (64, 20):
+        m, g, w = results[budget]
+        assert m["loss/total"] == pytest.approx(full_m["loss/total"], abs=1e-6)
+        assert m["grad/norm"] == pytest.approx(full_m["grad/norm"], rel=1e-5)
+        for k in full_g:
+            torch.testing.assert_close(g[k], full_g[k], atol=1e-6, rtol=1e-5)
+            # AdamW's first step moves each weight by about lr * sign(grad).
+            torch.testing.assert_close(w[k], full_w[k], atol=2e-6, rtol=0)
+
+
+def test_padded_tokens_respect_the_budget(model_dir):
+    cfg = load_config(overrides=["learner.micro_batch_tokens=40"])
+    m = Trainer(cfg, model_dir).update(six_groups())
+    longest = max(len(g.prompt_ids) + int(g.completion_lengths.max()) for g in six_groups())
+    assert m["batch/padded_tokens"] <= 40 * m["batch/microbatches"]
+    assert longest * 4 > 40  # the longest group alone is over the budget: it was split
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_bf16_compute_with_fp32_master_weights_moves_every_weight_at_lr_1e6(model_dir):
+    cfg = load_config(overrides=["learner.lr=1e-6", "learner.compute_dtype=bfloat16"])
+    trainer = Trainer(cfg, model_dir)
+    assert trainer.compute_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    before = weights(trainer.model)
+    trainer.update(two_groups())
+    total = sum(v.numel() for v in before.values())
+    changed = sum(int((trainer.model.state_dict()[k] != v).sum()) for k, v in before.items())
+    assert changed / total > 0.9
+    state = next(iter(trainer.optimizer.state.values()))
+    assert state["exp_avg"].dtype == torch.float32
+    # The former path, AdamW on bf16 weights, loses most of the same step.
+    bf16 = {k: v.to(torch.bfloat16) for k, v in before.items()}
+    stepped = {k: v.to(torch.bfloat16) for k, v in trainer.model.state_dict().items()}
+    lost = sum(int((stepped[k] == v).sum()) for k, v in bf16.items())
+    assert lost / total > 0.5
+
+
+def test_train_dtype_must_be_float32():
+    with pytest.raises(ValueError, match="learner.compute_dtype"):
+        load_config(overrides=["model.train_dtype=bfloat16"])
+
+
+def test_activation_checkpointing_gives_the_same_gradient(model_dir):
+    results = []
+    for flag in ("false", "true"):
+        trainer = Trainer(load_config(overrides=[f"learner.activation_checkpointing={flag}"]),
+                          model_dir)
+        trainer.update(two_groups())
+        results.append(grads(trainer.model))
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- guards
+
+
+def test_non_finite_loss_skips_the_step(cfg, model_dir):
+    trainer = Trainer(cfg, model_dir)
+    before = weights(trainer.model)
+    norm = trainer.model.get_decoder().norm
+    hook = norm.register_forward_hook(lambda mod, inputs, out: out * float("nan"))
+    m = trainer.update(two_groups())
+    hook.remove()
+    assert m["guard/skipped"] == 1.0 and m["guard/skipped_steps"] == 1.0
+    assert trainer.version == 0 and trainer.skipped_steps == 1
+    assert not trainer.optimizer.state  # no AdamW step, no moments
+    assert all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    m = trainer.update(two_groups())
+    assert m["guard/skipped"] == 0.0 and trainer.version == 1 and m["guard/skipped_steps"] == 1.0
+
+
+def test_consecutive_skips_stop_training(model_dir):
+    trainer = Trainer(load_config(overrides=["learner.max_skipped_steps=2"]), model_dir)
+    trainer.model.get_decoder().norm.register_forward_hook(lambda mod, inputs, out: out * float("inf"))
+    trainer.update(two_groups())
+    with pytest.raises(RuntimeError, match="learner.max_skipped_steps = 2"):
+        trainer.update(two_groups())

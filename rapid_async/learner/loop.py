@@ -43,8 +43,6 @@ class Learner:
     """
 
     def __init__(self, cfg: Config, resume: bool = False, model_dir: str | None = None):
-        import torch
-
         from rapid_async.learner.buffer import RolloutBuffer
         from rapid_async.learner.network import LearnerNetwork
         from rapid_async.learner.scheduler import WorkScheduler
@@ -53,7 +51,7 @@ class Learner:
         from rapid_async.metrics_backends import open_backends
         from rapid_async.tasks.base import get_task
 
-        torch.set_num_threads(int(os.environ.get("RAPID_LEARNER_THREADS", "1")))
+        set_learner_threads()
         self.cfg = cfg
         self.mode = cfg.run.mode
         self.sync = self.mode != "rapid-async"
@@ -172,7 +170,7 @@ class Learner:
 
         version = self.trainer.version
         due = end_of_round if self.sync else version % self.cfg.learner.sync_every == 0
-        if not due:
+        if not due or version == self.published_version:  # a skipped step made no version
             return
         t0 = time.perf_counter()
         new_state = self.trainer.inference_state()
@@ -191,12 +189,13 @@ class Learner:
         from rapid_async.metrics import clean, progress_line
 
         version = self.trainer.version
-        if self.cfg.run.eval_every and version % self.cfg.run.eval_every == 0:
+        stepped = not metrics.get("guard/skipped")
+        if stepped and self.cfg.run.eval_every and version % self.cfg.run.eval_every == 0:
             t0 = time.perf_counter()
             metrics["eval/success"] = self.evaluate()
             metrics["eval/version"] = version
             self.clock["eval"] += time.perf_counter() - t0
-        if self.cfg.run.checkpoint_every and version % self.cfg.run.checkpoint_every == 0:
+        if stepped and self.cfg.run.checkpoint_every and version % self.cfg.run.checkpoint_every == 0:
             t0 = time.perf_counter()
             self.trainer.save_checkpoint(self.run_dir)
             self.clock["checkpoint"] += time.perf_counter() - t0
@@ -260,6 +259,16 @@ class Learner:
         print(f"[learner] held-out success: {self.first_eval:.3f} -> {final_eval:.3f} "
               f"after {summary['steps']} steps in {elapsed:.0f}s", flush=True)
         return summary
+
+
+def set_learner_threads() -> None:
+    """Torch threads follow the device: a CPU learner pinned by the launcher runs
+    RAPID_LEARNER_THREADS threads; otherwise (GPU learners) torch's default stays."""
+    threads = os.environ.get("RAPID_LEARNER_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
 
 
 def endpoint_file(run_dir: Path) -> Path:

@@ -50,6 +50,37 @@ class Batch:
                   for k, v in self.__dict__.items()}
         return Batch(**fields)
 
+    @property
+    def lengths(self) -> list[int]:
+        """Prompt + completion tokens of each row."""
+        return self.attention_mask.sum(dim=1).tolist()
+
+    def select(self, rows: list[int]) -> "Batch":
+        """The given rows, trimmed to their own longest sequence and completion.
+
+        Fields of shape (B, L) keep the rows' longest prompt + completion,
+        fields of shape (B, T) their longest completion, (B,) fields the rows.
+        """
+        idx = torch.tensor(rows, dtype=torch.long)
+        seq = max(1, int(self.attention_mask[idx].sum(dim=1).max()))
+        tok = max(1, int(self.mask[idx].sum(dim=1).max()))
+        fields: dict[str, Any] = {}
+        for name, value in self.__dict__.items():
+            if isinstance(value, torch.Tensor):
+                value = value[idx]
+                if name in SEQUENCE_FIELDS:
+                    value = value[:, :seq]
+                elif name in TOKEN_FIELDS:
+                    value = value[:, :tok]
+            fields[name] = value
+        return Batch(**fields)
+
+
+SEQUENCE_FIELDS = ("input_ids", "attention_mask")
+"""Batch fields of shape (B, L)."""
+TOKEN_FIELDS = ("positions", "completion_ids", "mask", "behaviour_logprobs")
+"""Batch fields of shape (B, T)."""
+
 
 def collate(groups: list[Any], pad_id: int = 0) -> Batch:
     """Stack rollout groups (protocol.RolloutGroup) into one Batch.
@@ -96,6 +127,77 @@ def collate(groups: list[Any], pad_id: int = 0) -> Batch:
                  torch.tensor(versions, dtype=torch.long), k)
 
 
+# ---------------------------------------------------------------- micro-batches
+
+
+def plan_microbatches(lengths: list[int], group_size: int, budget: int) -> list[list[int]]:
+    """Split rows into micro-batches whose padded size stays within a token budget.
+
+    Groups are taken longest first (so that rows of similar length share a
+    micro-batch) and packed greedily while rows x longest row <= budget. A
+    group that alone exceeds the budget is split by rows (and a row that
+    alone exceeds it goes alone).
+
+    Args:
+        lengths: prompt + completion tokens of each row, whole groups in
+            group-major order.
+        group_size: K.
+        budget: padded tokens per micro-batch; <= 0 means no limit.
+
+    Returns:
+        Lists of row indices; together they hold every row exactly once.
+    """
+    n_groups = len(lengths) // group_size
+    groups = [list(range(g * group_size, (g + 1) * group_size)) for g in range(n_groups)]
+    groups.sort(key=lambda rows: -max(lengths[r] for r in rows))
+    if budget <= 0:
+        return [[r for rows in groups for r in rows]] if groups else []
+    plan: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for rows in groups:
+        glen = max(lengths[r] for r in rows)
+        if current and (len(current) + len(rows)) * max(longest, glen) <= budget:
+            current += rows
+            longest = max(longest, glen)
+            continue
+        if current:
+            plan.append(current)
+        current, longest = list(rows), glen
+        if len(rows) * glen > budget:  # the group alone is over budget: split its rows
+            per = max(1, budget // glen)
+            plan += [rows[i:i + per] for i in range(0, len(rows), per)]
+            current, longest = [], 0
+    if current:
+        plan.append(current)
+    return plan
+
+
+def splits_groups(plan: list[list[int]], group_size: int) -> bool:
+    """True if some micro-batch holds only part of a group."""
+    for rows in plan:
+        counts: dict[int, int] = {}
+        for r in rows:
+            counts[r // group_size] = counts.get(r // group_size, 0) + 1
+        if any(c != group_size for c in counts.values()):
+            return True
+    return False
+
+
+def rank_rows(lengths: list[int], group_size: int, rank: int, world: int) -> list[int]:
+    """The rows of the whole groups that learner rank `rank` of `world` trains on.
+
+    Groups are dealt longest first, round robin, so ranks get similar work.
+    """
+    n_groups = len(lengths) // group_size
+    order = sorted(range(n_groups),
+                   key=lambda g: -max(lengths[g * group_size:(g + 1) * group_size]))
+    return [g * group_size + i for g in sorted(order[rank::world]) for i in range(group_size)]
+
+
+# ---------------------------------------------------------------- log-probs
+
+
 LOGPROB_CHUNK_TOKENS = 256
 """Completion tokens per lm_head chunk: one chunk's (chunk, V) logits exist at a time."""
 
@@ -121,23 +223,53 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float,
     Returns:
         (B, T) float32 log-probs, 0 where batch.mask is 0. Differentiable.
     """
-    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                 use_cache=False).last_hidden_state  # (B, L, H)
-    rows, cols = batch.mask.nonzero(as_tuple=True)  # (N,), (N,)
-    h = hidden[rows, batch.positions[rows, cols]]  # (N, H)
-    targets = batch.completion_ids[rows, cols]  # (N,)
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    pieces = []
-    for i in range(0, h.shape[0], chunk_tokens):
-        args = (head, h[i:i + chunk_tokens], targets[i:i + chunk_tokens], temperature, cap)
-        if torch.is_grad_enabled() and h.requires_grad:
-            pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False))
-        else:
-            pieces.append(chunk_logprobs(*args))
-    flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)  # (N,)
-    out = torch.zeros(batch.mask.shape, dtype=torch.float32, device=flat.device)  # (B, T)
-    return out.index_put((rows, cols), flat)
+    return PolicyLogprobs(model, temperature, chunk_tokens)(
+        batch.input_ids, batch.attention_mask, batch.positions, batch.completion_ids, batch.mask)
+
+
+class PolicyLogprobs(torch.nn.Module):
+    """A causal LM whose forward returns the token log-probs of a batch.
+
+    The learner calls the model through this wrapper so that one module's
+    forward covers body and lm_head: FSDP2 (`fully_shard` on the wrapper as
+    root) then gathers the embedding and lm_head around it.
+
+    Args:
+        model: a Hugging Face causal LM.
+        temperature: sampling temperature used by the actor.
+        chunk_tokens: completion tokens per lm_head call.
+    """
+
+    def __init__(self, model: torch.nn.Module, temperature: float,
+                 chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
+        super().__init__()
+        self.model = model
+        self.temperature = temperature
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                positions: torch.Tensor, completion_ids: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) float32 log-probs from the Batch fields of the same names."""
+        model = self.model
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     use_cache=False).last_hidden_state  # (B, L, H)
+        rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
+        h = hidden[rows, positions[rows, cols]]  # (N, H)
+        targets = completion_ids[rows, cols]  # (N,)
+        head = model.get_output_embeddings()
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        pieces = []
+        for i in range(0, h.shape[0], self.chunk_tokens):
+            args = (head, h[i:i + self.chunk_tokens], targets[i:i + self.chunk_tokens],
+                    self.temperature, cap)
+            if torch.is_grad_enabled() and h.requires_grad:
+                pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False))
+            else:
+                pieces.append(chunk_logprobs(*args))
+        flat = torch.cat(pieces) if pieces else h.new_zeros(0, dtype=torch.float32)  # (N,)
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=flat.device)  # (B, T)
+        return out.index_put((rows, cols), flat)
 
 
 def chunk_logprobs(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor,
