@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -25,6 +26,10 @@ SET_HELP = "Override a config field, e.g. --set learner.lr=3e-4 (repeatable)."
 def _setup_logging() -> None:
     logging.basicConfig(level=os.environ.get("RAPID_LOG", "INFO"),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _fail(msg: str) -> None:
@@ -71,6 +76,8 @@ def actor(learner: str = typer.Option("127.0.0.1:5555", "--learner", "-l", help=
     endpoint = learner if learner.startswith(("tcp://", "ipc://")) else f"tcp://{learner}"
     from rapid_async.actor.loop import Actor
 
+    # SIGTERM like Ctrl-C: leave cleanly (the learner hands our work to others).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         a = Actor(endpoint, actor_id=actor_id, engine=engine)
         if os.environ.get("RAPID_DEVICE") == "cuda":
@@ -79,6 +86,9 @@ def actor(learner: str = typer.Option("127.0.0.1:5555", "--learner", "-l", help=
         reason = a.run()
     except (ValueError, TimeoutError) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("[actor] interrupted: left the learner")
+        return
     typer.echo(f"[actor {a.actor_id}] stopped: {reason}")
 
 

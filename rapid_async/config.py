@@ -104,8 +104,16 @@ class RunConfig:
     eval_size: int = 200
     """Number of held-out problems per evaluation."""
 
-    checkpoint_every: int = 0
-    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    checkpoint_every: int = 100
+    """Save a checkpoint every N optimizer steps (0: not by steps). Written by
+    a background thread from a copy; training waits only for the copy."""
+
+    checkpoint_minutes: float = 30.0
+    """Also save a checkpoint every M minutes of wall time (0: not by time)."""
+
+    keep_checkpoints: int = 2
+    """Keep the newest K checkpoints and delete older ones (the one written at
+    the end of a run is always among them)."""
 
 
 @dataclass
@@ -267,11 +275,12 @@ class Config:
         for name in ("algo.group_size", "algo.max_new_tokens", "run.max_steps",
                      "run.eval_size", "learner.batch_groups",
                      "learner.minibatch_groups", "learner.sync_every",
-                     "learner.buffer_groups", "actor.chunk_groups",
+                     "learner.buffer_groups", "actor.chunk_groups", "run.keep_checkpoints",
                      "transport.rollout_hwm", "transport.weights_hwm",
                      "learner.logprob_chunk_tokens", "learner.devices"):
             _check_positive(name, self._get(name))
-        for name in ("run.eval_every", "run.checkpoint_every", "run.max_seconds",
+        for name in ("run.eval_every", "run.checkpoint_every", "run.checkpoint_minutes",
+                     "run.max_seconds",
                      "learner.max_staleness", "learner.weight_decay",
                      "learner.grad_clip", "algo.beta", "transport.port",
                      "learner.actor_timeout_s", "learner.micro_batch_tokens",

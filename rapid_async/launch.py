@@ -8,8 +8,11 @@ GPU 0 and actor i GPU i+1 (CUDA_VISIBLE_DEVICES); on CPU the learner gets core
 
 While the run goes on, the launcher shows the learner's progress from its
 metrics (`rapid_async.progress`: a rich bar on a terminal, a line every few
-seconds in a log). It stops every child it started, by pid, on Ctrl-C, when a child
-fails, and at the end, and exits non-zero if any child failed. Child output
+seconds in a log). On Ctrl-C or SIGTERM it stops gracefully: SIGTERM to the
+learner, which stops the actors, writes a checkpoint and its end record; then
+rapid-run exits 0 (a second Ctrl-C stops every child at once). It stops every
+child it started, by pid, when a child fails and at the end, and exits non-zero
+if any child failed. Child output
 goes to RUN_DIR/learner.log and RUN_DIR/actor-N.log.
 """
 
@@ -159,6 +162,29 @@ class Launcher:
                 time.sleep(0.2)
         self._check_children()
 
+    def stop_gracefully(self, learner_grace_s: float = 600.0, actor_grace_s: float = 60.0) -> int:
+        """SIGTERM to the learner, which stops the actors, checkpoints and
+        writes its end record; wait for it, then for the actors. Returns the
+        exit code for rapid-run: 0 when the learner stopped cleanly. A second
+        Ctrl-C / SIGTERM meanwhile interrupts the wait (then `stop_all`)."""
+        learner = self.children.get("learner")
+        if learner is None:
+            return 0
+        if learner.poll() is None:
+            os.kill(learner.pid, signal.SIGTERM)  # the learner only, by pid
+        try:
+            learner.wait(timeout=learner_grace_s)
+        except subprocess.TimeoutExpired:
+            print(f"[rapid-run] the learner did not stop in {learner_grace_s:.0f} s", flush=True)
+            return 1
+        deadline = time.monotonic() + actor_grace_s
+        for name, proc in self.children.items():
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        # Killed by this SIGTERM before it could install its handler (still
+        # loading): nothing was trained, nothing lost.
+        return 0 if learner.returncode in (0, -signal.SIGTERM) else 1
+
     def stop_all(self, grace_s: float = 10.0) -> None:
         """Stop every child this launcher started, by pid (TERM, then KILL)."""
         for proc in self.children.values():
@@ -242,15 +268,20 @@ def run_node(config_path: str | None, overrides: list[str], n_actors: int | None
     model_dir = resolve_model_dir(cfg)
     launcher = Launcher(config_path, overrides, cfg, n_actors, resume)
     previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     code = 0
     try:
-        endpoint = launcher.start(model_dir)
-        print(f"[rapid-run] learner at {endpoint}, {n_actors} actor(s), mode {cfg.run.mode}, "
-              f"run dir {launcher.run_dir}", flush=True)
-        launcher.watch()
+        try:
+            endpoint = launcher.start(model_dir)
+            print(f"[rapid-run] learner at {endpoint}, {n_actors} actor(s), mode {cfg.run.mode}, "
+                  f"run dir {launcher.run_dir}", flush=True)
+            launcher.watch()
+        except KeyboardInterrupt:
+            print("[rapid-run] interrupted: the learner checkpoints and stops the actors "
+                  "(interrupt again to stop at once)", flush=True)
+            code = launcher.stop_gracefully()
     except KeyboardInterrupt:
-        print("[rapid-run] interrupted: stopping the learner and actors", flush=True)
+        print("[rapid-run] interrupted again: stopping every child now", flush=True)
         code = 130
     except ChildFailed as exc:
         print(f"[rapid-run] {exc}", file=sys.stderr, flush=True)
@@ -260,6 +291,11 @@ def run_node(config_path: str | None, overrides: list[str], n_actors: int | None
         signal.signal(signal.SIGTERM, previous)
     _print_summary(launcher.run_dir)
     return code
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM handler of rapid-run: the same as Ctrl-C."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _print_summary(run_dir: Path) -> None:

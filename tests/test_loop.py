@@ -1,10 +1,18 @@
-"""Tests of rapid_async.learner.loop: the Learner's steps around the trainer."""
+"""Tests of rapid_async.learner.loop: the Learner's steps around the trainer and
+its shut-down path, in process (real sockets on loopback; no actor connects)."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+
 import pytest
+
 from rapid_async.config import load_config
+from rapid_async.learner.checkpoint import latest_checkpoint
 from rapid_async.learner.loop import Learner
+from rapid_async.metrics import read_metrics
 from test_trainer import SMALL, two_groups
 from rapid_async.tinymodel import init_model_dir
 
@@ -33,8 +41,54 @@ def test_a_skipped_step_is_recorded_but_never_published(model_dir, tmp_path, one
         learner.publish(metrics, end_of_round=True)
         learner.record(metrics)
         assert learner.published_version == 1 and learner.net.outbox.qsize() == 1
+        learner.checkpointer.wait()  # written in the background
         assert metrics["eval/version"] == 1 and (tmp_path / "checkpoints").is_dir()
         records = (tmp_path / "metrics.jsonl").read_text().splitlines()
         assert '"guard/skipped": 1.0' in records[0] and '"guard/skipped_steps": 1.0' in records[1]
     finally:
         learner.net.sockets.close()  # the network thread was never started
+
+
+def make_learner(tmp_path, model_dir, *overrides):
+    cfg = load_config(overrides=[f"run.run_dir={tmp_path / 'run'}", "run.eval_size=4",
+                                 "algo.group_size=2", "run.eval_every=0", *overrides])
+    return Learner(cfg, model_dir=str(model_dir))
+
+
+def test_checkpoint_is_written_before_a_failing_final_evaluation(tmp_path, random_model_dir,
+                                                                 one_thread, monkeypatch):
+    learner = make_learner(tmp_path, random_model_dir)
+    learner.start()
+    learner.trainer.version = 7  # as if 7 steps were trained
+    learner.scheduler.requeue([3, 5])  # granted, not trained
+    learner.stop_reason = "test"
+
+    def out_of_memory():
+        raise RuntimeError("out of memory during evaluation")
+
+    monkeypatch.setattr(learner, "evaluate", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        learner.shutdown()
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt is not None and ckpt.name == "step-00000007"
+    meta = json.loads((ckpt / "rapid_checkpoint.json").read_text())
+    assert meta["pending"] == [3, 5] and meta["extra"] == {"stop_reason": "test"}
+    end = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "end"]
+    assert len(end) == 1 and end[0]["stop_reason"] == "test" and end[0]["eval/success"] is None
+    assert end[0]["checkpoint/version"] == 7 and not learner.net.is_alive()
+
+
+def test_a_signal_stops_the_loop_after_the_current_step(tmp_path, random_model_dir, one_thread):
+    learner = make_learner(tmp_path, random_model_dir)
+    learner.start()
+    try:
+        assert signal.getsignal(signal.SIGTERM) == learner._on_signal
+        assert not learner.done()
+        os.kill(os.getpid(), signal.SIGTERM)  # this process, by pid: handled, not fatal
+        assert learner.stop_requested == "signal SIGTERM"
+        assert learner.take() == [], "waiting for data ends on a signal"
+        assert learner.done() and learner.stop_reason == "signal SIGTERM"
+    finally:
+        learner.shutdown()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000000"

@@ -208,7 +208,8 @@ def test_checkpoint_and_resume(tmp_path, random_model_dir):
     (run_dir / "learner.json").unlink()
     learner = cli("learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
                   "--resume", "--set", f"run.run_dir={run_dir}",
-                  *sum((["--set", o] for o in common + ["run.max_steps=6"]), []),
+                  *sum((["--set", o] for o in common + ["run.max_steps=6", "learner.lr=1e-5"]),
+                       []),
                   log=tmp_path / "learner2.log")
     try:
         info = wait_for_file(run_dir / "learner.json", learner)
@@ -219,6 +220,11 @@ def test_checkpoint_and_resume(tmp_path, random_model_dir):
         stop(learner)
     recs = [r for r in read_metrics(run_dir) if r["role"] == "learner" and "loss/policy" in r]
     assert [r["version"] for r in recs] == [1, 2, 3, 4, 5, 6]
+    # The resumed run trains with the config's learning rate, and says so.
+    resume = [r for r in read_metrics(run_dir) if r.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["resume/changed"]["learner.lr"] == [5e-5, 1e-5]
+    assert "resume: learner.lr = 1e-05 from the config (the checkpoint had 5e-05)" in \
+        read_log(tmp_path / "learner2.log")
 
 
 def test_rapid_run_stops_children_when_one_fails(tmp_path, random_model_dir):
@@ -318,3 +324,83 @@ def _records(run_dir: Path) -> list[dict]:
         return read_metrics(run_dir)
     except FileNotFoundError:
         return []
+
+
+def _wait_for_step(run_dir: Path, step: int, procs: list, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(r.get("role") == "learner" and r.get("step", 0) >= step and "loss/policy" in r
+                  for r in _records(run_dir)):
+        assert time.monotonic() < deadline, f"no step {step} in {timeout} s"
+        assert all(p.poll() is None for p in procs), "a process exited early"
+        time.sleep(0.2)
+
+
+def _end_and_checkpoint(run_dir: Path) -> tuple[dict, int, int]:
+    """The end record, the last trained version, the newest checkpoint's version."""
+    records = _records(run_dir)
+    ends = [r for r in records if r.get("event") == "end"]
+    assert len(ends) == 1, ends
+    last = max(r["version"] for r in records if r["role"] == "learner" and "loss/policy" in r)
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    meta = json.loads((ckpts[-1] / "rapid_checkpoint.json").read_text())
+    return ends[0], last, meta["version"]
+
+
+SIGNAL_RUN = ["run.mode=rapid-async", "run.max_steps=100000", "run.eval_every=0",
+              "run.eval_size=10", "run.checkpoint_every=0", "run.checkpoint_minutes=0",
+              "algo.group_size=2", "learner.minibatch_groups=2", "learner.buffer_groups=4",
+              "actor.chunk_groups=2"]
+
+
+def test_sigterm_to_the_learner_checkpoints_stops_actors_and_exits_0(tmp_path, random_model_dir):
+    run_dir = tmp_path / "run"
+    learner = cli("learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
+                  "--set", f"run.run_dir={run_dir}", *sum((["--set", o] for o in SIGNAL_RUN), []),
+                  log=tmp_path / "learner.log")
+    procs = [learner]
+    try:
+        info = wait_for_file(run_dir / "learner.json", learner)
+        actor = cli("actor", "--learner", info["control"], log=tmp_path / "actor.log")
+        procs.append(actor)
+        _wait_for_step(run_dir, 3, procs)
+        os.kill(learner.pid, signal.SIGTERM)  # a child we started, by pid
+        assert learner.wait(timeout=60) == 0, read_log(tmp_path / "learner.log")[-3000:]
+        assert actor.wait(timeout=60) == 0, read_log(tmp_path / "actor.log")[-3000:]
+    finally:
+        for p in procs:
+            stop(p)
+    end, last, saved = _end_and_checkpoint(run_dir)
+    assert end["stop_reason"] == "signal SIGTERM" and end["version"] == last == saved >= 3
+    assert isinstance(end["eval/success"], float)
+    assert "stopped: signal SIGTERM" in read_log(tmp_path / "actor.log")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_rapid_run_stops_gracefully_on_a_signal(sig, tmp_path, random_model_dir):
+    import subprocess
+
+    run_dir = tmp_path / "run"
+    args = ["--set", f"run.run_dir={run_dir}", "--set", f"model.path={random_model_dir}",
+            *sum((["--set", o] for o in SIGNAL_RUN), [])]
+    proc = subprocess.Popen([sys.executable, "-m", "rapid_async.cli", "run", "--config",
+                             str(CONFIG), "--actors", "1", *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "children.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        pids = json.loads((run_dir / "children.json").read_text())
+        _wait_for_step(run_dir, 3, [proc])
+        proc.send_signal(sig)  # the process we started, by pid
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    end, last, saved = _end_and_checkpoint(run_dir)
+    assert end["stop_reason"] == "signal SIGTERM" and end["version"] == last == saved >= 3
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "Traceback" not in read_log(run_dir / "learner.log")

@@ -3,7 +3,8 @@
 Modules:
     loop.py       the `Learner`: take -> update -> publish -> record
     network.py    the network thread that owns the learner's sockets
-    trainer.py    model, optimizer, one update, checkpoints
+    trainer.py    model, optimizer, one update
+    checkpoint.py periodic background checkpoints, rotation, resume
     policy.py     batch collation and the learner's token log-probs
     buffer.py     staleness-aware rollout buffer
     scheduler.py  work hand-out per mode

@@ -89,6 +89,11 @@ class RolloutBuffer:
             for g in groups:
                 self.consumed_staleness[version - g.policy_version] += 1
 
+    def prompt_ids(self) -> list[str]:
+        """The prompt ids of the groups waiting in the buffer."""
+        with self._cond:
+            return [g.prompt_id for g in self._groups]
+
     def stats(self) -> dict[str, Any]:
         """Counters for metrics.jsonl."""
         with self._cond:

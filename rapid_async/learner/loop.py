@@ -24,6 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ class Learner:
 
     def __init__(self, cfg: Config, resume: bool = False, model_dir: str | None = None):
         from rapid_async.learner.buffer import RolloutBuffer
+        from rapid_async.learner.checkpoint import Checkpointer
         from rapid_async.learner.network import LearnerNetwork
         from rapid_async.learner.scheduler import WorkScheduler
         from rapid_async.learner.trainer import Trainer
@@ -60,8 +63,7 @@ class Learner:
         (self.run_dir / "config.toml").write_text(dumps_toml(cfg))
         self.model_dir = model_dir or resolve_model_dir(cfg)
         self.trainer = Trainer(cfg, self.model_dir)
-        if resume:
-            self._resume()
+        self.resumed: dict[str, Any] | None = self._resume() if resume else None
         self.task = get_task(cfg.task.name, digits=cfg.task.digits, ops=cfg.task.ops,
                              seed=cfg.task.seed)
         max_staleness = cfg.learner.max_staleness if not self.sync else cfg.updates_per_batch - 1
@@ -70,6 +72,12 @@ class Learner:
                                        cfg.learner.buffer_groups, max_staleness,
                                        start_index=self.trainer.data_position,
                                        actor_timeout=cfg.learner.actor_timeout_s)
+        if self.resumed:
+            self.scheduler.requeue(self.resumed["pending"])
+        self.checkpointer = Checkpointer(self.run_dir, cfg.run.checkpoint_every,
+                                         cfg.run.checkpoint_minutes, cfg.run.keep_checkpoints,
+                                         start_version=self.trainer.version)
+        self.taken: list[Any] = []  # groups taken from the buffer, not yet trained
         settings = {"config": cfg.to_dict(), "model_dir": str(Path(self.model_dir).resolve()),
                     "run_dir": str(self.run_dir.resolve())}
         self.net = LearnerNetwork(cfg, self.buffer, self.scheduler, settings)
@@ -84,15 +92,26 @@ class Learner:
                       "tokens": 0.0}
         self.last_eval: float | None = None
         self.stop_reason = "done"
+        self.stop_requested: str | None = None  # set by SIGINT / SIGTERM
+        self._previous_handlers: dict[int, Any] = {}
 
-    def _resume(self) -> None:
-        from rapid_async.learner.trainer import latest_checkpoint
+    def _resume(self) -> dict[str, Any]:
+        """Load the newest checkpoint; hyper-parameters come from the config
+        (logged, and recorded at start, where they differ from the checkpoint's)."""
+        from rapid_async.learner import checkpoint
 
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = checkpoint.latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise ValueError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        self.trainer.load_checkpoint(ckpt)
-        log.info("resumed from %s at version %d", ckpt, self.trainer.version)
+        meta = checkpoint.load(self.trainer, ckpt)
+        changes = checkpoint.config_changes(meta.get("config", {}), self.cfg.to_dict())
+        changes.update(checkpoint.apply_hyperparameters(self.trainer.optimizer, self.cfg))
+        log.info("resumed from %s at version %d; %d prompt(s) granted but not trained are "
+                 "handed out again", ckpt, self.trainer.version, len(meta["pending"]))
+        for name, (old, new) in sorted(changes.items()):
+            log.info("resume: %s = %r from the config (the checkpoint had %r)", name, new, old)
+        return {"path": str(ckpt), "version": self.trainer.version, "pending": meta["pending"],
+                "changes": changes}
 
     # ------------------------------------------------------------------ the loop
 
@@ -106,14 +125,18 @@ class Learner:
                     metrics = self.update(minibatch)
                     self.publish(metrics, end_of_round=j == len(minibatches) - 1)
                     self.record(metrics)
-                    if self.trainer.version >= self.cfg.run.max_steps:
+                    if self.trainer.version >= self.cfg.run.max_steps or self.stop_requested:
                         break
+        except BaseException as exc:
+            self.stop_reason = f"error: {type(exc).__name__}: {exc}"
+            raise
         finally:
             summary = self.shutdown()
         return summary
 
     def start(self) -> None:
         """Open the sockets, announce the endpoint, evaluate the starting weights."""
+        self._install_signal_handlers()
         self.net.start()
         endpoint_file(self.run_dir).write_text(json.dumps(
             {"control": self.net.sockets.control_endpoint, "pid": os.getpid()}))
@@ -121,12 +144,21 @@ class Learner:
         self.t_start = time.time()
         self.first_eval = self.evaluate()
         self.clock["eval"] = time.time() - self.t_start  # evaluations are not training time
+        if self.resumed:
+            self.metrics.write({"step": self.trainer.version, "version": self.trainer.version,
+                                "event": "resume", "resume/path": self.resumed["path"],
+                                "resume/pending": len(self.resumed["pending"]),
+                                "resume/changed": self.resumed["changes"]})
         self.metrics.write({"step": self.trainer.version, "version": self.trainer.version,
                             "eval/success": self.first_eval, "elapsed_s": 0.0, "event": "start"})
         print(f"[learner] held-out success at start: {self.first_eval:.3f}", flush=True)
 
     def done(self) -> bool:
-        """True when the step or time budget is spent (sets `stop_reason`)."""
+        """True when the step or time budget is spent or a signal asked to stop
+        (sets `stop_reason`)."""
+        if self.stop_requested:
+            self.stop_reason = self.stop_requested
+            return True
         if self.trainer.version >= self.cfg.run.max_steps:
             return True
         limit = self.cfg.run.max_seconds
@@ -143,11 +175,12 @@ class Learner:
             need = self.cfg.learner.batch_groups
         t0 = time.perf_counter()
         groups = None
-        while groups is None:
+        while groups is None and not self.stop_requested:
             self.net.check()
             groups = self.buffer.take(need, self.trainer.version, timeout=0.5)
         self.clock["wait"] += time.perf_counter() - t0
-        return groups
+        self.taken = list(groups or [])
+        return self.taken
 
     def split(self, groups: list[Any]) -> list[list[Any]]:
         """Whole groups in mini-batches of `minibatch_groups`."""
@@ -159,6 +192,8 @@ class Learner:
         self.buffer.record_consumed(minibatch, self.trainer.version)
         t0 = time.perf_counter()
         metrics = self.trainer.update(minibatch)
+        self.taken = [g for g in self.taken if all(g is not m for m in minibatch)]
+        metrics["trained/prompts"] = [g.prompt_id for g in minibatch]
         self.trainer.data_position = self.scheduler.next_index
         self.clock["busy"] += time.perf_counter() - t0
         self.clock["tokens"] += metrics["batch/tokens"]
@@ -195,12 +230,12 @@ class Learner:
             metrics["eval/success"] = self.evaluate()
             metrics["eval/version"] = version
             self.clock["eval"] += time.perf_counter() - t0
-        if stepped and self.cfg.run.checkpoint_every and version % self.cfg.run.checkpoint_every == 0:
-            t0 = time.perf_counter()
-            self.trainer.save_checkpoint(self.run_dir)
-            self.clock["checkpoint"] += time.perf_counter() - t0
+        self.checkpointer.check()
+        if stepped and self.checkpointer.due(version):
+            self.clock["checkpoint"] += self.checkpoint(background=True)
         rec = clean({"step": version, "version": version, "mode": self.mode, **metrics,
-                     **self.buffer.stats(), **self._clock_stats(), **self._net_stats()})
+                     **self.buffer.stats(), **self._clock_stats(), **self._net_stats(),
+                     **self.checkpointer.stats})
         self.metrics.write(rec)
         print("[learner] " + progress_line(rec), flush=True)
 
@@ -238,21 +273,76 @@ class Learner:
                                          cfg.run.eval_size, cfg.algo.max_new_tokens)
         return self.last_eval
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def pending_prompts(self) -> list[int]:
+        """Prompts granted but not yet trained: at actors, in the buffer, or
+        taken and not yet trained. Read on the network thread, which moves
+        groups from "at an actor" to "in the buffer", so none is missed."""
+        def held() -> list[str]:
+            return [*map(str, self.scheduler.pending()), *self.buffer.prompt_ids()]
+
+        ids = [*self.net.call(held), *(g.prompt_id for g in self.taken)]
+        return sorted({int(i) for i in ids if str(i).isdigit()})
+
+    def checkpoint(self, background: bool, extra: dict[str, Any] | None = None) -> float:
+        """Checkpoint now (in the background unless told otherwise); return the
+        seconds the training loop was blocked."""
+        meta = {"config": self.cfg.to_dict(), "extra": extra or {}}
+        return self.checkpointer.save(self.trainer, self.pending_prompts(), meta,
+                                      background=background)
+
+    # ------------------------------------------------------------------ signals
+
+    def _install_signal_handlers(self) -> None:
+        """SIGINT / SIGTERM: finish the current step, then shut down cleanly
+        (checkpoint, end record, actors stopped, exit 0). A second signal
+        interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.stop_requested:
+            raise KeyboardInterrupt(f"second {name}")
+        self.stop_requested = f"signal {name}"
+        log.warning("%s: stopping after the current step (checkpoint, end record); "
+                    "send it again to stop at once", name)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+
     # ------------------------------------------------------------------ shut-down
 
     def shutdown(self) -> dict[str, Any]:
-        """Final evaluation, checkpoint and end record; stop the actors and sockets."""
-        trained = self.trainer.version > self.start_version
-        final_eval = self.evaluate() if trained else self.last_eval
-        elapsed = time.time() - self.t_start
-        self.trainer.save_checkpoint(self.run_dir, extra={"stop_reason": self.stop_reason})
-        self.metrics.write({"step": self.trainer.version, "version": self.trainer.version,
-                            "event": "end", "eval/success": final_eval, "elapsed_s": elapsed,
-                            "stop_reason": self.stop_reason})
+        """Stop the actors, checkpoint, then the final evaluation and the end
+        record (a failing evaluation cannot cost the checkpoint); close sockets."""
+        from rapid_async.metrics import clean
+
         self.net.stop_actors(self.stop_reason)
-        time.sleep(0.3)
-        self.net.shutdown()
-        self.metrics.close()
+        final_eval, evaluated = self.last_eval, False
+        try:
+            self.clock["checkpoint"] += self.checkpoint(
+                background=False, extra={"stop_reason": self.stop_reason})
+            if self.trainer.version > self.start_version:
+                final_eval = self.evaluate()
+            evaluated = True
+        finally:
+            elapsed = time.time() - self.t_start
+            self.metrics.write(clean({
+                "step": self.trainer.version, "version": self.trainer.version, "event": "end",
+                "eval/success": final_eval if evaluated else None,
+                "eval/version": self.trainer.version if evaluated else None,
+                "elapsed_s": elapsed, "stop_reason": self.stop_reason,
+                "learner/checkpoint_s": self.clock["checkpoint"], **self.checkpointer.stats}))
+            time.sleep(0.3)
+            self.net.shutdown()
+            self.metrics.close()
+            self._restore_signal_handlers()
         summary = {"start_success": self.first_eval, "final_success": final_eval,
                    "steps": self.trainer.version - self.start_version, "elapsed_s": elapsed,
                    "bad_messages": dict(self.net.bad_messages), "run_dir": str(self.run_dir)}

@@ -15,6 +15,8 @@ import queue
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any
 
 from rapid_async.config import Config
@@ -62,6 +64,26 @@ class LearnerNetwork(threading.Thread):
     def publish(self, update: Any) -> None:
         self.outbox.put(("publish", update))
 
+    def call(self, fn: Any, timeout: float = 60.0) -> Any:
+        """Run `fn()` on the network thread, between two messages, and return
+        its result: a consistent view of what that thread moves (e.g. work
+        handed out vs groups in the buffer). Runs directly once it has stopped."""
+        if not self.is_alive():
+            return fn()
+        future: Future = Future()
+        self.outbox.put(("call", (fn, future)))
+        deadline = time.monotonic() + timeout
+        while self.is_alive() and time.monotonic() < deadline:
+            try:
+                return future.result(timeout=0.2)
+            except FuturesTimeout:
+                continue
+        if future.done():
+            return future.result()
+        if self.is_alive():
+            raise TimeoutError(f"the network thread did not run {fn!r} in {timeout} s")
+        return fn()
+
     def stop_actors(self, reason: str) -> None:
         self.outbox.put(("stop", reason))
 
@@ -106,6 +128,12 @@ class LearnerNetwork(threading.Thread):
                 self.counters["weights/published_bytes"] += len(item.payload)
             elif kind == "stop":
                 self.sockets.broadcast(Stop(reason=item))
+            elif kind == "call":
+                fn, future = item
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
 
     def _bad(self, where: str, reason: str) -> None:
         self.bad_messages[where] += 1

@@ -143,6 +143,19 @@ class WorkScheduler:
                 if self.sync:
                     self._round_left += len(work.outstanding)
 
+    def pending(self) -> list[int]:
+        """Prompts handed out and not yet delivered (at actors, or waiting to be
+        handed out again). A checkpoint records them with the buffered ones."""
+        with self._lock:
+            held = [i for a in self._actors.values() for i in a.outstanding]
+            return sorted(set(held) | set(self._reissue))
+
+    def requeue(self, indices: list[int]) -> None:
+        """Hand these prompts out before new ones (on resume: the checkpoint's
+        pending prompts, granted or buffered before it but never trained)."""
+        with self._lock:
+            self._reissue.extend(sorted(indices))
+
     def actors(self) -> list[str]:
         with self._lock:
             return list(self._actors)

@@ -1,23 +1,19 @@
-"""The learner's training state: model, optimizer, one update, checkpoints.
+"""The learner's training state: model, optimizer, one update.
 
 Used by the learner process (`rapid_async.learner`), which feeds it whole
 groups from the buffer. Versions count optimizer steps: after `update` the
 policy is at version `self.version`, and a group generated at version v and
 consumed at version u has staleness u - v.
 
-Checkpoints are Hugging Face model directories plus `trainer_state.pt`
-(optimizer, version, RNG, data position), written to a temporary directory and
-renamed into place, so a crash never leaves a half-written checkpoint.
+Checkpoints of this state (weights, optimizer, version, RNG, data position)
+are written and loaded by `rapid_async.learner.checkpoint`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +28,6 @@ from rapid_async.learner.policy import (Batch, PolicyLogprobs, collate, plan_mic
                                         splits_groups)
 from rapid_async.weights import INFERENCE_DTYPES, cast_state
 
-CHECKPOINT_PREFIX = "step-"
 log = logging.getLogger("rapid.learner")
 
 
@@ -218,49 +213,3 @@ class Trainer:
         if self.device.type == "cuda":
             metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
-
-    # -- checkpoints
-    def save_checkpoint(self, run_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write RUN_DIR/checkpoints/step-N atomically; return its path."""
-        root = Path(run_dir) / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"{CHECKPOINT_PREFIX}{self.version:08d}"
-        tmp = root / f".tmp-{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        torch.save({
-            "optimizer": self.optimizer.state_dict(),
-            "version": self.version,
-            "data_position": self.data_position,
-            "torch_rng": torch.get_rng_state(),
-            "extra": extra or {},
-        }, tmp / "trainer_state.pt")
-        (tmp / "rapid_checkpoint.json").write_text(json.dumps(
-            {"version": self.version, "data_position": self.data_position}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return final
-
-    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
-        """Restore weights, optimizer, version, RNG and data position."""
-        path = Path(path)
-        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=self.model.dtype)
-        self.model.load_state_dict(loaded.state_dict())
-        state = torch.load(path / "trainer_state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.version = int(state["version"])
-        self.data_position = int(state["data_position"])
-        torch.set_rng_state(state["torch_rng"])
-        return state.get("extra", {})
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir()
-                  if p.name.startswith(CHECKPOINT_PREFIX) and (p / "rapid_checkpoint.json").is_file())
-    return done[-1] if done else None
