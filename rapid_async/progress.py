@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
                            TimeElapsedColumn)
 
@@ -35,14 +36,14 @@ class ProgressDisplay:
         self.every_s = every_s
         self.console = console or Console(soft_wrap=True, highlight=False)
         self.live = self.console.is_terminal
-        self._last_line = 0.0
+        self._last_line: float | None = None
         self._progress: Progress | None = None
         if self.live:
             self._progress = Progress(
                 SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
                 console=self.console)
-            self._task = self._progress.add_task(title, total=total, status="")
+            self._task = self._progress.add_task(escape(title), total=total, status="")
             self._progress.start()
 
     def update(self, completed: float | None = None, status: str = "",
@@ -53,7 +54,7 @@ class ProgressDisplay:
         if total is not None:
             self.total = total
         if self._progress is not None:
-            fields: dict[str, Any] = {"status": status, "description": self.title}
+            fields: dict[str, Any] = {"status": escape(status), "description": escape(self.title)}
             if completed is not None:
                 fields["completed"] = completed
             if total is not None:
@@ -61,7 +62,7 @@ class ProgressDisplay:
             self._progress.update(self._task, **fields)
             return
         now = time.monotonic()
-        if now - self._last_line >= self.every_s:
+        if self._last_line is None or now - self._last_line >= self.every_s:
             self._last_line = now
             done = "" if completed is None else (
                 f"{completed:g}/{self.total:g} " if self.total else f"{completed:g} ")

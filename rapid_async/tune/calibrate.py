@@ -82,6 +82,25 @@ def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
     return intercept, slope
 
 
+def _span(s: Setting) -> int:
+    """Optimizer steps one published update spans."""
+    return s.sync_every if s.mode == "rapid-async" else max(1, s.batch_groups // s.minibatch_groups)
+
+
+def _affine(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(value at x = 1, growth per unit of x) of a least-squares line; constant
+    (the mean, no growth) when the points have one x only or the slope is < 0."""
+    xs = {x for x, _ in points}
+    mean_y = statistics.fmean(y for _, y in points)
+    if len(xs) < 2:
+        return mean_y, 0.0
+    mx = statistics.fmean(x for x, _ in points)
+    slope = sum((x - mx) * (y - mean_y) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    if slope < 0:
+        return mean_y, 0.0
+    return mean_y + slope * (1 - mx), slope
+
+
 def _slope(points: list[tuple[float, float]]) -> float:
     """Least-squares slope of y = k x through the origin (0 without data)."""
     den = sum(x * x for x, _ in points)
@@ -95,6 +114,8 @@ def calibrate(runs: list[Any]) -> Costs:
     fitted = [standalone_costs(run) for run in runs]
     train_fixed, train_per_group = _line([(s.minibatch_groups, e["learner/train"])
                                           for s, e in fitted])
+    publish, publish_growth = _affine([(_span(s), e["learner/publish"]) for s, e in fitted])
+    apply, apply_growth = _affine([(_span(s), e["actor/apply"]) for s, e in fitted])
     gen_fixed, gen_per_group = _line([(e["chunk"], e["actor/gen_group"] * e["chunk"])
                                       for _, e in fitted])
 
@@ -105,8 +126,9 @@ def calibrate(runs: list[Any]) -> Costs:
     points = [p for run in runs for p in run.is_points]
     return Costs(train_per_group=train_per_group, train_fixed=train_fixed,
                  gen_per_group=gen_per_group, gen_fixed=gen_fixed,
-                 publish=mean("learner/publish"), publish_bg=mean("learner/encode"),
-                 other=mean("learner/other"), apply=mean("actor/apply"),
+                 publish=publish, publish_growth=publish_growth,
+                 publish_bg=mean("learner/encode"), other=mean("learner/other"),
+                 apply=apply, apply_growth=apply_growth,
                  eval=statistics.fmean(evals) if evals else 0.0,
                  truncated_per_version=_slope([(s, t) for s, t, _ in points]),
                  ess_loss_per_version=_slope([(s, 1.0 - e) for s, _, e in points]))

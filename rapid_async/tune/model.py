@@ -15,11 +15,13 @@ of the loss.
 The costs (`Costs`), all seconds at the full speed of one device:
 
     train(G)  = train_fixed + train_per_group * G   one optimizer step on G groups
-    publish                                          training loop blocked per publication
+    publish(k) = publish + publish_growth * (k - 1) training loop blocked per publication
+                                                     of a delta spanning k steps (k =
+                                                     sync_every, or H per round)
     publish_bg                                       publisher-thread work per publication
     other                                            per step: records, bookkeeping
     gen(n)    = gen_fixed + gen_per_group * n        one generate call of n groups
-    apply                                            an actor applying one weight update
+    apply(k)  = apply + apply_growth * (k - 1)       an actor applying one such update
     speed-up of a learner on M devices = 1 + (M - 1) * learner_scaling
 
 How. Closed forms give the throughput bound, 1 / (train + publish / sync_every
@@ -139,6 +141,8 @@ class Costs:
     publish_bg: float = 0.0
     other: float = 0.0
     eval: float = 0.0
+    publish_growth: float = 0.0
+    apply_growth: float = 0.0
     learner_scaling: float = 0.85
     truncated_per_version: float = 0.0
     ess_loss_per_version: float = 0.0
@@ -148,6 +152,14 @@ class Costs:
 
     def gen(self, groups: int) -> float:
         return self.gen_fixed + self.gen_per_group * groups
+
+    def publish_cost(self, versions: int) -> float:
+        """Blocking publish of an update that spans `versions` optimizer steps."""
+        return self.publish + self.publish_growth * (versions - 1)
+
+    def apply_cost(self, versions: int) -> float:
+        """An actor applying an update that spans `versions` optimizer steps."""
+        return self.apply + self.apply_growth * (versions - 1)
 
 
 @dataclass
@@ -195,6 +207,7 @@ class _System:
         self.c, self.s = costs, s
         self.sync = s.mode != "rapid-async"
         self.h = max(1, s.batch_groups // s.minibatch_groups)
+        self.span = self.h if self.sync else s.sync_every  # optimizer steps per publication
         bound = self.h - 1 if self.sync else s.max_staleness
         self.buffer = RolloutBuffer(max_staleness=bound)
         self.scheduler = WorkScheduler(s.mode, s.batch_groups, s.buffer_groups, bound,
@@ -235,7 +248,7 @@ class _System:
                 due = j + s.minibatch_groups >= need if self.sync \
                     else self.version % s.sync_every == 0
                 if due:
-                    yield Work("publish", c.publish)
+                    yield Work("publish", c.publish_cost(self.span))
                     if c.publish_bg > 0:
                         self.pending = self.version
                     else:
@@ -257,8 +270,9 @@ class _System:
         while True:
             new = sum(1 for v in self.published if v > held)
             if new:
-                yield Work("apply", new * c.apply)
-                held = self.published[-1]
+                target = self.published[-1]
+                yield Work("apply", new * c.apply_cost(self.span))
+                held = target
             box: list = []
 
             def granted() -> bool:
@@ -274,8 +288,10 @@ class _System:
             idx, min_version = box[0]
             if held < min_version:
                 yield Wait("wait_version", lambda: self.published[-1] >= min_version)
-                yield Work("apply", sum(1 for v in self.published if v > held) * c.apply)
-                held = self.published[-1]
+                target = self.published[-1]
+                yield Work("apply", sum(1 for v in self.published if v > held)
+                           * c.apply_cost(self.span))
+                held = target
             yield Work("gen", c.gen(len(idx)))
             for i in idx:
                 self.scheduler.delivered(actor_id, i)
@@ -308,8 +324,9 @@ def predict(costs: Costs, setting: Setting, updates: int = 0) -> Prediction:
         sim.add("publisher", system.publisher(), places["learner"])
     for i in range(s.actors):
         sim.add(f"actor-{i}", system.actor(f"actor-{i}"), places[f"actor-{i}"])
-    per_step = costs.train(s.minibatch_groups) + costs.publish + costs.publish_bg + costs.other \
-        + costs.gen(s.minibatch_groups) + costs.apply + 1e-3
+    per_step = costs.train(s.minibatch_groups) + costs.publish_cost(s.sync_every) \
+        + costs.publish_bg + costs.other + costs.gen(s.minibatch_groups) \
+        + costs.apply_cost(s.sync_every) + 1e-3
     stall = per_step * (s.batch_groups // s.minibatch_groups + s.max_staleness + 2) * 20 + 1.0
 
     def stop() -> bool:  # enough steps, or none for a long time (e.g. every group stale)

@@ -4,7 +4,8 @@ Used from the command line on the node that will run the job. Steps:
 
 1. Two short calibration trials (real `rapid-run`s, `trials.run_trial`): the
    config as given, and the same with a quarter of the mini-batch and chunk
-   (so that training and generation costs are measured at two sizes).
+   and another sync_every (H in the synchronous modes), so that training,
+   generation, publishing and applying are each measured at two sizes.
 2. `calibrate.calibrate` turns them into per-operation costs.
 3. The cost model predicts every setting of a grid around the config: actors
    per learner, minibatch_groups (batch_groups with it in rapid-async),
@@ -68,11 +69,12 @@ def calibration_settings(base: Setting) -> list[tuple[str, Setting]]:
     """The calibration trials: the base setting and one with a quarter-size mini-batch."""
     mb = max(1, base.minibatch_groups // 4)
     h = max(1, base.batch_groups // base.minibatch_groups)
+    stale = max(1, base.max_staleness)
     small = dataclasses.replace(
-        base, minibatch_groups=mb, batch_groups=mb if base.mode == "rapid-async" else mb * h,
-        chunk_groups=max(1, base.chunk_groups // 4),
-        buffer_groups=max(mb, mb * max(1, base.max_staleness)))
-    return [("as configured", base), ("quarter mini-batch and chunk", small)]
+        base, minibatch_groups=mb, batch_groups=mb if base.mode == "rapid-async" else mb * 2 * h,
+        chunk_groups=max(1, base.chunk_groups // 4), buffer_groups=mb * stale,
+        max_staleness=stale, sync_every=min(4, stale + 1) if base.sync_every == 1 else 1)
+    return [("as configured", base), ("quarter mini-batch and chunk, other sync_every", small)]
 
 
 def search_space(base: Setting, rules: Rules) -> list[Setting]:

@@ -17,6 +17,7 @@ a real run.
 
 from __future__ import annotations
 
+import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator
@@ -57,9 +58,10 @@ class Process:
 class Simulation:
     """Event loop over processes with processor sharing per device."""
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int = 0) -> None:
         self.now = 0.0
         self.procs: list[Process] = []
+        self._rng = random.Random(seed)
 
     def add(self, name: str, body: Generator[Any, None, None], devices: tuple[str, ...],
             speed: float = 1.0) -> Process:
@@ -94,10 +96,15 @@ class Simulation:
         return {p.name: (dict(p.time), Counter(p.count)) for p in self.procs}
 
     def _wake(self) -> None:
+        """Resume every waiting process whose condition holds, in a shuffled
+        order (seeded), so that processes waiting for the same thing (actors
+        asking for work) get it as by chance, as they do by polling in a real run."""
         woke = True
         while woke:
             woke = False
-            for p in self.procs:
+            order = list(self.procs)
+            self._rng.shuffle(order)
+            for p in order:
                 if isinstance(p.state, Wait) and p.state.until():
                     self._next(p)
                     woke = True

@@ -7,13 +7,21 @@ evaluation only at the start and the end. Its output goes to
 RUN_DIR/rapid-run.log; `summary` turns its metrics into one comparison row
 (`measure.measure_run`: rates over the steady window, after start-up).
 
+Timings are only as good as the machine is quiet: RUN_DIR/trial.json records
+the share of the CPUs that *other* processes used during the trial (machine
+CPU time from /proc/stat less the trial's own, from getrusage), and the
+tools print it when it is large.
+
 `actors=N` is accepted as an override: it is the `--actors` of rapid-run, not
 a config field.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -72,6 +80,7 @@ def run_trial(config: str | None, overrides: list[str], run_dir: Path, budget_s:
     run_dir.mkdir(parents=True)
     cmd = trial_command(config, overrides, run_dir, budget_s, actors, eval_every)
     log_path = run_dir / "rapid-run.log"
+    cpu0, own0, t0 = _machine_cpu_s(), _children_cpu_s(), time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -83,11 +92,62 @@ def run_trial(config: str | None, overrides: list[str], run_dir: Path, budget_s:
             proc.terminate()  # rapid-run stops its own children on TERM
             proc.wait(timeout=60)
             raise
+    wall = time.monotonic() - t0
+    foreign = None
+    if cpu0 is not None:
+        other = (_machine_cpu_s() - cpu0) - (_children_cpu_s() - own0)
+        foreign = max(0.0, other / (wall * (os.cpu_count() or 1)))
+    (run_dir / "trial.json").write_text(json.dumps(
+        {"command": cmd, "wall_s": wall, "foreign_cpu_frac": foreign}))
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"trial {' '.join(overrides) or '(base)'} failed (exit "
                            f"{proc.returncode}); {log_path}:\n{tail}")
     return run_dir
+
+
+def _machine_cpu_s() -> float | None:
+    """CPU seconds the whole machine has spent busy (Linux /proc/stat), or None."""
+    try:
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def foreign_load(run_dir: Path) -> float | None:
+    """Share of the machine's CPUs that other processes used during a trial."""
+    try:
+        return json.loads((run_dir / "trial.json").read_text()).get("foreign_cpu_frac")
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_busy_fraction(seconds: float = 2.0) -> float | None:
+    """Share of the machine's CPUs busy over the next `seconds` (None off Linux)."""
+    a = _machine_cpu_s()
+    time.sleep(seconds)
+    b = _machine_cpu_s()
+    if a is None or b is None:
+        return None
+    return (b - a) / (seconds * (os.cpu_count() or 1))
+
+
+def wait_for_quiet(limit: float, timeout_s: float = 600.0) -> float:
+    """Wait until other processes use at most `limit` of the CPUs (sampled over 3 s),
+    or `timeout_s`; return the last busy fraction (0 when it cannot be measured)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = cpu_busy_fraction(3.0)
+        if busy is None or busy <= limit or time.monotonic() > deadline:
+            return busy or 0.0
+        time.sleep(5.0)
 
 
 def summary(run_dir: Path) -> dict[str, Any]:
@@ -116,6 +176,7 @@ def summary(run_dir: Path) -> dict[str, Any]:
         "actors": len(actors),
         "success_before": evals[0] if evals else None,
         "success_after": evals[-1] if evals else None,
+        "foreign_cpu": foreign_load(run_dir),
     }
 
 
