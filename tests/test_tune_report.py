@@ -126,7 +126,7 @@ def test_single_changes_cover_each_knob():
                  "chunk_groups"):
         assert knob in labels, knob
     gpu = [label for label, _ in single_changes(Setting(devices=8, actors=7))]
-    assert any("learner devices 1 -> 2" in label for label in gpu)
+    assert any("learner.devices 1 -> 2" in label for label in gpu)
 
 
 def test_rapid_tune_report_command(tmp_path):

@@ -81,14 +81,13 @@ class Setting:
     eval_every: int = 0
 
     @classmethod
-    def from_config(cls, cfg: Any, actors: int, devices: int, learner_devices: int = 1,
-                    eval_every: int = 0) -> "Setting":
+    def from_config(cls, cfg: Any, actors: int, devices: int, eval_every: int = 0) -> "Setting":
         lc = cfg.learner
         return cls(mode=cfg.run.mode, actors=actors, batch_groups=lc.batch_groups,
                    minibatch_groups=lc.minibatch_groups, max_staleness=lc.max_staleness,
                    buffer_groups=lc.buffer_groups, sync_every=lc.sync_every,
                    chunk_groups=cfg.actor.chunk_groups, devices=devices,
-                   learner_devices=learner_devices, eval_every=eval_every)
+                   learner_devices=getattr(lc, "devices", 1), eval_every=eval_every)
 
     @classmethod
     def from_run(cls, run: Any) -> "Setting":
@@ -105,7 +104,8 @@ class Setting:
                 f"learner.max_staleness={self.max_staleness}",
                 f"learner.buffer_groups={self.buffer_groups}",
                 f"learner.sync_every={self.sync_every}",
-                f"actor.chunk_groups={self.chunk_groups}"]
+                f"actor.chunk_groups={self.chunk_groups}",
+                *([f"learner.devices={self.learner_devices}"] if self.learner_devices > 1 else [])]
 
     def label(self) -> str:
         return (f"{self.mode} N={self.actors} mb={self.minibatch_groups} "

@@ -15,7 +15,8 @@ Used from the command line on the node that will run the job. Steps:
    predicted mean staleness, truncated-weight fraction and dropped fraction
    stay under the thresholds and whose mini-batch is not below the floor;
    among settings within `within` of that rate, the lowest mean staleness, then
-   the fewest actors, then the largest mini-batch. Every threshold is a
+   the fewest dropped groups, the fewest actors, the largest mini-batch, the
+   smallest buffer and the most frequent publishing. Every threshold is a
    command-line option. Updates/s is the objective because each update is one
    step of the optimizer; the mini-batch floor keeps it from buying updates
    with ever noisier gradients.
@@ -83,7 +84,8 @@ def search_space(base: Setting, rules: Rules) -> list[Setting]:
     mbs = sorted({m for m in (1, 2, 4, 8, 16, 32, 64, 128, 256) if floor <= m
                   <= 2 * base.minibatch_groups} | {base.minibatch_groups})
     max_actors = rules.max_actors or base.devices + 1
-    splits = range(1, base.devices - 1) if base.devices > 2 and _gpu_split_supported() else [1]
+    splits = range(1, base.devices) if base.devices > 2 and _gpu_split_supported() \
+        else [base.learner_devices]
     out = {base}
     for mb, actors, m in itertools.product(mbs, range(1, max_actors + 1), splits):
         if base.mode != "rapid-async":
@@ -105,12 +107,13 @@ def search_space(base: Setting, rules: Rules) -> list[Setting]:
 
 
 def _gpu_split_supported() -> bool:
-    """Whether rapid-run can give the learner several devices (`--learner-devices`)."""
+    """Whether rapid-run places a learner on several GPUs (`learner.devices` > 1):
+    its device plan then takes the learner's device count."""
     import inspect
 
     from rapid_async import launch
 
-    return "learner_devices" in inspect.signature(launch.run_node).parameters
+    return any("learner" in p for p in inspect.signature(launch.device_plan).parameters)
 
 
 def allowed(p: Prediction, rules: Rules) -> bool:
@@ -125,8 +128,10 @@ def choose(preds: list[Prediction], rules: Rules) -> Prediction | None:
         return None
     best = max(p.updates_per_s for p in ok)
     ties = [p for p in ok if p.updates_per_s >= best * (1 - rules.within)]
-    return min(ties, key=lambda p: (round(p.staleness_mean, 2), p.setting.actors,
-                                    -p.setting.minibatch_groups, -p.updates_per_s))
+    return min(ties, key=lambda p: (round(p.staleness_mean, 2), round(p.drop_frac, 2),
+                                    p.setting.actors, -p.setting.minibatch_groups,
+                                    p.setting.buffer_groups, p.setting.sync_every,
+                                    -p.updates_per_s))
 
 
 def search(costs: Costs, base: Setting, rules: Rules) -> tuple[Prediction | None, int]:
@@ -154,8 +159,7 @@ def measured_row(run: Any) -> dict[str, float]:
 
 def config_lines(s: Setting) -> list[str]:
     return [f"actors = {s.actors}   (rapid-run --actors {s.actors})",
-            *(o.replace("=", " = ", 1) for o in s.overrides()),
-            *([f"learner devices = {s.learner_devices}"] if s.learner_devices > 1 else [])]
+            *(o.replace("=", " = ", 1) for o in s.overrides())]
 
 
 def write_toml(config: str | None, fixed: list[str], p: Prediction, out: Path,

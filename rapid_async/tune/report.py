@@ -65,7 +65,7 @@ def single_changes(s: Setting) -> list[tuple[str, Setting]]:
         out.append((f"actor.chunk_groups {s.chunk_groups} -> {s.chunk_groups // 2}",
                     r(s, chunk_groups=s.chunk_groups // 2)))
     if s.devices > 2 and s.learner_devices < s.devices - 1:
-        out.append((f"learner devices {s.learner_devices} -> {s.learner_devices + 1} "
+        out.append((f"learner.devices {s.learner_devices} -> {s.learner_devices + 1} "
                     f"(actors on the other {s.devices - s.learner_devices - 1})",
                     r(s, learner_devices=s.learner_devices + 1,
                       actors=max(1, s.devices - s.learner_devices - 1))))
