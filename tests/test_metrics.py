@@ -183,6 +183,9 @@ def test_writer_logs_to_wandb_offline(tmp_path, monkeypatch):
         writer.write({"step": step, "loss/policy": 1.0 / step, "staleness/hist": {"0": step}})
     assert len(writer.backends) == 1  # nothing failed
     writer.close()
+    import wandb
+
+    wandb.teardown()  # what process exit does: the service writes out the run
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     data = runs[0].read_bytes()  # the offline run's records hold each logged key per step
