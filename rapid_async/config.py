@@ -211,8 +211,13 @@ class TransportConfig:
     """High-water mark of the rollout queue (messages): full means actors block."""
 
     weights_hwm: int = 2
-    """High-water mark of the weights publisher: slow actors drop updates and
-    ask for a snapshot."""
+    """High-water mark of the weights publisher (messages per actor): updates
+    beyond it are dropped for a busy actor, which then catches up from the
+    learner's chain of recent deltas (`delta_chain_mb`) or a snapshot."""
+
+    delta_chain_mb: int = 512
+    """Megabytes of recent weight deltas the learner keeps for actors that
+    missed some (0: keep none, such actors take a snapshot)."""
 
 
 @dataclass
@@ -284,7 +289,7 @@ class Config:
                      "learner.max_staleness", "learner.weight_decay",
                      "learner.grad_clip", "algo.beta", "transport.port",
                      "learner.actor_timeout_s", "learner.micro_batch_tokens",
-                     "learner.max_skipped_steps"):
+                     "learner.max_skipped_steps", "transport.delta_chain_mb"):
             if self._get(name) < 0:
                 raise ValueError(f"{name} = {self._get(name)} must be >= 0")
         if self.algo.temperature <= 0:

@@ -14,6 +14,7 @@ from rapid_async.wire import protocol
 from rapid_async.wire.protocol import (
     PROTOCOL_VERSION,
     ActorStats,
+    DeltaRequest,
     ErrorReply,
     Hello,
     ProtocolError,
@@ -90,6 +91,7 @@ simple_messages = st.one_of(
     st.builds(Welcome, rollout_endpoint=text, weights_endpoint=text, policy_version=versions,
               settings=st.dictionaries(text, trees, max_size=4)),
     st.builds(SnapshotRequest, actor_id=text, reason=text),
+    st.builds(DeltaRequest, actor_id=text, base_version=versions),
     st.builds(ActorStats, actor_id=text, stats=flat_dicts),
     st.builds(Stop, reason=text),
     st.builds(ErrorReply, message=text),
@@ -145,9 +147,17 @@ def test_rollout_group_round_trips(group):
 
 def test_registry_covers_every_message_type():
     assert set(protocol.message_types().values()) == {
-        Hello, Welcome, SnapshotRequest, WeightUpdate, ActorStats, Stop, ErrorReply, RolloutGroup,
-        WorkRequest, WorkGrant,
+        Hello, Welcome, SnapshotRequest, DeltaRequest, WeightUpdate, ActorStats, Stop, ErrorReply,
+        RolloutGroup, WorkRequest, WorkGrant,
     }
+
+
+def test_delta_request_refuses_a_negative_base_version():
+    frames = encode(DeltaRequest(actor_id="a", base_version=3))
+    header = msgpack.unpackb(frames[0])
+    header["fields"]["base_version"] = -1
+    with pytest.raises(ProtocolError, match="base_version.*>= 0"):
+        decode([msgpack.packb(header)])
 
 
 def test_tensor_frames_are_little_endian_raw_bytes():

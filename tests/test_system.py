@@ -52,15 +52,14 @@ def run_learner_and_actors(tmp_path: Path, model_dir: Path, overrides: list[str]
     return read_metrics(run_dir), logs
 
 
-def _inference_checksum(checkpoint: Path, dtype: str) -> str:
+def _inference_digest(checkpoint: Path, dtype: str) -> str:
+    """The state digest of a checkpoint's weights cast to `dtype` (a tied lm_head once)."""
     from safetensors.torch import load_file
 
-    from rapid_async.weights import cast_state, state_checksum
+    from rapid_async.weights import cast_state, digest_named
 
     state = load_file(str(checkpoint / "model.safetensors"))
-    if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    return state_checksum(cast_state(state, dtype))
+    return digest_named(cast_state(state, dtype), dtype)
 
 
 MODES = {
@@ -91,7 +90,8 @@ def test_modes_run_end_to_end(mode, tmp_path, random_model_dir):
     if mode == "rapid-sync":
         assert set(hist) == {"0", "1"}, "H = 2 updates per batch: staleness 0 then 1"
     # The actor applied the learner's updates and verified each checksum; its
-    # final weights are the learner's final weights cast to the inference dtype.
+    # final weights are the learner's final weights cast to the inference dtype
+    # (digests of the checkpoint computed here vs the actor's own).
     actor = [r for r in records if r["role"] == "actor"]
     assert actor and actor[-1]["actor/snapshots"] >= 1
     assert actor[-1]["actor/deltas"] >= 1
@@ -99,7 +99,7 @@ def test_modes_run_end_to_end(mode, tmp_path, random_model_dir):
     assert final == steps
     ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
     assert ckpt.name.endswith(f"{steps:08d}")
-    assert actor[-1]["weights/checksum"] == _inference_checksum(ckpt, "float32")
+    assert actor[-1]["weights/state_digest"] == _inference_digest(ckpt, "float32")
     mism = [r["mismatch/engine_abs_delta"] for r in learner if "mismatch/engine_abs_delta" in r]
     assert mism and max(mism) < 1e-4, mism
     assert "Traceback" not in logs
@@ -273,7 +273,7 @@ def test_modes_run_with_vllm_engine(mode, tmp_path, random_model_dir):
     actor = [r for r in records if r["role"] == "actor"]
     assert actor[-1]["actor/deltas"] >= 1 and max(r["version"] for r in actor) == steps
     ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
-    assert actor[-1]["weights/checksum"] == _inference_checksum(ckpt, "float32")
+    assert actor[-1]["weights/state_digest"] == _inference_digest(ckpt, "float32")
     # Engine-vs-trainer mismatch at staleness 0, fp32: vLLM agrees with
     # transformers to ~1e-6 on this model; a weight update that was not applied
     # would show up here as a gap of nats.

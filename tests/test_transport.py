@@ -89,7 +89,7 @@ def learner():
 
 @pytest.fixture
 def served(learner):
-    server = ControlServer(learner, {"w": torch.randn(4, 4), "b": torch.arange(3)}, version=5)
+    server = ControlServer(learner, {"w": torch.randn(4, 4), "b": torch.randn(3)}, version=5)
     yield server
     server.stop()
 

@@ -3,9 +3,10 @@
 The loop, as in DESIGN.md section 3:
 
     hello -> welcome (run settings, endpoints)      control DEALER
-    snapshot -> engine.load_weights                 (checksum verified)
+    snapshot -> the engine's weight buffer          (checksum verified)
     repeat:
-        apply weight updates (delta or snapshot)    weights SUB
+        apply every queued delta, in order;         weights SUB (+ DeltaRequest
+        the engine loads once                       for missed ones)
         ask for work: prompt indices, min version   control DEALER
         wait until our weights are >= min version
         generate K completions per prompt, score    engine + task verifier
@@ -13,9 +14,12 @@ The loop, as in DESIGN.md section 3:
                                                     the learner is full)
     until the learner says Stop
 
-The actor never generates with weights it cannot vouch for: an update that
-does not apply (missed version, checksum failure) makes it ask for a snapshot
-before it generates again.
+The actor never generates with weights it cannot vouch for: every update is
+checked and verified before it is written into the engine's weights
+(`rapid_async.weights.receiver`); deltas it missed because its queue was
+full are fetched from the learner's chain of recent deltas, and an update
+that cannot be applied (not kept any more, malformed, checksum failure) makes
+it ask for a snapshot before it generates again.
 """
 
 from __future__ import annotations
@@ -64,14 +68,18 @@ class Actor:
         self.engine_name = engine or self.cfg.actor.engine
         self.model_dir = welcome.settings["model_dir"]
         self.run_dir = welcome.settings["run_dir"]
-        self.state: dict | None = None
-        self.version: int | None = None
-        self.checksum: str | None = None
+        self.receiver: Any = None
         self.stopped: str | None = None
         self.stats: dict[str, float] = {"busy_s": 0.0, "idle_s": 0.0, "tokens": 0,
                                         "groups": 0, "snapshots": 0, "deltas": 0, "gen_s": 0.0,
                                         "update_s": 0.0, "update_bytes": 0, "chunks": 0,
-                                        "send_wait_s": 0.0}
+                                        "send_wait_s": 0.0, "chain_fetches": 0,
+                                        "rejected_updates": 0}
+
+    @property
+    def version(self) -> int | None:
+        """Version of the verified weights the engine holds (None: none yet)."""
+        return None if self.receiver is None else self.receiver.version
 
     def setup(self) -> None:
         """Load tokenizer, task and engine, then the learner's current weights."""
@@ -85,59 +93,101 @@ class Actor:
                              seed=cfg.task.seed)
         self.engine = make_engine(self.engine_name, self.model_dir, cfg.model.inference_dtype,
                                   cfg.actor.device, cfg.run.seed + (os.getpid() % 10007))
+        from rapid_async.weights import WeightReceiver
+
+        self.receiver = WeightReceiver(self.engine)
         self._snapshot("join")
 
     # -- weights
-    def _install(self, update: Any) -> None:
-        from rapid_async.weights import apply_update
+    def _install(self, updates: list[Any]) -> None:
+        """Verify and write updates in order, then let the engine load them once.
 
+        Raises:
+            NeedSnapshot: at the first update that cannot be applied (those
+                before it stay applied).
+        """
         t0 = time.perf_counter()
-        new_state = apply_update(self.state, self.version, update)  # raises NeedSnapshot
-        self.engine.load_weights(new_state)
-        self.state, self.version = new_state, update.version
-        self.checksum = update.checksum  # apply_update verified it against new_state
-        self.stats["update_s"] += time.perf_counter() - t0
-        self.stats["update_bytes"] += len(update.payload)
-        self.stats["snapshots" if update.kind == "snapshot" else "deltas"] += 1
+        try:
+            for update in updates:
+                self.receiver.apply(update)
+                self.stats["update_bytes"] += len(update.payload)
+                self.stats["snapshots" if update.kind == "snapshot" else "deltas"] += 1
+        finally:
+            self.receiver.commit()
+            self.stats["update_s"] += time.perf_counter() - t0
 
     def _snapshot(self, reason: str) -> None:
         """Ask for the full weights and install them (retrying while the
-        learner has none to give); return early if the learner says stop."""
+        learner has none to give or sends one that fails its checks); return
+        early if the learner says stop."""
+        from rapid_async.weights import NeedSnapshot
+
         for _ in range(100):
             if self._check_stop():
                 return
             try:
                 update = self.sockets.request_snapshot(reason, timeout_ms=60_000)
+                self._install([update])
+                return
             except RuntimeError as exc:  # an ErrorReply, e.g. no weights yet
                 log.warning("actor %s: %s", self.actor_id, exc)
-                time.sleep(0.2)
-                continue
-            self._install(update)
-            return
-        raise RuntimeError("the learner did not send a weight snapshot after 100 tries")
+            except NeedSnapshot as exc:
+                self.stats["rejected_updates"] += 1
+                log.warning("actor %s: rejected a snapshot: %s", self.actor_id, exc.reason)
+            time.sleep(0.2)
+        raise RuntimeError("the learner did not send a usable weight snapshot after 100 tries")
 
     def poll_weights(self, timeout_ms: int = 0) -> None:
-        """Apply every queued weight update; ask for a snapshot on any doubt."""
-        from rapid_async.wire.transport import BadMessage
+        """Apply every queued weight update in order (fetching missed deltas
+        from the learner), the engine loading once; a snapshot on any doubt."""
         from rapid_async.weights import NeedSnapshot
+        from rapid_async.wire.transport import BadMessage
 
-        while True:
-            update = self.sockets.recv_weights(timeout_ms=timeout_ms)
-            if update is None:
-                return
+        queued = []
+        while (update := self.sockets.recv_weights(timeout_ms=timeout_ms)) is not None:
             timeout_ms = 0
             if isinstance(update, BadMessage):
-                log.warning("actor %s: bad weight update (%s); asking for a snapshot",
-                            self.actor_id, update.reason)
-                self._snapshot(f"bad update: {update.reason}")
+                self.stats["rejected_updates"] += 1
+                log.warning("actor %s: bad weight update (%s)", self.actor_id, update.reason)
                 continue
-            if self.version is not None and update.version <= self.version:
-                continue
-            try:
-                self._install(update)
-            except NeedSnapshot as exc:
-                log.info("actor %s: %s; asking for a snapshot", self.actor_id, exc.reason)
-                self._snapshot(exc.reason)
+            queued.append(update)
+        if not queued:
+            return
+        try:
+            self._install(self._in_order(queued))
+        except NeedSnapshot as exc:
+            self.stats["rejected_updates"] += 1
+            log.info("actor %s: %s; asking for a snapshot", self.actor_id, exc.reason)
+            self._snapshot(exc.reason)
+
+    def _in_order(self, queued: list[Any]) -> list[Any]:
+        """The deltas that take our version to the newest queued one, in order;
+        gaps (deltas dropped by a full queue) filled from the learner's chain.
+
+        Raises:
+            NeedSnapshot: if a missed delta is no longer kept by the learner.
+        """
+        from rapid_async.weights import NeedSnapshot
+
+        chain, version = [], self.version
+        for update in sorted(queued, key=lambda u: u.version):
+            if version is None or update.version <= version or update.base_version is None:
+                continue  # old, or not a delta: PUB carries deltas only
+            while version < update.base_version:
+                try:
+                    missed = self.sockets.request_delta(version, timeout_ms=30_000)
+                except (RuntimeError, TimeoutError) as exc:
+                    raise NeedSnapshot(f"missed deltas after version {version}: {exc}") from exc
+                if missed.base_version != version or missed.version > update.base_version:
+                    raise NeedSnapshot(f"the learner's chain does not lead from {version} "
+                                       f"to {update.base_version}")
+                self.stats["chain_fetches"] += 1
+                chain.append(missed)
+                version = missed.version
+            if update.base_version == version:
+                chain.append(update)
+                version = update.version
+        return chain
 
     # -- the loop
     def run(self) -> str:
@@ -165,7 +215,8 @@ class Actor:
                 if time.monotonic() - last_stats > 2.0:
                     self._report(metrics, time.monotonic() - t_start)
                     last_stats = time.monotonic()
-            self._report(metrics, time.monotonic() - t_start)
+            self.poll_weights()  # a last delta sent just before Stop
+            self._report(metrics, time.monotonic() - t_start, final=True)
         finally:
             metrics.close()
             self.close()
@@ -178,7 +229,7 @@ class Actor:
         older (the learner moved on meanwhile) the work is done anyway and
         the learner's staleness bound decides whether it is used."""
         deadline = time.monotonic() + timeout_s
-        while (self.version or 0) < min_version:
+        while self.version is None or self.version < min_version:
             if self._check_stop():
                 return False
             if time.monotonic() > deadline:
@@ -221,11 +272,15 @@ class Actor:
                             self.actor_id, type(msg).__name__)
         return self.stopped is not None
 
-    def _report(self, metrics: Any, elapsed: float) -> None:
+    def _report(self, metrics: Any, elapsed: float, final: bool = False) -> None:
+        """Write and send the actor's metrics; the final record recomputes the
+        weights' digest from the engine's buffer itself."""
         s = self.stats
         active = max(s["busy_s"] + s["idle_s"], 1e-9)
         rec = {"actor_id": self.actor_id, "version": self.version, "elapsed_s": elapsed,
-               "weights/checksum": self.checksum,
+               "weights/checksum": self.receiver.checksum,
+               "weights/state_digest": (self.receiver.buffer_digest() if final
+                                        else self.receiver.state_digest),
                "actor/tokens_per_s": s["tokens"] / max(elapsed, 1e-9),
                "actor/busy_frac": s["busy_s"] / active, **{f"actor/{k}": v for k, v in s.items()}}
         metrics.write(rec)

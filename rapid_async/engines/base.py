@@ -5,9 +5,13 @@ with the log-probability of every sampled token under the distribution it was
 actually sampled from (temperature applied, no top-k / top-p). These are the
 behaviour log-probs mu of DESIGN.md section 2.
 
-Engines also take new weights in place (no restart): `load_weights` receives the
-full set of named tensors in the inference dtype, exactly as the learner cast
-them, so that the actor can vouch for every bit it generates with.
+Engines also take new weights in place (no restart). The actor's weight
+receiver (`rapid_async.weights.receiver`) asks the engine for one flat buffer
+that holds its weights (`weight_buffer`), writes verified changes into it and
+then tells the engine once (`weights_updated`); `load_weights` takes the full
+set of named tensors instead (evaluation, tests). Either way the weights are
+exactly the learner's, cast to the inference dtype, so that the actor can
+vouch for every bit it generates with.
 
 Implementations: `hf.py` (transformers generate, CPU default) and `vllm.py`.
 """
@@ -74,6 +78,22 @@ class Engine(Protocol):
             named_tensors: every parameter of the model (Hugging Face names,
                 as in model.safetensors), already in the inference dtype.
         """
+        ...
+
+    def expected_tensors(self) -> tuple[dict[str, tuple[int, ...]], set[str], torch.dtype]:
+        """(required name -> shape, optional names such as a tied lm_head, dtype)."""
+        ...
+
+    def weight_buffer(self, layout) -> torch.Tensor:
+        """A flat buffer (a `rapid_async.weights.Layout`'s numel) the weights live in.
+
+        Raises:
+            ValueError: if the layout does not name exactly this model's tensors.
+        """
+        ...
+
+    def weights_updated(self) -> None:
+        """The buffer was written: take the new weights before the next generate."""
         ...
 
     def close(self) -> None:

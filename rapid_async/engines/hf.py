@@ -12,7 +12,10 @@ greedy decoding (used for evaluation); its log-probs are log_softmax of the
 raw logits at the chosen token.
 
 Weights are replaced in place by `load_weights`, with strict name, shape and
-dtype checks; a tied `lm_head.weight` may be given or left out.
+dtype checks; a tied `lm_head.weight` may be given or left out. The actor's
+weight receiver goes further: `weight_buffer` makes every parameter a view
+of one flat buffer on the engine's device, which the receiver then updates in
+place (only the changed elements are written; no host copy of the model).
 """
 
 from __future__ import annotations
@@ -231,6 +234,42 @@ class HFEngine:
                                  " the two tensors differ")
         for name, parameter in self._parameters.items():
             parameter.copy_(named_tensors[name].to(self.device))
+
+    def expected_tensors(self) -> tuple[dict[str, tuple[int, ...]], set[str], torch.dtype]:
+        """What the model holds: (required name -> shape, optional names, dtype).
+
+        Required are the parameters, each tied one under its first name; the
+        other names of tied parameters (e.g. lm_head.weight) are optional.
+        """
+        required = {name: tuple(p.shape) for name, p in self._parameters.items()}
+        return required, set(self._tied), self.dtype
+
+    @torch.no_grad()
+    def weight_buffer(self, layout) -> torch.Tensor:
+        """Make the parameters views of one new flat buffer (current values kept).
+
+        Args:
+            layout: a `rapid_async.weights.Layout` naming exactly this model's
+                parameters (tied ones once) in the engine's dtype.
+
+        Returns:
+            The (layout.numel,) buffer on the engine's device; writing into it
+            changes the weights the engine generates with.
+        """
+        required, optional, dtype = self.expected_tensors()
+        layout.check_fits(required, optional, dtype)
+        flat = layout.allocate(self.device)
+        for name, view in layout.views(flat).items():
+            parameter = self._parameters.get(name)
+            if parameter is None:
+                raise ValueError(f"weight_buffer: {name!r} is tied; the layout must name "
+                                 f"the parameter it shares storage with")
+            view.copy_(parameter)
+            parameter.data = view
+        return flat
+
+    def weights_updated(self) -> None:
+        """The flat buffer changed; the model reads it directly, so nothing to do."""
 
     def _tie_source(self, name: str) -> str:
         """The parameter name that the tied state-dict entry `name` shares storage with."""

@@ -8,12 +8,16 @@ applied; top-k / top-p are left off). Prompts go in as token ids and the
 tokenizer is never loaded in vLLM (`skip_tokenizer_init`); EOS comes from the
 model directory's generation_config.json / config.json.
 
-Weights are replaced in place, without restarting the engine: `load_weights`
-writes the full named tensors (Hugging Face names, inference dtype) to a
-private safetensors file, the worker extension in `engines/vllm_worker.py`
-reloads them through vLLM's layerwise reload and rebuilds the vocabulary
-kernels (the tied lm_head trap), and then the prefix cache is reset so that no
-KV computed with the old weights is served.
+Weights are replaced in place, without restarting the engine and without
+writing them to a file per update: `weight_buffer` creates one flat buffer in
+shared memory (a private file in /dev/shm, mapped by the actor and by vLLM's
+worker process, which keeps views of it), the actor's weight receiver writes
+only the changed elements into it, and `weights_updated` makes the worker
+extension in `engines/vllm_worker.py` reload every tensor from those views
+(an in-memory iterator) through vLLM's layerwise reload and rebuild the
+vocabulary kernels (the tied lm_head trap); then the prefix cache is reset so
+that no KV computed with the old weights is served. `load_weights` (full
+named tensors) goes through the same buffer.
 
 vLLM starts its engine core in a subprocess: a script that builds a
 `VLLMEngine` needs an `if __name__ == "__main__":` guard. On CPU, set
@@ -35,13 +39,14 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from rapid_async.engines.base import Completion, GenerateRequest
+from rapid_async.weights.layout import Layout
 
 WORKER_EXTENSION = "rapid_async.engines.vllm_worker.WeightReloadExtension"
 DEFAULT_CPU_KVCACHE_GIB = "1"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def read_eos_ids(model_dir: str | Path) -> list[int]:
@@ -93,21 +98,25 @@ def _make_importable_in_workers() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in paths if p])
 
 
-def _weights_file(nbytes: int) -> str:
-    """A new private file path for one weight update.
+def _shared_buffer(layout: Layout) -> tuple[str, torch.Tensor]:
+    """A new private file of layout.nbytes, mapped shared as a flat tensor.
 
-    /dev/shm (memory) when it has room for twice the update, else TMPDIR:
+    /dev/shm (memory) when it has room for twice the weights, else TMPDIR:
     containers often give /dev/shm only 64 MiB.
 
-    Args:
-        nbytes: size of the tensors to write.
+    Returns:
+        (path, the (layout.numel,) tensor mapped on it).
     """
     base = None
-    if os.access("/dev/shm", os.W_OK) and shutil.disk_usage("/dev/shm").free > 2 * nbytes:
+    if os.access("/dev/shm", os.W_OK) and shutil.disk_usage("/dev/shm").free > 2 * layout.nbytes:
         base = "/dev/shm"
-    fd, path = tempfile.mkstemp(prefix="rapid_vllm_weights_", suffix=".safetensors", dir=base)
-    os.close(fd)
-    return path
+    fd, path = tempfile.mkstemp(prefix="rapid_vllm_weights_", suffix=".bin", dir=base)
+    try:
+        os.ftruncate(fd, layout.nbytes)
+    finally:
+        os.close(fd)
+    flat = torch.from_file(path, shared=True, size=layout.numel, dtype=layout.torch_dtype)
+    return path, flat
 
 
 class VLLMEngine:
@@ -153,6 +162,9 @@ class VLLMEngine:
         self.llm = vllm.LLM(**kwargs)
         self.last_update_seconds: float | None = None
         self.updates = 0
+        self._layout: Layout | None = None
+        self._flat: torch.Tensor | None = None
+        self._path: str | None = None
 
     def _sampling_params(self, request: GenerateRequest, prompt_index: int):
         """SamplingParams for one prompt of a request (K samples, sampled log-probs)."""
@@ -244,17 +256,53 @@ class VLLMEngine:
                 engine dtype (nothing is loaded then).
         """
         self._validate(named_tensors)
+        layout = Layout.from_named(named_tensors.items(), _DTYPE_NAMES[self.dtype])
+        flat = self._flat if layout == self._layout else self.weight_buffer(layout)
+        for name, view in layout.views(flat).items():
+            view.copy_(named_tensors[name])
+        self.weights_updated()
+
+    def expected_tensors(self) -> tuple[dict[str, tuple[int, ...]], set[str], torch.dtype]:
+        """What the model holds: (required name -> shape, optional names, dtype)."""
+        return dict(self._expected), set(self._optional), self.dtype
+
+    def weight_buffer(self, layout: Layout) -> torch.Tensor:
+        """A flat shared-memory buffer for `layout` that the worker will load from.
+
+        Replaces any earlier buffer. The worker maps the same file and keeps
+        views of it; `weights_updated` makes it load them.
+
+        Returns:
+            The (layout.numel,) CPU tensor (zeros until written).
+        """
+        required, optional, dtype = self.expected_tensors()
+        layout.check_fits(required, optional, dtype)
+        self._release_buffer()
+        self._path, self._flat = _shared_buffer(layout)
+        self._layout = layout
+        entries = [[n, list(shape), off] for n, shape, off in
+                   zip(layout.names, layout.shapes, layout.offsets)]
+        self.llm.collective_rpc("rapid_map_weights", args=(self._path, layout.dtype, entries))
+        return self._flat
+
+    def weights_updated(self) -> None:
+        """Reload every tensor from the shared buffer; reset the prefix cache."""
+        if self._flat is None:
+            raise RuntimeError("weights_updated before weight_buffer: there is no buffer to load")
         start = time.perf_counter()
-        tensors = _unshared(named_tensors)
-        path = _weights_file(sum(t.numel() * t.element_size() for t in tensors.values()))
-        try:
-            save_file(tensors, path)
-            self.llm.collective_rpc("rapid_reload_weights", args=(path,))
-        finally:
-            os.remove(path)
+        self.llm.collective_rpc("rapid_reload_mapped")
         self.llm.reset_prefix_cache()
         self.last_update_seconds = time.perf_counter() - start
         self.updates += 1
+
+    def _release_buffer(self) -> None:
+        self._flat, self._layout = None, None
+        if self._path is not None:
+            try:
+                os.remove(self._path)
+            except FileNotFoundError:
+                pass
+            self._path = None
 
     def _validate(self, named_tensors: dict[str, torch.Tensor]) -> None:
         """Raise ValueError naming the first tensor that does not fit the model.
@@ -284,22 +332,4 @@ class VLLMEngine:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()
-
-
-def _unshared(named_tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors with no two sharing memory (safetensors refuses that).
-
-    Args:
-        named_tensors: name -> tensor; tied weights may share storage.
-
-    Returns:
-        name -> tensor, later duplicates of a storage cloned.
-    """
-    seen: set[int] = set()
-    out = {}
-    for name, t in named_tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        out[name] = t.clone() if ptr in seen else t
-        seen.add(ptr)
-    return out
+        self._release_buffer()

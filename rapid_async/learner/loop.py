@@ -83,9 +83,7 @@ class Learner:
         self.net = LearnerNetwork(cfg, self.buffer, self.scheduler, settings)
         self.metrics = MetricsWriter(self.run_dir, "learner",
                                      backends=open_backends(cfg, self.run_dir, "learner", "learner"))
-        self.published_state = self.trainer.inference_state()
-        self.published_version = self.trainer.version
-        self.net.set_published(self.published_version, self.published_state)
+        self.publisher = self._start_publisher()
         self.eval_engine: Any = None
         self.start_version = self.trainer.version
         self.clock = {"busy": 0.0, "wait": 0.0, "publish": 0.0, "eval": 0.0, "checkpoint": 0.0,
@@ -94,6 +92,24 @@ class Learner:
         self.stop_reason = "done"
         self.stop_requested: str | None = None  # set by SIGINT / SIGTERM
         self._previous_handlers: dict[int, Any] = {}
+
+    def _start_publisher(self) -> Any:
+        """The weight publisher thread, with the current weights as its base."""
+        from rapid_async.weights.publisher import WeightPublisher
+
+        self.weight_stats: dict[str, Any] = {}
+
+        def published(update: Any, stats: dict[str, Any]) -> None:  # publisher thread
+            self.net.publish(update)
+            self.weight_stats = stats
+
+        publisher = WeightPublisher(self.trainer.model, self.cfg.model.inference_dtype,
+                                    on_update=published, on_snapshot=self.net.snapshot_ready)
+        publisher.begin(self.trainer.version)
+        self.published_version = self.trainer.version  # the newest version handed over
+        self.net.set_published(self.trainer.version)
+        self.net.weights_source = publisher
+        return publisher
 
     def _resume(self) -> dict[str, Any]:
         """Load the newest checkpoint; hyper-parameters come from the config
@@ -177,6 +193,7 @@ class Learner:
         groups = None
         while groups is None and not self.stop_requested:
             self.net.check()
+            self.publisher.check()
             groups = self.buffer.take(need, self.trainer.version, timeout=0.5)
         self.clock["wait"] += time.perf_counter() - t0
         self.taken = list(groups or [])
@@ -200,24 +217,27 @@ class Learner:
         return metrics
 
     def publish(self, metrics: dict[str, Any], end_of_round: bool) -> None:
-        """Hand new weights to the actors when it is time (adds weight metrics)."""
-        from rapid_async.weights import make_delta
+        """Hand new weights to the publisher thread when it is time (adds weight metrics).
 
+        The training loop only casts the weights into a buffer (on its
+        device); encoding and sending happen in the publisher thread. In the
+        synchronous modes the next round must be generated with these
+        weights, so the loop waits until they are out, and that wait counts
+        as time blocked by publishing.
+        """
         version = self.trainer.version
         due = end_of_round if self.sync else version % self.cfg.learner.sync_every == 0
         if not due or version == self.published_version:  # a skipped step made no version
             return
         t0 = time.perf_counter()
-        new_state = self.trainer.inference_state()
-        update = make_delta(self.published_state, new_state, version,
-                            base_version=self.published_version)
-        self.published_state, self.published_version = new_state, version
-        self.net.set_published(version, new_state)
-        self.net.publish(update)
-        metrics["weights/update_bytes"] = len(update.payload)
-        metrics["weights/raw_bytes"] = update.raw_nbytes
-        metrics["weights/encode_s"] = time.perf_counter() - t0
-        self.clock["publish"] += time.perf_counter() - t0
+        self.publisher.stage(version)
+        self.published_version = version
+        if self.sync:
+            self.publisher.wait_published(version)
+        blocked = time.perf_counter() - t0
+        self.clock["publish"] += blocked
+        metrics["weights/blocked_s"] = blocked
+        metrics.update(self.weight_stats)  # the newest version the publisher finished
 
     def record(self, metrics: dict[str, Any]) -> None:
         """Evaluate and checkpoint when due; write the step's metrics record."""
@@ -323,6 +343,7 @@ class Learner:
         record (a failing evaluation cannot cost the checkpoint); close sockets."""
         from rapid_async.metrics import clean
 
+        self._finish_publishing()
         self.net.stop_actors(self.stop_reason)
         final_eval, evaluated = self.last_eval, False
         try:
@@ -341,6 +362,7 @@ class Learner:
                 "learner/checkpoint_s": self.clock["checkpoint"], **self.checkpointer.stats}))
             time.sleep(0.3)
             self.net.shutdown()
+            self.publisher.close()
             self.metrics.close()
             self._restore_signal_handlers()
         summary = {"start_success": self.first_eval, "final_success": final_eval,
@@ -349,6 +371,14 @@ class Learner:
         print(f"[learner] held-out success: {self.first_eval:.3f} -> {final_eval:.3f} "
               f"after {summary['steps']} steps in {elapsed:.0f}s", flush=True)
         return summary
+
+    def _finish_publishing(self, timeout: float = 300.0) -> None:
+        """Let the publisher send the last staged version before the actors are stopped."""
+        try:
+            if not self.publisher.flush(timeout):
+                log.warning("the last weights were not published within %.0f s", timeout)
+        except RuntimeError as exc:  # the publisher failed; shutdown goes on
+            log.error("%s", exc)
 
 
 def set_learner_threads() -> None:

@@ -2,10 +2,17 @@
 
 Used by the learner process (`rapid_async.learner.loop`). ZeroMQ sockets are
 not thread-safe, so one thread owns them all: it answers actors on the control
-socket (hello, work requests, snapshot requests, stats), moves arriving rollout
-groups into the buffer, publishes weight updates handed to it by the training
-loop, and counts bad messages without dying on them. A failure of this thread
-is re-raised in the training loop by `check()`.
+socket (hello, work requests, snapshot and delta requests, stats), moves
+arriving rollout groups into the buffer, publishes the weight updates that the
+weight publisher hands it, and counts bad messages without dying on them. A
+failure of this thread is re-raised in the training loop by `check()`.
+
+Weights: the thread never encodes anything. It sends each delta it is given
+on the PUB socket and keeps the most recent ones (up to
+`transport.delta_chain_mb`), so that an actor that missed some catches up
+with DeltaRequests instead of a snapshot. A SnapshotRequest is answered from
+the snapshot the publisher built for the current version; when there is none
+yet, the request waits while the publisher builds it (`weights_source`).
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any
@@ -48,20 +55,23 @@ class LearnerNetwork(threading.Thread):
         self.outbox: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self._halt = threading.Event()
-        self._lock = threading.Lock()
-        self._published: tuple[int, dict] | None = None  # (version, inference state)
-        self._snapshot_cache = None
+        self._published_version = 0
+        self._snapshot_cache: Any = None
+        self._snapshot_waiting: list[bytes] = []  # control identities waiting for a snapshot
+        self._chain: deque = deque()  # recent deltas, oldest first
+        self._chain_bytes = 0
+        self.weights_source: Any = None  # has request_snapshot(); set by the learner
         self.bad_messages: Counter[str] = Counter()
         self.actor_stats: dict[str, dict] = {}
         self.counters: Counter[str] = Counter()
 
-    # -- called from the training loop
-    def set_published(self, version: int, state: dict) -> None:
-        """Make (version, state) the weights served on snapshot requests."""
-        with self._lock:
-            self._published = (version, state)
+    # -- called from the training loop and the weight publisher
+    def set_published(self, version: int) -> None:
+        """The version actors start from (before any delta is published)."""
+        self._published_version = version
 
     def publish(self, update: Any) -> None:
+        """Send a delta to every actor (from the thread's next loop) and keep it in the chain."""
         self.outbox.put(("publish", update))
 
     def call(self, fn: Any, timeout: float = 60.0) -> Any:
@@ -83,6 +93,10 @@ class LearnerNetwork(threading.Thread):
         if self.is_alive():
             raise TimeoutError(f"the network thread did not run {fn!r} in {timeout} s")
         return fn()
+
+    def snapshot_ready(self, update: Any) -> None:
+        """A snapshot built by the publisher: answer the actors waiting for one."""
+        self.outbox.put(("snapshot", update))
 
     def stop_actors(self, reason: str) -> None:
         self.outbox.put(("stop", reason))
@@ -124,8 +138,13 @@ class LearnerNetwork(threading.Thread):
                 return
             if kind == "publish":
                 self.sockets.publish(item)
+                self._keep_in_chain(item)
+                self._published_version = max(self._published_version, item.version)
                 self.counters["weights/published"] += 1
                 self.counters["weights/published_bytes"] += len(item.payload)
+            elif kind == "snapshot":
+                self._snapshot_cache = item
+                self._answer_snapshot_requests(built_for_them=True)
             elif kind == "stop":
                 self.sockets.broadcast(Stop(reason=item))
             elif kind == "call":
@@ -170,8 +189,8 @@ class LearnerNetwork(threading.Thread):
         return n
 
     def _serve_control(self, timeout_ms: int) -> None:
-        from rapid_async.wire.protocol import (ActorStats, ErrorReply, Hello, SnapshotRequest,
-                                          WorkGrant, WorkRequest)
+        from rapid_async.wire.protocol import (ActorStats, DeltaRequest, ErrorReply, Hello,
+                                               SnapshotRequest, WorkGrant, WorkRequest)
         from rapid_async.wire.transport import BadMessage
 
         got = self.sockets.poll_control(timeout_ms=timeout_ms)
@@ -185,18 +204,21 @@ class LearnerNetwork(threading.Thread):
             return
         if isinstance(msg, Hello):
             self.scheduler.seen(msg.actor_id)
-            version = self._published[0] if self._published else 0
+            version = self._published_version
             log.info("actor %s (pid %d, engine %s) joined", msg.actor_id, msg.pid, msg.engine)
             self.sockets.reply(identity, self.sockets.welcome(version, self.welcome_settings))
         elif isinstance(msg, WorkRequest):
-            version = self._published[0] if self._published else 0
+            version = self._published_version
             indices, min_version = self.scheduler.grant(
                 msg.actor_id, msg.max_groups, len(self.buffer), version)
             self.sockets.reply(identity, WorkGrant(prompt_indices=indices, min_version=min_version))
         elif isinstance(msg, SnapshotRequest):
             self.scheduler.seen(msg.actor_id)
-            self.sockets.reply(identity, self._snapshot())
-            self.counters["weights/snapshots_served"] += 1
+            self._snapshot_waiting.append(identity)
+            self._answer_snapshot_requests()
+        elif isinstance(msg, DeltaRequest):
+            self.scheduler.seen(msg.actor_id)
+            self.sockets.reply(identity, self._delta_from(msg.base_version))
         elif isinstance(msg, ActorStats):
             self.scheduler.seen(msg.actor_id)
             self.actor_stats[msg.actor_id] = dict(msg.stats)
@@ -207,15 +229,38 @@ class LearnerNetwork(threading.Thread):
             self.sockets.reply(identity, ErrorReply(
                 message=f"the learner does not accept {type(msg).__name__} messages"))
 
-    def _snapshot(self) -> Any:
-        from rapid_async.wire.protocol import ErrorReply
-        from rapid_async.weights import make_snapshot
+    def _keep_in_chain(self, update: Any) -> None:
+        """Keep a published delta; drop the oldest beyond transport.delta_chain_mb."""
+        limit = self.cfg.transport.delta_chain_mb * (1 << 20)
+        self._chain.append(update)
+        self._chain_bytes += len(update.payload)
+        while self._chain and self._chain_bytes > limit:
+            self._chain_bytes -= len(self._chain.popleft().payload)
 
-        with self._lock:
-            published = self._published
-        if published is None:
-            return ErrorReply(message="no weights published yet; retry shortly")
-        version, state = published
-        if self._snapshot_cache is None or self._snapshot_cache.version != version:
-            self._snapshot_cache = make_snapshot(state, version)
-        return self._snapshot_cache
+    def _delta_from(self, base_version: int) -> Any:
+        """The kept delta whose base is `base_version`, or an ErrorReply."""
+        from rapid_async.wire.protocol import ErrorReply
+
+        for update in self._chain:
+            if update.base_version == base_version:
+                self.counters["weights/chain_served"] += 1
+                return update
+        return ErrorReply(message=f"no kept delta starts at version {base_version}; "
+                                  "ask for a snapshot")
+
+    def _answer_snapshot_requests(self, built_for_them: bool = False) -> None:
+        """Reply to waiting snapshot requests with the cached snapshot if it is
+        current (or was just built for them: a newer delta may have been
+        published meanwhile, which the actor then takes from the chain); else
+        ask the publisher to build one (it arrives through snapshot_ready)."""
+        if not self._snapshot_waiting:
+            return
+        cache = self._snapshot_cache
+        if cache is None or (cache.version < self._published_version and not built_for_them):
+            if self.weights_source is not None:
+                self.weights_source.request_snapshot()
+            return
+        for identity in self._snapshot_waiting:
+            self.sockets.reply(identity, cache)
+            self.counters["weights/snapshots_served"] += 1
+        self._snapshot_waiting.clear()

@@ -87,9 +87,12 @@ class WeightUpdate:
     """Learner -> actor (weights PUB, or control reply): weights at `version`.
 
     `kind` is "snapshot" (base_version None) or "delta" (against base_version).
-    `payload` is compressed safetensors bytes (see `rapid_async.weights`),
-    `raw_nbytes` their size before compression, `checksum` the checksum of the
-    full weights after applying, `dtype` the inference dtype name.
+    `payload` is the encoded weights (format and size checks in
+    `rapid_async.weights.codec`), `raw_nbytes` their size before compression,
+    `dtype` the inference dtype name, and `checksum` the certificate of
+    `rapid_async.weights.digest`: a sha256 that binds kind, version,
+    base_version, dtype and tensor layout to the per-tensor digests of the
+    weights after applying (and, for a snapshot, the sha256 of its bytes).
     """
 
     version: int
@@ -99,6 +102,19 @@ class WeightUpdate:
     dtype: str
     payload: bytes
     raw_nbytes: int
+
+
+@dataclass
+class DeltaRequest:
+    """Actor -> learner (control): the published delta whose base is `base_version`.
+
+    An actor that missed deltas (its weights queue was full) catches up from
+    the learner's chain of recent deltas. Reply: that WeightUpdate, or an
+    ErrorReply when it is no longer kept (then ask for a snapshot).
+    """
+
+    actor_id: str
+    base_version: int
 
 
 @dataclass
@@ -175,8 +191,8 @@ class RolloutGroup:
     info: dict
 
 
-Message = (Hello | Welcome | SnapshotRequest | WeightUpdate | ActorStats | Stop | ErrorReply
-           | RolloutGroup | WorkRequest | WorkGrant)
+Message = (Hello | Welcome | SnapshotRequest | DeltaRequest | WeightUpdate | ActorStats | Stop
+           | ErrorReply | RolloutGroup | WorkRequest | WorkGrant)
 
 # ---------------------------------------------------------------- field checkers
 # Each checker takes (field name, value) and returns the value to store, or raises.
@@ -331,6 +347,7 @@ _SPECS = [
         {},
     ),
     _Spec("snapshot_request", SnapshotRequest, {"actor_id": _str, "reason": _str}, {}),
+    _Spec("delta_request", DeltaRequest, {"actor_id": _str, "base_version": _nonneg_int}, {}),
     _Spec(
         "weight_update",
         WeightUpdate,

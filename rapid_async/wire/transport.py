@@ -6,7 +6,8 @@ an `ActorSockets` and CONNECTS, so actors can come and go. Three sockets:
     rollouts  actor PUSH  -> learner PULL    RolloutGroup
     weights   learner PUB -> actor SUB       WeightUpdate (deltas, snapshots)
     control   actor DEALER <-> learner ROUTER Hello/Welcome, SnapshotRequest/
-                                              WeightUpdate, ActorStats, Stop, ErrorReply
+                                              WeightUpdate, DeltaRequest/WeightUpdate,
+                                              ActorStats, Stop, ErrorReply
 
 Start-up order: the learner binds all three; an actor connects its DEALER to
 the control endpoint (the only address it is given), sends Hello, and the
@@ -40,6 +41,7 @@ import zmq.auth.thread
 
 from rapid_async.wire.protocol import (
     ActorStats,
+    DeltaRequest,
     ErrorReply,
     Hello,
     Message,
@@ -366,6 +368,16 @@ class ActorSockets:
         """
         self._send_control(SnapshotRequest(self.actor_id, reason))
         return self._await_reply(WeightUpdate, timeout_ms, "snapshot request")
+
+    def request_delta(self, base_version: int, timeout_ms: int = 60_000) -> WeightUpdate:
+        """Asks the learner for its kept delta from base_version (to catch up missed ones).
+
+        Raises:
+            TimeoutError: if no reply arrives within timeout_ms.
+            RuntimeError: if the learner no longer keeps it (an ErrorReply).
+        """
+        self._send_control(DeltaRequest(self.actor_id, base_version))
+        return self._await_reply(WeightUpdate, timeout_ms, "delta request")
 
     def request_work(self, max_groups: int, timeout_ms: int = 60_000) -> WorkGrant:
         """Asks the learner for up to max_groups prompts and waits for the grant.

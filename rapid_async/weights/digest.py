@@ -1,0 +1,168 @@
+"""Digests that prove an actor holds exactly the learner's weights.
+
+Used by the learner's publisher (digests of each published version, on the
+training device) and by the actor's receiver (digests of what it would hold
+after an update, on its device, before its engine sees the update).
+
+Per-tensor linear digest. For a tensor with integer bit patterns x_0..x_{n-1}
+(the inference dtype viewed as same-width signed integers, sign-extended to
+64 bits) the digest is
+
+    D(x) = sum_i a_i * x_i   (mod 2^64),   a_i = A[i mod 2^16] * B[i div 2^16]
+
+with fixed pseudo-random odd 64-bit tables A and B (splitmix64 of fixed
+seeds), so every a_i is odd. Properties used here:
+
+- Any change confined to one element (e.g. a single flipped bit, which changes
+  x_i by +-2^b, b < 32) changes D: a_i * delta is odd * nonzero with
+  |delta| < 2^32, never 0 mod 2^64. Changes to several elements collide only
+  by accident (the a_i are unrelated), as for any 64-bit checksum.
+- It is linear, so an update that changes elements S costs O(|S|) to check:
+  D(new) = D(old) + sum_{i in S} a_i * (new_i - old_i). The receiver computes
+  this from the changes it decoded and the values it holds; the publisher
+  computes D(new) from the full tensor, independently of the change it encoded.
+- It runs where the tensors live (one multiply and two sums per element in
+  chunks, in wrapping int64 arithmetic, identical on CPU and CUDA).
+
+It is an integrity check, not a cryptographic one: a full sha256 covers the
+bytes of every snapshot. `certificate` binds the digests to the update's
+version, base version, kind, dtype and layout, so a header that was corrupted
+or sent for another version fails the check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import msgpack
+import numpy as np
+import torch
+
+from rapid_async.weights.layout import Layout
+
+_LOW_BITS = 16
+_ROW = 1 << _LOW_BITS
+_CHUNK_ROWS = {"cpu": 16, "cuda": 512}
+_TABLES: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _splitmix64(seed: int, n: int) -> np.ndarray:
+    """n odd pseudo-random 64-bit integers (splitmix64 of seed, seed+1, ...)."""
+    with np.errstate(over="ignore"):
+        z = (np.arange(n, dtype=np.uint64) + np.uint64(seed)) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z | np.uint64(1)).view(np.int64)
+
+
+def _table(which: int, n: int, device: torch.device) -> torch.Tensor:
+    """The first n entries of table A (which=0) or B (which=1) on `device`."""
+    key = (str(device), which)
+    table = _TABLES.get(key)
+    if table is None or table.numel() < n:
+        size = max(n, _ROW if which == 0 else 64)
+        table = torch.from_numpy(_splitmix64(0x5EED0000 + which * 0x1000_0000, size)).to(device)
+        _TABLES[key] = table
+    return table[:n]
+
+
+def multipliers(local: torch.Tensor) -> torch.Tensor:
+    """a_i for int64 element positions `local` (within their tensor)."""
+    rows = int(local.max()) + 1 if local.numel() else 1
+    a = _table(0, _ROW, local.device)
+    b = _table(1, (rows >> _LOW_BITS) + 1, local.device)
+    return a[local & (_ROW - 1)] * b[local >> _LOW_BITS]
+
+
+def tensor_digest(bits: torch.Tensor) -> torch.Tensor:
+    """D(x) of one tensor's integer view, as a 0-d int64 tensor on its device."""
+    flat = bits.reshape(-1)
+    n_rows, tail = divmod(flat.numel(), _ROW)
+    device = flat.device
+    a = _table(0, _ROW, device)
+    b = _table(1, n_rows + 1, device)
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    step = _CHUNK_ROWS.get(device.type, 512)
+    rows = flat[: n_rows * _ROW].view(n_rows, _ROW)
+    for r in range(0, n_rows, step):
+        block = rows[r:r + step].to(torch.int64)  # (R, 2^16), sign-extended
+        block.mul_(a)
+        total += (block.sum(dim=1) * b[r:r + block.shape[0]]).sum()
+    if tail:
+        rest = flat[n_rows * _ROW:].to(torch.int64) * a[:tail]
+        total += rest.sum() * b[n_rows]
+    return total
+
+
+def state_digests(flat: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """(len(layout),) int64 digests of every tensor of a flat buffer, on its device."""
+    bits = flat.view(layout.int_dtype)
+    out = torch.empty(len(layout), dtype=torch.int64, device=flat.device)
+    for i, (off, n) in enumerate(zip(layout.offsets, layout.numels)):
+        out[i] = tensor_digest(bits[off:off + n])
+    return out
+
+
+def updated_digests(digests: torch.Tensor, layout: Layout, idx: torch.Tensor,
+                    old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The digests after elements `idx` change from `old` to `new` bit patterns.
+
+    Args:
+        digests: (len(layout),) int64, the digests before the change.
+        layout: the buffer's layout.
+        idx: (k,) int64 sorted unique flat positions.
+        old, new: (k,) integer bit patterns at those positions.
+
+    Returns:
+        (len(layout),) int64 digests, a new tensor.
+    """
+    if idx.numel() == 0:
+        return digests.clone()
+    starts = layout.boundaries(idx.device)
+    tensor_of = torch.searchsorted(starts, idx, right=True) - 1  # (k,)
+    local = idx - starts[tensor_of]
+    change = multipliers(local) * (new.to(torch.int64) - old.to(torch.int64))  # (k,)
+    csum = torch.cat([torch.zeros(1, dtype=torch.int64, device=idx.device), change.cumsum(0)])
+    edges = torch.searchsorted(idx, starts)  # first change at or after each tensor start
+    return digests + (csum[edges[1:]] - csum[edges[:-1]])
+
+
+def as_list(digests: torch.Tensor) -> list[int]:
+    """Digests as unsigned Python ints (msgpack-able, device independent)."""
+    return [int(d) & 0xFFFF_FFFF_FFFF_FFFF for d in digests.cpu().tolist()]
+
+
+def certificate(kind: str, version: int, base_version: int | None, dtype: str,
+                layout_hash: str, digests: list[int], data_sha256: str | None) -> str:
+    """The checksum carried by a WeightUpdate: binds its header to the weights.
+
+    sha256 over (format tag, kind, version, base_version, dtype, layout hash,
+    the per-tensor digests of the weights after the update, and for a
+    snapshot the sha256 of its raw bytes).
+
+    Returns:
+        "sha256:<hex>".
+    """
+    packed = msgpack.packb(["rapid-weights/2", kind, version, base_version, dtype, layout_hash,
+                            digests, data_sha256])
+    return "sha256:" + hashlib.sha256(packed).hexdigest()
+
+
+def state_digest(layout: Layout, digests: list[int]) -> str:
+    """A short name for a state: independent of tensor order and of versions.
+
+    Returns:
+        "lin64:<hex>" over sorted (name, shape, digest) and the dtype.
+    """
+    rows = sorted(zip(layout.names, [list(s) for s in layout.shapes], digests))
+    return "lin64:" + hashlib.sha256(msgpack.packb([layout.dtype, rows])).hexdigest()[:32]
+
+
+def digest_named(tensors: dict[str, torch.Tensor], dtype: str) -> str:
+    """`state_digest` of named tensors (already in `dtype`), e.g. from a checkpoint."""
+    layout = Layout.from_named(tensors.items(), dtype)
+    flat = layout.allocate()
+    for name, view in layout.views(flat).items():
+        view.copy_(tensors[name])
+    return state_digest(layout, as_list(state_digests(flat, layout)))
