@@ -50,37 +50,52 @@ QWEN05 = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hi
               rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643,
               eos_token_id=151643)
 """Qwen2.5-0.5B's architecture (494M parameters, tied embeddings)."""
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1)
+"""`--size tiny`: the same vocabulary, a tiny body (a dry run of the harness)."""
 GROUPS, K, PROMPT, COMPLETION = 4, 4, 16, 48
 """The training mini-batch: 4 groups of K = 4 completions, 16 + 48 tokens each."""
+OPTIONS = {"device": "cpu", "size": "0.5b"}
+"""Set by main(): where the learner and the hf engine run, and the model size."""
 
 
 # ---------------------------------------------------------------- the learner
 
 
 def build_model(seed: int = 0, **overrides):
-    """Qwen2.5-0.5B's architecture from code, random init, fp32."""
+    """Qwen2.5-0.5B's architecture from code (or `TINY`), random init, fp32."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(Qwen2Config(**{**QWEN05, **overrides}))
+    size = TINY if OPTIONS["size"] == "tiny" else {}
+    return Qwen2ForCausalLM(Qwen2Config(**{**QWEN05, **size, **overrides}))
+
+
+def _sync() -> None:
+    if OPTIONS["device"].startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def train_step(model, optimizer, generator: torch.Generator) -> float:
     """One AdamW step on the RAPID loss of a random-token mini-batch; returns seconds."""
     from rapid_async.loss import LossSettings, compute_loss
 
+    _sync()
     start = time.perf_counter()
+    device = OPTIONS["device"]
     b = GROUPS * K
     ids = torch.randint(0, model.config.vocab_size, (b, PROMPT + COMPLETION), generator=generator)
+    noise = 0.01 * torch.randn(b, COMPLETION, generator=generator)
+    rewards = torch.randint(0, 2, (b,), generator=generator).float()
+    ids, noise, rewards = ids.to(device), noise.to(device), rewards.to(device)
     logits = model(input_ids=ids).logits[:, PROMPT - 1:-1].float()  # (B, T, V)
     logprobs = torch.log_softmax(logits, -1).gather(-1, ids[:, PROMPT:, None]).squeeze(-1)
-    behaviour = logprobs.detach() + 0.01 * torch.randn(logprobs.shape, generator=generator)
-    rewards = torch.randint(0, 2, (b,), generator=generator).float()
-    loss, _ = compute_loss(logprobs, behaviour, torch.ones(b, COMPLETION), rewards, K,
-                           LossSettings())
+    loss, _ = compute_loss(logprobs, logprobs.detach() + noise, torch.ones(b, COMPLETION, device=device),
+                           rewards, K, LossSettings())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    _sync()
     return time.perf_counter() - start
 
 
@@ -121,9 +136,10 @@ def run_learner(impl, out: Path) -> dict:
     """Train 5 steps, publish each version; save the updates and the expected digests."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     model = build_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     prev = cast_params(model)
     save_model_dir(model, prev, out)
+    model.to(OPTIONS["device"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
     side = impl.learner(model)
     expected = {0: tensors_sha(prev)}
     snap, snap_s = side.snapshot(0)
@@ -133,6 +149,7 @@ def run_learner(impl, out: Path) -> dict:
     for version in range(1, STEPS + 1):
         update_s = train_step(model, optimizer, generator)
         blocked_s = side.publish(version)
+        _sync()
         cur = cast_params(model)
         expected[version] = tensors_sha(cur)
         rows.append({"version": version, "update_s": update_s, "blocked_s": blocked_s,
@@ -208,7 +225,7 @@ def make_engine(name: str, model_dir: Path):
     if name == "hf":
         from rapid_async.engines.hf import HFEngine
 
-        return HFEngine(model_dir, dtype=DTYPE, seed=0)
+        return HFEngine(model_dir, device=OPTIONS["device"], dtype=DTYPE, seed=0)
     from rapid_async.engines.vllm import VLLMEngine
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -286,7 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impl", choices=["before", "after"], required=True)
     parser.add_argument("--part", choices=["learner", "actor-hf", "actor-vllm"], required=True)
     parser.add_argument("--dir", type=Path, required=True, help="work directory of this implementation")
+    parser.add_argument("--device", default="cpu", help="learner and hf engine device (cpu, cuda)")
+    parser.add_argument("--size", choices=["0.5b", "tiny"], default="0.5b")
     args = parser.parse_args(argv)
+    OPTIONS.update(device=args.device, size=args.size)
     args.dir.mkdir(parents=True, exist_ok=True)
     impl = _Impl(args.impl)
     start = time.perf_counter()
@@ -296,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         result = run_actor(impl, args.dir, args.part.split("-")[1])
     import rapid_async
 
-    result.update(code=str(Path(rapid_async.__file__).parent), impl=args.impl, part=args.part, wall_s=time.perf_counter() - start,
+    result.update(code=str(Path(rapid_async.__file__).parent), impl=args.impl, **OPTIONS, part=args.part, wall_s=time.perf_counter() - start,
                   threads=torch.get_num_threads(), python=sys.version.split()[0],
                   torch=torch.__version__)
     (args.dir / f"{args.part}.json").write_text(json.dumps(result, indent=1))

@@ -53,6 +53,7 @@ class Task(Protocol):
 _FACTORIES: dict[str, Callable[..., Task]] = {}
 _BUILTIN: dict[str, str] = {
     "arithmetic": "rapid_async.tasks.arithmetic:ArithmeticTask",
+    "hashbit": "rapid_async.tasks.hashbit:HashBitTask",  # benchmark-only (bin/gpu-check)
 }
 """Built-in tasks, imported on first use: name -> "module:attribute"."""
 
