@@ -40,12 +40,14 @@ def test_a_skipped_step_is_recorded_but_never_published(model_dir, tmp_path, one
         metrics = learner.update(two_groups())
         learner.publish(metrics, end_of_round=True)
         learner.record(metrics)
+        assert learner.publisher.flush(timeout=30)  # encoded in the publisher thread
         assert learner.published_version == 1 and learner.net.outbox.qsize() == 1
         learner.checkpointer.wait()  # written in the background
         assert metrics["eval/version"] == 1 and (tmp_path / "checkpoints").is_dir()
         records = (tmp_path / "metrics.jsonl").read_text().splitlines()
         assert '"guard/skipped": 1.0' in records[0] and '"guard/skipped_steps": 1.0' in records[1]
     finally:
+        learner.publisher.close()
         learner.net.sockets.close()  # the network thread was never started
 
 
