@@ -63,6 +63,7 @@ class WeightPublisher(threading.Thread):
         self.published_version: int | None = None
         self.published_digests: list[int] = []
         self._pending: int | None = None
+        self.staged_version: int | None = None
         self._staged_at = 0.0
         self._event: Any = None
         self._snapshot_wanted = False
@@ -105,7 +106,7 @@ class WeightPublisher(threading.Thread):
             self._copy_params(self.staging)
             if self._pending is not None:
                 self.superseded += 1
-            self._pending = version
+            self._pending = self.staged_version = version
             self._staged_at = start
             self._cond.notify_all()
         return time.perf_counter() - start
@@ -125,7 +126,7 @@ class WeightPublisher(threading.Thread):
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every staged version is published."""
         with self._cond:
-            target = self._pending
+            target = self.staged_version
         return True if target is None else self.wait_published(target, timeout)
 
     def request_snapshot(self) -> None:
