@@ -39,6 +39,7 @@ decompressed only if its own declared content size equals the header's.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -134,10 +135,10 @@ def entropy_bound_bits(n: int, diff: torch.Tensor) -> float:
         counts = torch.unique(diff, return_counts=True)[1]
     c = counts.double()
     zeros = n - k
-    total = n * torch.log2(torch.tensor(float(n), dtype=torch.float64)) - (c * torch.log2(c)).sum()
+    total = n * math.log2(n) - float((c * torch.log2(c)).sum())
     if zeros:
-        total -= zeros * torch.log2(torch.tensor(float(zeros), dtype=torch.float64))
-    return float(total)
+        total -= zeros * math.log2(zeros)
+    return total
 
 
 # ---------------------------------------------------------------- device side

@@ -67,11 +67,12 @@ def _table(which: int, n: int, device: torch.device) -> torch.Tensor:
     return table[:n]
 
 
-def multipliers(local: torch.Tensor) -> torch.Tensor:
-    """a_i for int64 element positions `local` (within their tensor)."""
-    rows = int(local.max()) + 1 if local.numel() else 1
+def multipliers(local: torch.Tensor, numel: int | None = None) -> torch.Tensor:
+    """a_i for int64 element positions `local` (within their tensor, < numel)."""
+    if numel is None:
+        numel = int(local.max()) + 1 if local.numel() else 1
     a = _table(0, _ROW, local.device)
-    b = _table(1, (rows >> _LOW_BITS) + 1, local.device)
+    b = _table(1, (numel >> _LOW_BITS) + 1, local.device)
     return a[local & (_ROW - 1)] * b[local >> _LOW_BITS]
 
 
@@ -120,11 +121,10 @@ def updated_digests(digests: torch.Tensor, layout: Layout, idx: torch.Tensor,
     if idx.numel() == 0:
         return digests.clone()
     starts = layout.boundaries(idx.device)
-    tensor_of = torch.searchsorted(starts, idx, right=True) - 1  # (k,)
-    local = idx - starts[tensor_of]
-    change = multipliers(local) * (new.to(torch.int64) - old.to(torch.int64))  # (k,)
-    csum = torch.cat([torch.zeros(1, dtype=torch.int64, device=idx.device), change.cumsum(0)])
     edges = torch.searchsorted(idx, starts)  # first change at or after each tensor start
+    local = idx - torch.repeat_interleave(starts[:-1], edges.diff(), output_size=idx.numel())
+    change = multipliers(local, max(layout.numels)) * (new.to(torch.int64) - old.to(torch.int64))
+    csum = torch.cat([torch.zeros(1, dtype=torch.int64, device=idx.device), change.cumsum(0)])
     return digests + (csum[edges[1:]] - csum[edges[:-1]])
 
 
