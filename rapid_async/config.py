@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ MODES = ("grpo", "rapid-sync", "rapid-async")
 LOSSES = ("rapid", "grpo", "pg", "rapid_no_is")
 AGGREGATIONS = ("sequence-mean", "token-mean")
 ENGINES = ("hf", "vllm")
+TRUNCATED = ("keep", "zero-reward", "mask")
+PROMPT_FORMATS = ("plain", "chat")
+_DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 DTYPES = ("float32", "bfloat16", "float16")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 
@@ -41,16 +45,30 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "arithmetic"
-    """Task name (see rapid_async.tasks)."""
+    """Task: a built-in name (arithmetic, gsm8k, math, mbpp, minif2f), the name
+    of an entry point in the group "rapid_async.tasks", or "package.module:Class"
+    (see rapid_async.tasks.base)."""
 
-    digits: int = 2
-    """Arithmetic task: digits per operand."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The [task.options] table, passed to the task's constructor, which
+    validates it (e.g. digits, ops, seed for arithmetic; path, split for the
+    dataset tasks). Keys written directly under [task] that are not fields of
+    this table (e.g. the older `digits = 2`) are task options too."""
 
-    ops: str = "+-"
-    """Arithmetic task: operations to draw from."""
+    prompt_format: str = "plain"
+    """plain (the problem text as it is) or chat (the tokenizer's chat
+    template, with system_prompt as the system message)."""
 
-    seed: int = 0
-    """Seed that fixes the train / held-out split."""
+    system_prompt: str = ""
+    """System message in chat format ("" : the task's default, if any)."""
+
+    stop: list[str] = field(default_factory=list)
+    """Stop strings, added to the task's own; generation ends after the first
+    one that appears (EOS always ends it)."""
+
+    failure_reward: float = 0.0
+    """Reward given when the verifier raises or returns a non-finite value
+    (such completions are counted and logged with their prompt id)."""
 
 
 @dataclass
@@ -77,8 +95,14 @@ class AlgoConfig:
     temperature: float = 1.0
     """Sampling temperature, used by the actor and by the learner's log-probs."""
 
-    max_new_tokens: int = 8
-    """Cap on completion length."""
+    max_new_tokens: int = 1024
+    """Cap on completion length in tokens (the paper allows up to 2048; the
+    CPU quickstart sets 6)."""
+
+    truncated: str = "keep"
+    """What the learner does with completions cut at max_new_tokens
+    (finish_reason "length"): keep (train on them as they are), zero-reward
+    (their reward becomes 0) or mask (they take no part in the loss)."""
 
 
 @dataclass
@@ -147,8 +171,9 @@ class LearnerConfig:
     actor_timeout_s: float = 30.0
     """An actor silent this long loses its unfinished work to the others."""
 
-    device: str = "cpu"
-    """Torch device of the learner."""
+    device: str = "auto"
+    """Torch device of the learner: auto (the GPU this process was given,
+    else the CPU), cpu, cuda or cuda:N."""
 
     micro_batch_tokens: int = 16384
     """Padded tokens (rows x longest prompt + completion) per forward/backward
@@ -190,8 +215,9 @@ class ActorConfig:
     chunk_groups: int = 8
     """Groups an actor asks for at once (rapid-async)."""
 
-    device: str = "cpu"
-    """Torch device of the actor (hf engine)."""
+    device: str = "auto"
+    """Torch device of the actor's hf engine: auto (the GPU this process was
+    given, else the CPU), cpu, cuda or cuda:N."""
 
     gpus: str = ""
     """GPUs for the actors on this node, one actor each, e.g. "2,3" (empty:
@@ -277,6 +303,17 @@ class Config:
         _check_choice("learner.compute_dtype", self.learner.compute_dtype, COMPUTE_DTYPES)
         for name in ("learner.gpus", "actor.gpus"):
             _check_gpu_list(name, self._get(name))
+        _check_choice("algo.truncated", self.algo.truncated, TRUNCATED)
+        _check_choice("task.prompt_format", self.task.prompt_format, PROMPT_FORMATS)
+        for name in ("learner.device", "actor.device"):
+            if not _DEVICE.match(self._get(name)):
+                raise ValueError(f"{name} = {self._get(name)!r} is not a device: use auto, cpu, "
+                                 "cuda or cuda:N")
+        if not math.isfinite(self.task.failure_reward):
+            raise ValueError(f"task.failure_reward = {self.task.failure_reward} must be finite")
+        if not isinstance(self.task.options, dict) or not all(
+                isinstance(k, str) for k in self.task.options):
+            raise ValueError("task.options must be a table with string keys")
         for name in ("algo.group_size", "algo.max_new_tokens", "run.max_steps",
                      "run.eval_size", "learner.batch_groups",
                      "learner.minibatch_groups", "learner.sync_every",
@@ -373,8 +410,28 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _literal(text: str) -> Any:
+    """A --set value as TOML reads it (3 -> int, true -> bool, [..] -> list),
+    else the text itself as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def _coerce(dotted: str, value: Any, typ: Any) -> Any:
     """Check or convert a TOML / --set value to the field's declared type."""
+    origin = getattr(typ, "__origin__", None)
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ValueError(f"{dotted} = {value!r}: expected a table")
+    if origin is list:
+        if isinstance(value, str):
+            value = _literal(value) if value.strip().startswith("[") else [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ValueError(f"{dotted} = {value!r}: expected a list of strings, e.g. [\"a\", \"b\"]")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -402,8 +459,19 @@ def _coerce(dotted: str, value: Any, typ: Any) -> Any:
     raise ValueError(f"{dotted} = {value!r}: expected a value of type {typ.__name__}")
 
 
+def _task_option(cfg: Config, key: str, value: Any, from_set: bool) -> None:
+    """Store one task option: `options.KEY` (--set) or a key under [task] that is
+    not a TaskConfig field (the older flat form, e.g. `digits = 2`)."""
+    name = key.split(".", 1)[1] if key.startswith("options.") else key
+    cfg.task.options[name] = _literal(value) if from_set and isinstance(value, str) else value
+
+
 def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
-    """Set fields of `cfg` from a nested dict {section: {key: value}}."""
+    """Set fields of `cfg` from a nested dict {section: {key: value}}.
+
+    Under [task], `options` is a free table and keys that are not TaskConfig
+    fields become task options (the task validates them when it is built).
+    """
     sections = {f.name: f for f in dataclasses.fields(Config)}
     for section, values in data.items():
         if section not in sections:
@@ -414,15 +482,24 @@ def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Con
         obj = getattr(cfg, section)
         hints = get_type_hints(type(obj))
         for key, value in values.items():
+            if section == "task" and (key.startswith("options.") or key not in hints):
+                _task_option(cfg, key, value, from_set=source == "--set")
+                continue
             if key not in hints:
                 raise ValueError(f"{source}: unknown field {section}.{key}; known: "
                                  f"{', '.join(hints)}")
+            if section == "task" and key == "options":
+                cfg.task.options.update(_coerce(f"{source}: task.options", value, hints[key]))
+                continue
             setattr(obj, key, _coerce(f"{source}: {section}.{key}", value, hints[key]))
     return cfg
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
-    """Turn ["learner.lr=3e-4", ...] into {"learner": {"lr": "3e-4"}}."""
+    """Turn ["learner.lr=3e-4", ...] into {"learner": {"lr": "3e-4"}}.
+
+    `task.options.KEY=VALUE` sets one task option (kept as "options.KEY").
+    """
     data: dict[str, dict[str, Any]] = {}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
@@ -432,6 +509,17 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
         section, key = dotted.strip().split(".", 1)
         data.setdefault(section, {})[key] = value.strip()
     return data
+
+
+def resolve_device(name: str) -> str:
+    """A config device name as torch understands it: "auto" is "cuda" when this
+    process sees a GPU (the one the launcher gave it via CUDA_VISIBLE_DEVICES),
+    else "cpu"; other names are returned unchanged."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -460,20 +548,27 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return apply_dict(Config(), data).validate()
 
 
+def _toml_value(value: Any) -> str:
+    """One value in TOML syntax (tables inline)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
+    return repr(value)
+
+
 def dumps_toml(cfg: Config) -> str:
-    """Write a config as TOML (flat tables of scalars)."""
+    """Write a config as TOML (one table per section; task options inline)."""
     lines: list[str] = []
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
-        for key, value in values.items():
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            elif isinstance(value, float) and value == float("inf"):
-                text = "inf"
-            else:
-                text = repr(value)
-            lines.append(f"{key} = {text}")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
         lines.append("")
     return "\n".join(lines)

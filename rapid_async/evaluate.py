@@ -8,12 +8,18 @@ from __future__ import annotations
 
 from rapid_async.engines.base import Engine, GenerateRequest
 from rapid_async.tasks.base import Problem, Task
+from rapid_async.tasks.prompts import PromptSettings, decode_completion, encode_prompt
+from rapid_async.tasks.scoring import Scorer
 
 
 def _completion_texts(engine: Engine, tokenizer, problems: list[Problem], n: int,
                       temperature: float, max_new_tokens: int, seed: int | None,
-                      batch_size: int) -> list[list[str]]:
+                      batch_size: int, prompt_settings: PromptSettings | None = None
+                      ) -> list[list[str]]:
     """Sample `n` completions per problem and decode them (special tokens dropped).
+
+    Prompts are encoded by `tasks.prompts.encode_prompt` (plain by default),
+    as the actor encodes training prompts; its stop strings apply.
 
     Returns:
         One list of `n` texts per problem, in problem order.
@@ -21,17 +27,19 @@ def _completion_texts(engine: Engine, tokenizer, problems: list[Problem], n: int
     texts: list[list[str]] = []
     for start in range(0, len(problems), batch_size):
         chunk = problems[start:start + batch_size]
-        prompts = [tokenizer(p.prompt)["input_ids"] for p in chunk]
+        settings = prompt_settings or PromptSettings()
+        prompts = [encode_prompt(tokenizer, p.prompt, settings) for p in chunk]
         chunk_seed = None if seed is None else seed + start
         groups = engine.generate(GenerateRequest(prompts=prompts, n=n, temperature=temperature,
-                                                 max_new_tokens=max_new_tokens, seed=chunk_seed))
+                                                 max_new_tokens=max_new_tokens, seed=chunk_seed,
+                                                 stop=settings.stop))
         for group in groups:
-            texts.append([tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group])
+            texts.append([decode_completion(tokenizer, c.token_ids) for c in group])
     return texts
 
 
 def evaluate(engine: Engine, tokenizer, task: Task, n: int = 200, max_new_tokens: int = 16,
-             batch_size: int = 256) -> float:
+             batch_size: int = 256, prompt_settings: PromptSettings | None = None) -> float:
     """Greedy success rate on the first `n` held-out problems.
 
     Args:
@@ -41,13 +49,16 @@ def evaluate(engine: Engine, tokenizer, task: Task, n: int = 200, max_new_tokens
         n: number of held-out problems.
         max_new_tokens: completion length cap.
         batch_size: problems per engine call.
+        prompt_settings: prompt format, system prompt and stop strings
+            (default: plain, none).
 
     Returns:
-        Mean reward over the problems, in [0, 1].
+        Mean reward over the problems (a failing verifier scores 0).
     """
     problems = task.heldout(n)
-    texts = _completion_texts(engine, tokenizer, problems, 1, 0.0, max_new_tokens, 0, batch_size)
-    rewards = [task.reward(p, t[0]) for p, t in zip(problems, texts)]
+    texts = _completion_texts(engine, tokenizer, problems, 1, 0.0, max_new_tokens, 0, batch_size,
+                              prompt_settings)
+    rewards = Scorer(task).score_many(problems, [t[0] for t in texts])
     return sum(rewards) / max(len(rewards), 1)
 
 

@@ -208,7 +208,8 @@ def aggregate(token_values: torch.Tensor, mask: torch.Tensor, aggregation: str) 
 
     Args:
         token_values: (B, T) values, anything on padding.
-        mask: (B, T) completion mask, every row with at least one token.
+        mask: (B, T) completion mask. An all-zero row takes no part (it is
+            left out of sequence-mean's row count); all rows empty gives 0.
         aggregation: "sequence-mean" (mean over rows of the row's token mean)
             or "token-mean" (sum over all tokens / number of tokens).
 
@@ -217,9 +218,11 @@ def aggregate(token_values: torch.Tensor, mask: torch.Tensor, aggregation: str) 
     """
     masked = torch.where(mask.bool(), token_values, torch.zeros_like(token_values))  # (B, T)
     if aggregation == "sequence-mean":
-        return (masked.sum(dim=-1) / mask.sum(dim=-1)).mean()
+        n_tokens = mask.sum(dim=-1)  # (B,)
+        rows = (n_tokens > 0).sum().clamp(min=1)
+        return (masked.sum(dim=-1) / n_tokens.clamp(min=1)).sum() / rows
     if aggregation == "token-mean":
-        return masked.sum() / mask.sum()
+        return masked.sum() / mask.sum().clamp(min=1)
     raise ValueError(f"aggregation must be one of {AGGREGATIONS}; got {aggregation!r}")
 
 
@@ -423,6 +426,7 @@ def compute_loss(
     group_size: int,
     settings: LossSettings,
     ref_logprobs: torch.Tensor | None = None,
+    loss_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The learner's objective for one mini-batch of whole groups.
 
@@ -435,6 +439,9 @@ def compute_loss(
         group_size: K; B = G * K, rows in group-major order.
         settings: algorithm and hyper-parameters.
         ref_logprobs: (B, T) frozen reference log-probs, needed when beta > 0.
+        loss_rows: (B,) bool, rows that take part in the policy and KL loss
+            (None: all). A False row gives no gradient but its reward still
+            counts in its group's baseline (`algo.truncated = "mask"`).
 
     Returns:
         The scalar loss to minimise and a dict of float diagnostics
@@ -446,6 +453,8 @@ def compute_loss(
             not 0/1 or has an empty row, or settings that need missing inputs.
     """
     _check_inputs(logprobs, behaviour_logprobs, mask, rewards, group_size, settings, ref_logprobs)
+    if loss_rows is not None and tuple(loss_rows.shape) != tuple(rewards.shape):
+        raise ValueError(f"loss_rows must have shape (B,) = {tuple(rewards.shape)}; got {tuple(loss_rows.shape)}")
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
     m = mask.bool()  # (B, T)
     maskf = m.to(dtype)  # (B, T)
@@ -464,14 +473,15 @@ def compute_loss(
         clip_active = torch.zeros_like(m)  # (B, T)
     else:
         token_loss, clip_active = clipped_token_loss(delta, adv, settings.eps)  # (B, T), (B, T)
-    policy_loss = aggregate(token_loss, maskf, settings.aggregation)
+    loss_mask = maskf if loss_rows is None else maskf * loss_rows.to(dtype)[:, None]  # (B, T)
+    policy_loss = aggregate(token_loss, loss_mask, settings.aggregation)
     loss = policy_loss
     kl_ref = None
     if ref_logprobs is not None:
         ref = ref_logprobs.detach().to(dtype).masked_fill(~m, 0.0)  # (B, T)
         kl_ref = k3_kl(logp, ref)  # (B, T)
         if settings.beta > 0:
-            loss = policy_loss + settings.beta * aggregate(kl_ref, maskf, settings.aggregation)
+            loss = policy_loss + settings.beta * aggregate(kl_ref, loss_mask, settings.aggregation)
 
     metrics = _metrics(
         loss, policy_loss, delta.detach(), maskf, log_w, w, adv, clip_active, kl_ref, group_size, settings

@@ -161,6 +161,30 @@ def save_model_dir(model: Qwen2ForCausalLM, out_dir: str | Path) -> Path:
     return out
 
 
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+                 "({{ m['content'] }}){% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}={% endif %}")
+"""A chat template in the tiny vocabulary: "(system)user=" after <bos>."""
+
+
+def add_chat_template(model_dir: str | Path, template: str = CHAT_TEMPLATE) -> Path:
+    """Give a tiny model directory's tokenizer a chat template (for chat-format tests).
+
+    Args:
+        model_dir: a directory written by `save_model_dir` (changed in place).
+        template: Jinja chat template.
+
+    Returns:
+        The directory.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(model_dir))
+    return Path(model_dir)
+
+
 def init_model_dir(out_dir: str | Path, seed: int = 0, **size: int) -> Path:
     """Build a randomly initialised tiny model and save it with its tokenizer.
 

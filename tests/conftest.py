@@ -34,6 +34,14 @@ def random_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A random tiny model whose tokenizer has a chat template."""
+    from rapid_async.tinymodel import add_chat_template, init_model_dir
+
+    return add_chat_template(init_model_dir(tmp_path_factory.mktemp("chat-model") / "model"))
+
+
+@pytest.fixture(scope="session")
 def warm_model_dir() -> Path:
     """The cached warm-started tiny model (built once, under .cache/)."""
     from rapid_async.tinymodel import ensure_warm_model

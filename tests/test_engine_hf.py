@@ -188,3 +188,28 @@ def test_bfloat16_engine_runs(model_dir, prompts):
     groups = engine.generate(GenerateRequest(prompts=prompts, n=2, max_new_tokens=4, seed=0))
     assert all(len(c.token_ids) == len(c.logprobs) for g in groups for c in g)
     assert all(lp <= 0.0 for g in groups for c in g for lp in c.logprobs)
+
+
+def test_stop_strings_end_completions_at_the_completing_token(random_model_dir):
+    """Sampling from a random model: every completion that contains a stop
+    string ends right after its first occurrence, with finish_reason "stop"."""
+    from transformers import AutoTokenizer
+
+    from rapid_async.engines.base import stop_length
+
+    tok = AutoTokenizer.from_pretrained(random_model_dir)
+    engine = HFEngine(random_model_dir, seed=0)
+    stops = ("5", "12")
+    groups = engine.generate(GenerateRequest(prompts=[tok("3+4=")["input_ids"]], n=32,
+                                             temperature=1.0, max_new_tokens=20, seed=1,
+                                             stop=stops))
+    ended_by_stop = 0
+    for c in groups[0]:
+        text = tok.decode(c.token_ids)
+        if any(s in text for s in stops):
+            ended_by_stop += 1
+            assert c.finish_reason == "stop" and text.endswith(("5", "12")), text
+            assert not any(s in tok.decode(c.token_ids[:-1]) for s in stops), text
+        assert stop_length(c.token_ids, tok.decode, stops) in (None, len(c.token_ids))
+    assert ended_by_stop >= 5  # a random 32-token vocabulary hits "5" often
+    assert stop_length([4, 5, 9, 9], lambda ids: "".join(map(str, ids)), ("59",)) == 3

@@ -26,6 +26,7 @@ def make_group(prompt, completions, rewards, version=0, prompt_id="p", junk=77):
         prompt_ids=torch.tensor(prompt, dtype=torch.int32), completion_ids=ids,
         completion_lengths=torch.tensor([len(c) for c in completions], dtype=torch.int32),
         logprobs=lps, rewards=torch.tensor(rewards, dtype=torch.float32),
+        finish_reasons=["stop"] * len(completions),
         gen_seconds=0.1, created_at=0.0, info={})
 
 

@@ -53,7 +53,8 @@ def rollout_groups(draw) -> RolloutGroup:
         ids[i, :n] = torch.tensor(draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n)), dtype=torch.int32)
         lp = draw(st.lists(st.floats(-1e4, 0.0, width=32), min_size=n, max_size=n))
         logprobs[i, :n] = torch.tensor(lp, dtype=torch.float32)
-    rewards = draw(st.lists(st.floats(0.0, 1.0, width=32), min_size=k, max_size=k))
+    rewards = draw(st.lists(st.floats(-1e6, 1e6, width=32), min_size=k, max_size=k))
+    reasons = draw(st.lists(st.sampled_from(["stop", "length"]), min_size=k, max_size=k))
     return RolloutGroup(
         actor_id=draw(text),
         prompt_id=draw(text),
@@ -63,6 +64,7 @@ def rollout_groups(draw) -> RolloutGroup:
         completion_lengths=torch.tensor(lengths, dtype=torch.int32),
         logprobs=logprobs,
         rewards=torch.tensor(rewards, dtype=torch.float32),
+        finish_reasons=reasons,
         gen_seconds=draw(st.floats(0, 1e6)),
         created_at=draw(st.floats(0, 2e9)),
         info=draw(flat_dicts),
@@ -112,6 +114,7 @@ def _valid_group(**overrides) -> RolloutGroup:
         completion_lengths=torch.tensor([3, 1], dtype=torch.int32),
         logprobs=torch.tensor([[-0.5, -1.0, -0.1], [-2.0, 0.0, 0.0]], dtype=torch.float32),
         rewards=torch.tensor([1.0, 0.0], dtype=torch.float32),
+        finish_reasons=["stop", "length"],
         gen_seconds=0.25,
         created_at=1.7e9,
         info={"finish_stop": 2},
@@ -121,7 +124,8 @@ def _valid_group(**overrides) -> RolloutGroup:
 
 
 def _assert_groups_equal(a: RolloutGroup, b: RolloutGroup) -> None:
-    for name in ("actor_id", "prompt_id", "policy_version", "gen_seconds", "created_at", "info"):
+    for name in ("actor_id", "prompt_id", "policy_version", "finish_reasons", "gen_seconds",
+                 "created_at", "info"):
         assert getattr(a, name) == getattr(b, name), name
     for name in ("prompt_ids", "completion_ids", "completion_lengths", "logprobs", "rewards"):
         x, y = getattr(a, name), getattr(b, name)
@@ -282,9 +286,11 @@ def test_reshaped_tensor_with_right_byte_count_is_caught_by_shape_rules():
         (dict(logprobs=torch.tensor([[-0.5, -1.0, -0.1], [-2.0, -0.3, 0.0]])), "0 in the padding"),
         (dict(completion_ids=torch.tensor([[1, 2, 3], [4, 9, 0]], dtype=torch.int32)), "0 in the padding"),
         (dict(completion_ids=torch.tensor([[1, -2, 3], [4, 0, 0]], dtype=torch.int32)), "token ids must be >= 0"),
-        (dict(rewards=torch.tensor([1.5, 0.0])), "rewards must be in \\[0, 1\\]"),
-        (dict(rewards=torch.tensor([-0.1, 0.0])), "rewards must be in \\[0, 1\\]"),
-        (dict(rewards=torch.tensor([math.nan, 0.0])), "rewards must be in \\[0, 1\\]"),
+        (dict(rewards=torch.tensor([math.nan, 0.0])), "rewards must be finite"),
+        (dict(rewards=torch.tensor([math.inf, 0.0])), "rewards must be finite"),
+        (dict(finish_reasons=["stop"]), "finish_reasons must be K = 2 values"),
+        (dict(finish_reasons=["stop", "eos"]), "finish_reasons must be K = 2 values"),
+        (dict(finish_reasons="stop"), "'finish_reasons' must be a list of str"),
         (dict(gen_seconds=-1.0), "gen_seconds must be >= 0"),
         (dict(created_at=math.inf), "'created_at' must be finite"),
         (dict(policy_version=-1), "'policy_version' must be >= 0"),
@@ -310,7 +316,8 @@ def _unchecked_encode(group: RolloutGroup) -> list[bytes]:
     """Frames for a group exactly as a buggy sender would produce them (no checks)."""
     good = _valid_group()
     spec_tensors = ["prompt_ids", "completion_ids", "completion_lengths", "logprobs", "rewards"]
-    names = ["actor_id", "prompt_id", "policy_version", "gen_seconds", "created_at", "info"]
+    names = ["actor_id", "prompt_id", "policy_version", "finish_reasons", "gen_seconds",
+             "created_at", "info"]
     header = {
         "protocol": PROTOCOL_VERSION,
         "type": "rollout_group",

@@ -162,7 +162,8 @@ def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_d
                             completion_ids=torch.tensor([[7, 2], [8, 2]], dtype=torch.int32),
                             completion_lengths=torch.tensor([2, 2], dtype=torch.int32),
                             logprobs=torch.tensor([[-1.0, -0.5], [-2.0, -0.1]]),
-                            rewards=torch.tensor([1.0, 0.0]), gen_seconds=0.1,
+                            rewards=torch.tensor([1.0, 0.0]), finish_reasons=["stop", "stop"],
+                            gen_seconds=0.1,
                             created_at=time.time(), info={})
         frames = encode(good)
         # 3. a tensor of the wrong shape: logprobs frame cut to one row

@@ -41,6 +41,7 @@ def _group(actor_id: str = "actor-0", version: int = 0, t: int = 3) -> RolloutGr
         completion_lengths=torch.tensor([t, t], dtype=torch.int32),
         logprobs=torch.full((2, t), -0.5),
         rewards=torch.tensor([1.0, 0.0]),
+        finish_reasons=["stop", "stop"],
         gen_seconds=0.1,
         created_at=time.time(),
         info={},

@@ -74,7 +74,8 @@ class Actor:
                                         "groups": 0, "snapshots": 0, "deltas": 0, "gen_s": 0.0,
                                         "update_s": 0.0, "update_bytes": 0, "chunks": 0,
                                         "send_wait_s": 0.0, "chain_fetches": 0,
-                                        "rejected_updates": 0}
+                                        "rejected_updates": 0, "truncated": 0,
+                                        "verifier_failures": 0}
 
     @property
     def version(self) -> int | None:
@@ -85,14 +86,21 @@ class Actor:
         """Load tokenizer, task and engine, then the learner's current weights."""
         from transformers import AutoTokenizer
 
-        from rapid_async.tasks.base import get_task
+        from rapid_async.config import resolve_device
+        from rapid_async.tasks.base import task_from_config
+        from rapid_async.tasks.prompts import PromptSettings, check_chat_template
+        from rapid_async.tasks.scoring import Scorer
 
         cfg = self.cfg
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.task = get_task(cfg.task.name, digits=cfg.task.digits, ops=cfg.task.ops,
-                             seed=cfg.task.seed)
+        self.task = task_from_config(cfg)
+        self.prompt_settings = PromptSettings.from_config(cfg, self.task)
+        if self.prompt_settings.prompt_format == "chat":
+            check_chat_template(self.tokenizer, self.model_dir)
+        self.scorer = Scorer(self.task, cfg.task.failure_reward)
         self.engine = make_engine(self.engine_name, self.model_dir, cfg.model.inference_dtype,
-                                  cfg.actor.device, cfg.run.seed + (os.getpid() % 10007))
+                                  resolve_device(cfg.actor.device),
+                                  cfg.run.seed + (os.getpid() % 10007))
         from rapid_async.weights import WeightReceiver
 
         self.receiver = WeightReceiver(self.engine)
@@ -242,11 +250,14 @@ class Actor:
         from rapid_async.actor.rollout import generate_groups
 
         groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
-                                 self.version, self.actor_id)
+                                 self.version, self.actor_id, scorer=self.scorer,
+                                 prompt_settings=self.prompt_settings)
         self.stats["gen_s"] += sum(group.gen_seconds for group in groups)
         self.stats["chunks"] += 1
+        self.stats["verifier_failures"] = sum(self.scorer.failures.values())
         for group in groups:
             self.stats["tokens"] += int(group.completion_lengths.sum())
+            self.stats["truncated"] += int(group.info.get("truncated", 0))
             t_send = time.perf_counter()
             while not self.sockets.send_rollout(group, timeout_ms=500):
                 # The learner's queue is full: backpressure. Keep weights fresh
@@ -299,3 +310,6 @@ class Actor:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
+        close_task = getattr(getattr(self, "task", None), "close", None)
+        if close_task is not None:
+            close_task()

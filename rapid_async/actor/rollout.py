@@ -1,9 +1,12 @@
 """Rollouts: prompts -> K sampled completions -> scored `RolloutGroup`s.
 
 Used by the actor process (`rapid_async.actor.loop`). One call generates a
-chunk of granted prompts in one engine request, scores every completion with
-the task's verifier and packs each prompt's K completions, behaviour log-probs
-and rewards into one group for the learner.
+chunk of granted prompts in one engine request (prompts encoded by
+`tasks.prompts.encode_prompt`, in the run's prompt format, with its stop
+strings), scores every completion through `tasks.scoring.Scorer` (a failing
+verifier costs one reward, never the actor) and packs each prompt's K
+completions, behaviour log-probs, rewards and finish reasons into one group
+for the learner.
 """
 
 from __future__ import annotations
@@ -15,28 +18,43 @@ import torch
 
 from rapid_async.config import Config
 from rapid_async.engines.base import Completion, GenerateRequest
+from rapid_async.tasks.prompts import PromptSettings, decode_completion, encode_prompt
+from rapid_async.tasks.scoring import Scorer
 from rapid_async.wire.protocol import RolloutGroup
 
 
 def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices: list[int],
-                    version: int, actor_id: str) -> list[RolloutGroup]:
+                    version: int, actor_id: str, scorer: Scorer | None = None,
+                    prompt_settings: PromptSettings | None = None) -> list[RolloutGroup]:
     """Generate and score the training prompts at `indices` with weights `version`.
+
+    Args:
+        engine, tokenizer, task, cfg: the actor's engine, tokenizer, task and run config.
+        indices: training problem indices granted by the learner.
+        version: the weight version the engine holds.
+        actor_id: this actor's name.
+        scorer: reuse one Scorer to keep its failure counts (default: a new one).
+        prompt_settings: default `PromptSettings.from_config(cfg, task)`.
 
     Returns:
         One group per index, in the same order.
     """
+    scorer = scorer or Scorer(task, cfg.task.failure_reward)
+    settings = prompt_settings or PromptSettings.from_config(cfg, task)
     problems = [task.train_problem(i) for i in indices]
-    prompts = [tokenizer.encode(p.prompt) for p in problems]
+    prompts = [encode_prompt(tokenizer, p.prompt, settings) for p in problems]
     t0 = time.perf_counter()
     outs = engine.generate(GenerateRequest(
         prompts=prompts, n=cfg.algo.group_size, temperature=cfg.algo.temperature,
-        max_new_tokens=cfg.algo.max_new_tokens))
+        max_new_tokens=cfg.algo.max_new_tokens, stop=settings.stop))
     gen_s = (time.perf_counter() - t0) / max(len(indices), 1)
-    groups = []
-    for index, problem, prompt, comps in zip(indices, problems, prompts, outs):
-        rewards = [task.reward(problem, tokenizer.decode(c.token_ids, skip_special_tokens=True))
-                   for c in comps]
-        groups.append(pack_group(actor_id, str(index), version, prompt, comps, rewards, gen_s))
+    flat_problems = [p for p, comps in zip(problems, outs) for _ in comps]
+    texts = [decode_completion(tokenizer, c.token_ids) for comps in outs for c in comps]
+    rewards = scorer.score_many(flat_problems, texts)
+    groups, k = [], cfg.algo.group_size
+    for j, (index, prompt, comps) in enumerate(zip(indices, prompts, outs)):
+        groups.append(pack_group(actor_id, str(index), version, prompt, comps,
+                                 rewards[j * k:(j + 1) * k], gen_s))
     return groups
 
 
@@ -54,9 +72,11 @@ def pack_group(actor_id: str, prompt_id: str, version: int, prompt: list[int],
         ids[i, :n] = torch.tensor(c.token_ids, dtype=torch.int32)
         lps[i, :n] = torch.tensor(c.logprobs, dtype=torch.float32).clamp(max=0.0)
         lengths[i] = n
+    reasons = [c.finish_reason for c in completions]
     return RolloutGroup(
         actor_id=actor_id, prompt_id=prompt_id, policy_version=version,
         prompt_ids=torch.tensor(prompt, dtype=torch.int32), completion_ids=ids,
         completion_lengths=lengths, logprobs=lps,
-        rewards=torch.tensor(rewards, dtype=torch.float32),
-        gen_seconds=gen_seconds, created_at=time.time(), info={})
+        rewards=torch.tensor(rewards, dtype=torch.float32), finish_reasons=reasons,
+        gen_seconds=gen_seconds, created_at=time.time(),
+        info={"truncated": sum(r == "length" for r in reasons)})

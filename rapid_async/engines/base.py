@@ -18,6 +18,7 @@ Implementations: `hf.py` (transformers generate, CPU default) and `vllm.py`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -32,7 +33,8 @@ class Completion:
         token_ids: sampled token ids, EOS included when the model emitted it.
         logprobs: log-prob of each sampled token under the sampling
             distribution (temperature applied); same length as token_ids.
-        finish_reason: "stop" (EOS emitted) or "length" (max_new_tokens hit).
+        finish_reason: "stop" (EOS or a stop string emitted) or "length"
+            (max_new_tokens hit).
     """
 
     token_ids: list[int]
@@ -50,6 +52,8 @@ class GenerateRequest:
         temperature: sampling temperature (> 0).
         max_new_tokens: cap on completion length.
         seed: optional seed for reproducible sampling.
+        stop: stop strings: a completion ends with the token that completes
+            the first of them (that token is kept), finish_reason "stop".
     """
 
     prompts: list[list[int]]
@@ -58,6 +62,36 @@ class GenerateRequest:
     max_new_tokens: int = 16
     seed: int | None = None
     extra: dict = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+
+
+def stop_window(stops: tuple[str, ...] | list[str]) -> int:
+    """Tokens to decode at the end of a completion to see any stop string
+    completed by its newest token (a token is at least one byte)."""
+    return max(len(s.encode()) for s in stops) + 1
+
+
+def stop_length(token_ids: list[int], decode: Callable[[list[int]], str],
+                stops: tuple[str, ...] | list[str]) -> int | None:
+    """Where a finished completion must be cut for its first stop string.
+
+    Args:
+        token_ids: the sampled tokens.
+        decode: token ids -> text (the model's tokenizer).
+        stops: stop strings.
+
+    Returns:
+        The smallest n such that token_ids[:n] contains a stop string (its
+        last token completes it), or None when none occurs.
+    """
+    if not stops or not token_ids or not any(s in decode(token_ids) for s in stops):
+        return None
+    window = stop_window(stops)
+    for n in range(1, len(token_ids) + 1):
+        tail = decode(token_ids[max(0, n - window):n])
+        if any(s in tail for s in stops):
+            return n
+    return None
 
 
 class Engine(Protocol):

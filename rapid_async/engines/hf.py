@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from rapid_async.engines.base import Completion, GenerateRequest
+from rapid_async.engines.base import Completion, GenerateRequest, stop_window
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +53,7 @@ class HFEngine:
         self.dtype = parse_dtype(dtype)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=self.dtype)
         self._setup(model, seed)
+        self.model_dir = str(model_dir)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, seed: int = 0) -> HFEngine:
@@ -66,6 +67,7 @@ class HFEngine:
         first = next(model.parameters())
         engine.device, engine.dtype = first.device, first.dtype
         engine._setup(model, seed)
+        engine.model_dir = getattr(model.config, "_name_or_path", "") or None
         return engine
 
     def _setup(self, model: torch.nn.Module, seed: int) -> None:
@@ -85,6 +87,27 @@ class HFEngine:
         self._expected = {name: (t.shape, t.dtype) for name, t in model.state_dict().items()}
         self._parameters = dict(model.named_parameters())
         self._tied = {name for name in self._expected if name not in self._parameters}
+        self.tokenizer = None  # loaded on the first request with stop strings
+
+    def _decoder(self):
+        """token ids -> text, for stop strings (the model directory's tokenizer)."""
+        if self.tokenizer is None:
+            if not self.model_dir:
+                raise ValueError("stop strings need a tokenizer: set engine.tokenizer")
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        return lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def _hit_stop(self, tokens_out: torch.Tensor, step: int, active: torch.Tensor,
+                  stops: tuple[str, ...]) -> torch.Tensor:
+        """(B,) bool: active rows whose token at `step` completes a stop string."""
+        decode, window = self._decoder(), stop_window(stops)
+        hit = torch.zeros(tokens_out.shape[0], dtype=torch.bool)
+        for row in torch.nonzero(active.cpu()).flatten().tolist():
+            tail = decode(tokens_out[row, max(0, step + 1 - window):step + 1].tolist())
+            hit[row] = any(s in tail for s in stops)
+        return hit.to(active.device)
 
     # ------------------------------------------------------------------ generate
 
@@ -142,6 +165,9 @@ class HFEngine:
     def generate(self, request: GenerateRequest) -> list[list[Completion]]:
         """Sample `request.n` completions for each prompt, all in one batch.
 
+        Generation of a row ends at EOS or at the token that completes one of
+        `request.stop` (checked on the decoded tail of each row every step).
+
         Returns:
             One list of `n` completions per prompt, in prompt order.
         """
@@ -169,6 +195,9 @@ class HFEngine:
             tokens_out[:, step] = tokens.cpu()
             logprobs_out[:, step] = logprobs.cpu()
             finished_now = ~done & torch.isin(tokens, eos)
+            if request.stop:
+                finished_now |= self._hit_stop(tokens_out, step, ~done & ~finished_now,
+                                               tuple(request.stop))
             lengths[finished_now.cpu()] = step + 1
             done |= finished_now
             if bool(done.all()):

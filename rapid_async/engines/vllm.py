@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from rapid_async.engines.base import Completion, GenerateRequest
+from rapid_async.engines.base import Completion, GenerateRequest, stop_length
 from rapid_async.weights.layout import Layout
 
 WORKER_EXTENSION = "rapid_async.engines.vllm_worker.WeightReloadExtension"
@@ -165,6 +165,7 @@ class VLLMEngine:
         self._layout: Layout | None = None
         self._flat: torch.Tensor | None = None
         self._path: str | None = None
+        self._tokenizer = None  # loaded on the first request with stop strings
 
     def _sampling_params(self, request: GenerateRequest, prompt_index: int):
         """SamplingParams for one prompt of a request (K samples, sampled log-probs)."""
@@ -196,7 +197,28 @@ class VLLMEngine:
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in request.prompts]
         params = [self._sampling_params(request, i) for i in range(len(prompts))]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [[self._completion(c) for c in out.outputs] for out in outputs]
+        groups = [[self._completion(c) for c in out.outputs] for out in outputs]
+        if request.stop:
+            groups = [[self._cut_at_stop(c, tuple(request.stop)) for c in g] for g in groups]
+        return groups
+
+    def _cut_at_stop(self, completion: Completion, stops: tuple[str, ...]) -> Completion:
+        """Cut a completion after the token that completes its first stop string.
+
+        vLLM runs here without a tokenizer (`skip_tokenizer_init`), so stop
+        strings are applied after generation: exact for the kept tokens (each
+        was sampled before the cut) but the tokens after the cut were
+        generated in vain. EOS still stops generation inside vLLM.
+        """
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        n = stop_length(completion.token_ids,
+                        lambda ids: self._tokenizer.decode(ids, skip_special_tokens=False), stops)
+        if n is None:
+            return completion
+        return Completion(completion.token_ids[:n], completion.logprobs[:n], "stop")
 
     def _check_prompts(self, prompts: list[list[int]]) -> None:
         """Raise ValueError naming the first empty or out-of-vocabulary prompt."""

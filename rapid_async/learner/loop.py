@@ -51,9 +51,11 @@ class Learner:
         from rapid_async.learner.scheduler import WorkScheduler
         from rapid_async.learner.trainer import Trainer
         from rapid_async.metrics import MetricsWriter
+        from rapid_async.config import resolve_device
         from rapid_async.metrics_backends import open_backends
-        from rapid_async.tasks.base import get_task
+        from rapid_async.tasks.base import task_from_config
 
+        cfg.learner.device = resolve_device(cfg.learner.device)
         set_learner_threads()
         self.cfg = cfg
         self.mode = cfg.run.mode
@@ -64,8 +66,7 @@ class Learner:
         self.model_dir = model_dir or resolve_model_dir(cfg)
         self.trainer = Trainer(cfg, self.model_dir)
         self.resumed: dict[str, Any] | None = self._resume() if resume else None
-        self.task = get_task(cfg.task.name, digits=cfg.task.digits, ops=cfg.task.ops,
-                             seed=cfg.task.seed)
+        self.task = task_from_config(cfg)
         max_staleness = cfg.learner.max_staleness if not self.sync else cfg.updates_per_batch - 1
         self.buffer = RolloutBuffer(max_staleness=max_staleness)
         self.scheduler = WorkScheduler(self.mode, cfg.learner.batch_groups,
@@ -283,6 +284,7 @@ class Learner:
         """Held-out greedy success of the current weights (inference dtype)."""
         from rapid_async.engines.hf import HFEngine
         from rapid_async.evaluate import evaluate as evaluate_engine
+        from rapid_async.tasks.prompts import PromptSettings
 
         cfg = self.cfg
         if self.eval_engine is None:
@@ -290,7 +292,8 @@ class Learner:
                                         dtype=cfg.model.inference_dtype)
         self.eval_engine.load_weights(self.trainer.inference_state())
         self.last_eval = evaluate_engine(self.eval_engine, self.trainer.tokenizer, self.task,
-                                         cfg.run.eval_size, cfg.algo.max_new_tokens)
+                                         cfg.run.eval_size, cfg.algo.max_new_tokens,
+                                         prompt_settings=PromptSettings.from_config(cfg, self.task))
         return self.last_eval
 
     # ------------------------------------------------------------------ checkpoints

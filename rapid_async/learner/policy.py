@@ -30,9 +30,11 @@ class Batch:
         completion_ids: (B, T) completion tokens, 0 on padding.
         mask: (B, T) float, 1 on real completion tokens.
         behaviour_logprobs: (B, T) the actor's log mu, 0 on padding.
-        rewards: (B,) rewards in [0, 1].
+        rewards: (B,) rewards (finite floats).
         policy_versions: (B,) version that generated each row.
         group_size: K.
+        truncated: (B,) bool, True where the completion was cut at
+            max_new_tokens (finish_reason "length").
     """
 
     input_ids: torch.Tensor
@@ -44,6 +46,7 @@ class Batch:
     rewards: torch.Tensor
     policy_versions: torch.Tensor
     group_size: int
+    truncated: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> "Batch":
         fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
@@ -94,6 +97,7 @@ def collate(groups: list[Any], pad_id: int = 0) -> Batch:
     rows: list[tuple[list[int], list[int], list[float]]] = []
     rewards: list[float] = []
     versions: list[int] = []
+    truncated: list[bool] = []
     for g in groups:
         if int(g.completion_ids.shape[0]) != k:
             raise ValueError(f"group {g.prompt_id} has {g.completion_ids.shape[0]} "
@@ -104,6 +108,7 @@ def collate(groups: list[Any], pad_id: int = 0) -> Batch:
             rows.append((prompt, g.completion_ids[i, :n].tolist(), g.logprobs[i, :n].tolist()))
             rewards.append(float(g.rewards[i]))
             versions.append(int(g.policy_version))
+            truncated.append(g.finish_reasons[i] == "length")
     b = len(rows)
     seq_len = max(len(p) + len(c) for p, c, _ in rows)
     t_max = max(1, max(len(c) for _, c, _ in rows))
@@ -124,7 +129,8 @@ def collate(groups: list[Any], pad_id: int = 0) -> Batch:
             blp[r, :c] = torch.tensor(lps, dtype=torch.float32)
     return Batch(input_ids, attention, positions, comp, mask, blp,
                  torch.tensor(rewards, dtype=torch.float32),
-                 torch.tensor(versions, dtype=torch.long), k)
+                 torch.tensor(versions, dtype=torch.long), k,
+                 torch.tensor(truncated, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------- micro-batches

@@ -12,6 +12,7 @@ are written and loaded by `rapid_async.learner.checkpoint`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -21,11 +22,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rapid_async.config import Config
+from rapid_async.config import Config, resolve_device
 from rapid_async.loss import (LossSettings, compute_loss, loss_normalisers, microbatch_loss,
                               row_advantages)
 from rapid_async.learner.policy import (Batch, PolicyLogprobs, collate, plan_microbatches,
                                         splits_groups)
+from rapid_async.learner.truncation import apply_truncated
 from rapid_async.weights import INFERENCE_DTYPES, cast_state
 
 log = logging.getLogger("rapid.learner")
@@ -57,7 +59,7 @@ class Trainer:
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         torch.manual_seed(cfg.run.seed)
-        self.device = torch.device(cfg.learner.device)
+        self.device = torch.device(resolve_device(cfg.learner.device))
         self.compute_dtype = resolve_compute_dtype(cfg.learner.compute_dtype, self.device)
         self.model = self._load_model(model_dir, cfg.learner.activation_checkpointing)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -107,13 +109,18 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         plan = plan_microbatches(batch.lengths, batch.group_size, self.cfg.learner.micro_batch_tokens)
-        rows, tokens = loss_normalisers(batch.mask)
+        raw, keep = batch, None  # algo.truncated: rewards to train on, rows in the loss
+        rewards, loss_rows = apply_truncated(batch.rewards, batch.truncated, self.cfg.algo.truncated)
+        batch = dataclasses.replace(batch, rewards=rewards)
+        if loss_rows is not None:
+            keep = loss_rows.to(batch.mask.dtype)  # (B,)
+        rows, tokens = loss_normalisers(batch.mask if keep is None else batch.mask * keep[:, None])
         advantages = self._advantages_first(batch, plan)
         logprobs = torch.zeros(batch.mask.shape, dtype=torch.float32)  # (B, T), detached
         ref = torch.zeros_like(logprobs) if self.ref_policy is not None else None
         self.optimizer.zero_grad(set_to_none=True)
         for micro_rows in plan:
-            lp, ref_lp = self._accumulate(batch, micro_rows, advantages, rows, tokens)
+            lp, ref_lp = self._accumulate(batch, micro_rows, advantages, rows, tokens, keep)
             idx = torch.tensor(micro_rows)
             logprobs[idx, :lp.shape[1]] = lp
             if ref is not None:
@@ -121,7 +128,10 @@ class Trainer:
         with torch.no_grad():
             loss, metrics = compute_loss(logprobs, batch.behaviour_logprobs, batch.mask,
                                          batch.rewards, batch.group_size, self.settings,
-                                         ref_logprobs=ref)
+                                         ref_logprobs=ref, loss_rows=loss_rows)
+        if batch.truncated is not None:
+            metrics["batch/truncated_frac"] = float(batch.truncated.float().mean())
+        batch = raw
         clip = self.cfg.learner.grad_clip
         grad_norm = float(torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), clip if clip > 0 else float("inf")))
@@ -155,9 +165,11 @@ class Trainer:
                           micro.completion_ids, micro.mask)
 
     def _accumulate(self, batch: Batch, micro_rows: list[int], advantages: torch.Tensor | None,
-                    rows: float, tokens: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    rows: float, tokens: float, keep: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward and backward of one micro-batch; returns its detached (b, T) log-probs
-        (and reference log-probs) on the CPU."""
+        (and reference log-probs) on the CPU. `keep` (B,) zeroes rows out of the loss
+        (algo.truncated = "mask")."""
         micro = batch.select(micro_rows).to(self.device)
         lp = self._logprobs(self.policy, micro)  # (b, T)
         ref = None
@@ -169,7 +181,10 @@ class Trainer:
                                  micro.group_size, self.settings)  # (b,)
         else:
             adv = advantages[torch.tensor(micro_rows)].to(self.device)  # (b,)
-        loss = microbatch_loss(lp, micro.behaviour_logprobs, micro.mask, adv, self.settings,
+        loss_mask = micro.mask
+        if keep is not None:
+            loss_mask = micro.mask * keep[torch.tensor(micro_rows)].to(self.device)[:, None]
+        loss = microbatch_loss(lp, micro.behaviour_logprobs, loss_mask, adv, self.settings,
                                rows, tokens, ref_logprobs=ref)
         loss.backward()
         return lp.detach().cpu(), (ref.cpu() if ref is not None else None)

@@ -172,7 +172,11 @@ class RolloutGroup:
         completion_ids: (K, T) int32 completion token ids, right-padded with 0.
         completion_lengths: (K,) int32 number of real tokens in each row (<= T).
         logprobs: (K, T) float32 behaviour log-probs (<= 0), 0 in padding.
-        rewards: (K,) float32 rewards in [0, 1].
+        rewards: (K,) float32 rewards, any finite values (tasks may give
+            e.g. -1 for a format error).
+        finish_reasons: K strings, why each completion ended: "stop" (EOS or
+            a stop string) or "length" (cut at max_new_tokens; the learner
+            treats these as `algo.truncated` says).
         gen_seconds: time spent generating the group.
         created_at: unix time when the group was finished.
         info: small flat dict of str -> scalar (e.g. finish reasons counts).
@@ -186,9 +190,14 @@ class RolloutGroup:
     completion_lengths: torch.Tensor
     logprobs: torch.Tensor
     rewards: torch.Tensor
+    finish_reasons: list
     gen_seconds: float
     created_at: float
     info: dict
+
+
+FINISH_REASONS = ("stop", "length")
+"""Why a completion ended: EOS or a stop string, or the max_new_tokens cap."""
 
 
 Message = (Hello | Welcome | SnapshotRequest | DeltaRequest | WeightUpdate | ActorStats | Stop
@@ -251,6 +260,12 @@ def _index_list(name: str, value: Any) -> list:
     if not isinstance(value, (list, tuple)) or len(value) > 1_000_000:
         raise ProtocolError(f"field {name!r} must be a list of ints, got {type(value).__name__}")
     return [_nonneg_int(name, item) for item in value]
+
+
+def _str_list(name: str, value: Any) -> list:
+    if not isinstance(value, (list, tuple)) or len(value) > 1_000_000:
+        raise ProtocolError(f"field {name!r} must be a list of str, got {type(value).__name__}")
+    return [_str(name, item) for item in value]
 
 
 def _tree(name: str, value: Any, depth: int = 0) -> Any:
@@ -316,9 +331,12 @@ def _check_rollout_group(msg: RolloutGroup) -> None:
     padding = torch.arange(t).unsqueeze(0) >= lengths.unsqueeze(1)  # (K, T)
     if (msg.completion_ids[padding] != 0).any() or (msg.logprobs[padding] != 0).any():
         raise ProtocolError("completion_ids and logprobs must be 0 in the padding (positions >= length)")
-    rewards = msg.rewards
-    if not torch.isfinite(rewards).all() or (rewards < 0).any() or (rewards > 1).any():
-        raise ProtocolError(f"rewards must be in [0, 1], got {rewards.tolist()}")
+    if not torch.isfinite(msg.rewards).all():
+        raise ProtocolError(f"rewards must be finite, got {msg.rewards.tolist()}")
+    reasons = msg.finish_reasons
+    if len(reasons) != k or any(r not in FINISH_REASONS for r in reasons):
+        raise ProtocolError(f"finish_reasons must be K = {k} values from {FINISH_REASONS}, "
+                            f"got {list(reasons)[:8]!r}")
     if msg.gen_seconds < 0:
         raise ProtocolError(f"gen_seconds must be >= 0, got {msg.gen_seconds}")
 
@@ -375,6 +393,7 @@ _SPECS = [
             "actor_id": _str,
             "prompt_id": _str,
             "policy_version": _nonneg_int,
+            "finish_reasons": _str_list,
             "gen_seconds": _float,
             "created_at": _float,
             "info": _flat_dict,
