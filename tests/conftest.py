@@ -14,6 +14,26 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _find_shared_data() -> Path | None:
+    """shared/data beside the clone (CI) or above the worktree (development)."""
+    for parent in REPO.parents:
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
+    return None
+
+
+SHARED_DATA = _find_shared_data()
+"""The real datasets (GSM8K, MATH, MBPP, MiniF2F), or None where not present."""
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets' folder; tests that need it skip where it is missing."""
+    if SHARED_DATA is None:
+        pytest.skip("shared/data (the real datasets) is not beside this checkout")
+    return SHARED_DATA
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models gain nothing from more threads; one avoids oversubscribing shared CPUs."""
