@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -394,6 +395,18 @@ def set_learner_threads() -> None:
         torch.set_num_threads(int(threads))
 
 
+def _download(name: str) -> str:
+    """A hub model's files in the local hub cache (fetched on first use)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                       "*.model", "*.jinja"])
+    except Exception as err:  # offline, unknown name, no access: say which
+        raise ValueError(f"model.path = {name!r}: could not download it from the Hugging Face "
+                         f"hub ({type(err).__name__}: {err}); give a local model directory") from err
+
+
 def endpoint_file(run_dir: Path) -> Path:
     """RUN_DIR/learner.json: where actors and the launcher find the control endpoint."""
     return run_dir / "learner.json"
@@ -405,13 +418,17 @@ def run_learner(cfg: Config, resume: bool = False, model_dir: str | None = None)
 
 
 def resolve_model_dir(cfg: Config) -> str:
-    """The model directory of a run: `model.path`, or the cached tiny model."""
+    """The model directory of a run: `model.path` (a local directory, or a Hugging
+    Face hub name such as "Qwen/Qwen2.5-0.5B-Instruct", downloaded to the hub
+    cache), or the cached tiny model."""
     if cfg.model.path:
         p = Path(cfg.model.path)
-        if not (p / "config.json").is_file():
-            raise ValueError(f"model.path = {cfg.model.path!r} is not a Hugging Face model "
-                             "directory (no config.json)")
-        return str(p)
+        if (p / "config.json").is_file():
+            return str(p)
+        if not p.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model.path):
+            return _download(cfg.model.path)
+        raise ValueError(f"model.path = {cfg.model.path!r} is not a Hugging Face model "
+                         "directory (no config.json) nor a hub name like 'org/model'")
     from rapid_async.tinymodel import ensure_warm_model
 
     return str(ensure_warm_model())
