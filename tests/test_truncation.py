@@ -59,3 +59,67 @@ def test_masked_rows_give_no_gradient_but_count_in_the_baseline():
     per_row = torch.stack(per_row)
     assert full.item() == pytest.approx(per_row.mean().item(), abs=1e-6)
     assert loss.item() == pytest.approx(per_row[rows].mean().item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------- in the trainer
+
+
+def _groups(truncated_rows):
+    """The trainer tests' two groups, with finish_reason "length" on the given rows."""
+    from test_trainer import two_groups
+
+    groups = two_groups()
+    for g_index, group in enumerate(groups):
+        group.finish_reasons = ["length" if (g_index, i) in truncated_rows else "stop"
+                                for i in range(4)]
+    return groups
+
+
+def _grad_after_update(model_dir, policy, truncated_rows, budget=0):
+    from rapid_async.config import load_config
+    from rapid_async.learner.trainer import Trainer
+
+    cfg = load_config(overrides=["learner.lr=1e-3", "algo.group_size=4", "run.seed=0",
+                                 f"algo.truncated={policy}", f"learner.micro_batch_tokens={budget}"])
+    trainer = Trainer(cfg, model_dir)
+    captured = {}
+    original = trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        captured["grad"] = torch.cat([p.grad.flatten() for p in trainer.model.parameters()
+                                      if p.grad is not None]).clone()
+        return original(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    metrics = trainer.update(_groups(truncated_rows))
+    return captured["grad"], metrics
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    from test_trainer import SMALL
+
+    from rapid_async.tinymodel import init_model_dir
+
+    return init_model_dir(tmp_path_factory.mktemp("trunc") / "model", seed=0, **SMALL)
+
+
+def test_trainer_applies_the_policy(small_model, one_thread):
+    every = {(g, i) for g in range(2) for i in range(4)}
+    keep, m = _grad_after_update(small_model, "keep", every)
+    assert keep.abs().sum() > 0 and m["batch/truncated_frac"] == 1.0
+    for policy in ("zero-reward", "mask"):
+        grad, _ = _grad_after_update(small_model, policy, every)
+        assert grad.abs().max() == 0.0, policy
+    none, _ = _grad_after_update(small_model, "mask", set())
+    assert torch.equal(none, keep)  # nothing truncated: same as keep
+
+
+def test_masked_rows_in_micro_batches_match_the_full_batch(small_model, one_thread):
+    rows = {(0, 1), (1, 3)}
+    full, _ = _grad_after_update(small_model, "mask", rows, budget=0)
+    micro, m = _grad_after_update(small_model, "mask", rows, budget=8)
+    assert m["batch/microbatches"] > 1
+    assert torch.allclose(full, micro, atol=1e-6, rtol=1e-5)
+    kept, _ = _grad_after_update(small_model, "keep", rows, budget=0)
+    assert not torch.allclose(full, kept)
