@@ -119,6 +119,13 @@ def test_parse_overrides_rejects_malformed():
      "learner.buffer_groups"),
     (["algo.temperature=nan"], "algo.temperature"),
     (["algo.eta=nan"], "algo.eta"),
+    (["algo.truncated=drop"], "algo.truncated"),
+    (["task.prompt_format=html"], "task.prompt_format"),
+    (["task.failure_reward=nan"], "task.failure_reward"),
+    (["task.failure_reward=inf"], "task.failure_reward"),
+    (["learner.device=gpu0"], "learner.device"),
+    (["actor.device=cuda:x"], "actor.device"),
+    (["task.stop=[1, 2]"], "task.stop"),
 ])
 def test_invalid_values_name_the_field(overrides, field):
     with pytest.raises(ValueError) as info:
@@ -177,3 +184,32 @@ def test_every_section_field_is_documented():
         for name in names:
             assert len(docs[name]) > 10, f"{cls.__name__}.{name}: docstring too short"
             assert "\n" not in docs[name]
+
+
+def test_task_options_table_flat_keys_and_overrides(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text('[task]\nname = "gsm8k"\nprompt_format = "chat"\nseed = 3\n'
+                    'stop = ["\\n\\n"]\n[task.options]\ntrain_path = "a.jsonl"\nheldout_size = 5\n')
+    cfg = load_config(path, ["task.options.heldout_size=7", "task.options.hf_config=main"])
+    assert cfg.task.options == {"seed": 3, "train_path": "a.jsonl", "heldout_size": 7,
+                                "hf_config": "main"}
+    assert cfg.task.stop == ["\n\n"] and cfg.task.prompt_format == "chat"
+    out = tmp_path / "again.toml"
+    out.write_text(dumps_toml(cfg))
+    assert load_config(out).to_dict() == cfg.to_dict()
+
+
+def test_new_defaults_make_sense_for_real_tasks():
+    cfg = Config().validate()
+    assert cfg.algo.max_new_tokens >= 512 and cfg.algo.truncated == "keep"
+    assert cfg.learner.device == "auto" and cfg.actor.device == "auto"
+    assert cfg.task.prompt_format == "plain" and cfg.task.failure_reward == 0.0
+
+
+def test_auto_device_is_the_cpu_without_a_gpu():
+    import torch
+
+    from rapid_async.config import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cuda:1") == "cuda:1"

@@ -239,3 +239,24 @@ def test_gpu_engine_parity(engine, learner):
         gap = max_gap(engine.score(PROMPTS, completions),
                       learner_logprobs(learner, PROMPTS, completions))
         assert gap < LEARNER_TOL
+
+
+def test_stop_strings_cut_completions(engine, random_model_dir):
+    """vLLM runs without a tokenizer, so stop strings are applied after
+    generation: each completion ends right after its first stop string."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(random_model_dir)
+    stops = ("5", "12")
+    groups = engine.generate(GenerateRequest(prompts=[tok("3+4=")["input_ids"]], n=16,
+                                             temperature=1.0, max_new_tokens=16, seed=3,
+                                             stop=stops))
+    hits = 0
+    for c in groups[0]:
+        text = tok.decode(c.token_ids)
+        assert len(c.logprobs) == len(c.token_ids)
+        if any(s in text for s in stops):
+            hits += 1
+            assert c.finish_reason == "stop" and text.endswith(stops), text
+            assert not any(s in tok.decode(c.token_ids[:-1]) for s in stops), text
+    assert hits >= 3
