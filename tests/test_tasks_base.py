@@ -111,3 +111,25 @@ def test_plugins_reach_a_child_process(plugin_dir):
                              env={"PYTHONPATH": f"{plugin_dir}:{REPO}", "PATH": "/usr/bin:/bin"})
         assert out.returncode == 0, out.stderr
         assert out.stdout.split() == ["EchoTask", "yo"]
+
+
+def test_a_module_path_task_trains_through_rapid_run(plugin_dir, random_model_dir):
+    """rapid-run's learner and actor both build the plug-in from the config:
+    its reward (-1: the tiny model cannot write letters) reaches the learner."""
+    from rapid_async.metrics import read_metrics
+
+    run_dir = plugin_dir / "run"
+    sets = [f"model.path={random_model_dir}", "task.name=echo_plugin:EchoTask",
+            f"run.run_dir={run_dir}", "run.max_steps=2", "run.eval_every=0", "run.eval_size=2",
+            "algo.group_size=2", "algo.max_new_tokens=4", "learner.batch_groups=2",
+            "learner.minibatch_groups=2", "learner.buffer_groups=4", "actor.chunk_groups=2"]
+    args = [sys.executable, "-m", "rapid_async.cli", "run", "--actors", "1"]
+    for s in sets:
+        args += ["--set", s]
+    out = subprocess.run(args, cwd=plugin_dir, capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
+                              "OMP_NUM_THREADS": "1", "HOME": str(plugin_dir)})
+    logs = out.stdout + out.stderr + "".join(p.read_text() for p in run_dir.glob("*.log"))
+    assert out.returncode == 0, logs[-3000:]
+    steps = [r for r in read_metrics(run_dir) if r.get("role") == "learner" and "loss/policy" in r]
+    assert len(steps) == 2 and all(r["reward/mean"] == -1.0 for r in steps)
