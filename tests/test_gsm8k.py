@@ -72,6 +72,17 @@ def test_answers_written_the_way_models_write_them(text, expected):
     assert task.reward(Problem("x", "q", "1234"), text) == expected, (text, final_answer(text))
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("\\boxed{\\frac{1}{2}}", 1), ("#### 1/2", 1), ("#### 0.50", 1), ("so 0.5 of the pie", 1),
+    ("\\boxed{\\dfrac{2}{4}}", 1), ("#### 0.6", 0), ("\\boxed{\\frac{1}{3}}", 0),
+])
+def test_fractions_and_decimals_compare_as_numbers(text, expected):
+    from rapid_async.tasks.base import Problem
+
+    task = GSM8KTask.__new__(GSM8KTask)
+    assert task.reward(Problem("x", "q", "0.5"), text) == expected
+
+
 def test_verifier_never_raises_on_junk():
     from rapid_async.tasks.base import Problem
 
