@@ -81,6 +81,7 @@ def make_groups(n_groups: int, prompt_len: int, completion_len: int, seed: int) 
             completion_ids=ids, completion_lengths=torch.full((K,), completion_len, dtype=torch.int32),
             logprobs=torch.full((K, completion_len), -11.9, dtype=torch.float32),
             rewards=torch.roll(torch.tensor([1.0, 0.0, 0.0, 1.0]), g),  # mixed: real gradients
+            finish_reasons=["stop"] * K,
             gen_seconds=0.0, created_at=0.0, info={}))
     return groups
 
