@@ -255,6 +255,18 @@ def _actor_busy(run_dir: Path) -> str:
     return " ".join(f"{v:.0%}" for _, v in sorted(latest.items())) or "-"
 
 
+def check_task(cfg: Config) -> None:
+    """Build the run's task once here, so that bad task options or a missing
+    toolchain (minif2f without Lean) stop rapid-run with the task's own message
+    before any child starts (raises ValueError)."""
+    from rapid_async.tasks.base import task_from_config
+
+    task = task_from_config(cfg)
+    close = getattr(task, "close", None)
+    if close is not None:
+        close()
+
+
 def run_node(config_path: str | None, overrides: list[str], n_actors: int | None,
              resume: bool = False) -> int:
     """`rapid-run`: the whole node. Returns the process exit code."""
@@ -262,6 +274,7 @@ def run_node(config_path: str | None, overrides: list[str], n_actors: int | None
     from rapid_async.learner.loop import resolve_model_dir
 
     cfg = load_config(config_path, overrides)
+    check_task(cfg)
     if n_actors is None:
         gpus = _gpu_count()
         n_actors = max(1, gpus - 1) if gpus else max(1, len(os.sched_getaffinity(0)) - 1)

@@ -78,3 +78,19 @@ def test_refused_without_running_lean(task):
 
 def test_timeout_scores_zero(task):
     assert task.reward(task.heldout(1)[0], "  decide\n  norm_num") == 0.0
+
+
+def test_rapid_run_refuses_to_start_without_a_toolchain(shared_data, tmp_path):
+    """The launcher builds the task before any child: the message comes first."""
+    import os
+    import subprocess
+
+    from conftest import REPO
+
+    args = [sys.executable, "-m", "rapid_async.cli", "run", "--actors", "1",
+            "--set", "task.name=minif2f", "--set", f"run.run_dir={tmp_path / 'run'}"]
+    out = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RAPID_DATA": str(shared_data), "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2
+    assert "needs a Lean 4 toolchain" in out.stderr and "lean_project" in out.stderr
+    assert not (tmp_path / "run" / "learner.log").exists()
