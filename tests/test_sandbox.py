@@ -128,3 +128,31 @@ def test_bad_settings_are_refused():
         Sandbox(isolation="docker")
     with pytest.raises(ValueError, match="wall_s"):
         Limits(wall_s=0)
+
+
+def test_unprivileged_users_get_the_userns_mode():
+    """The path a non-root user takes (most GPU nodes): run as `nobody`."""
+    import shutil
+    import stat
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("su") is None or not Path("/usr/bin/python3").exists():
+        pytest.skip("needs root (to become nobody), su and /usr/bin/python3")
+    if any(not p.stat().st_mode & stat.S_IXOTH for p in [REPO, *REPO.parents]):
+        pytest.skip("the checkout is not readable by other users")
+    script = (
+        "from rapid_async.tasks.sandbox import Limits, Sandbox\n"
+        "s = Sandbox(Limits(wall_s=3, cpu_s=3, processes=16))\n"
+        "print('mode', s.isolation)\n"
+        "r = s.run(\"import socket\\nsocket.create_connection(('127.0.0.1', 22), timeout=1)\\n\")\n"
+        "print('net', r.returncode, 'unreachable' in r.stderr)\n"
+        "r = s.run(\"open('/tmp/rapid-nobody-escape', 'w').write('x')\\nprint('wrote')\\n\")\n"
+        "print('tmp', r.stdout.strip())\n")
+    out = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c",
+                          f"cd /tmp && PYTHONPATH={REPO} /usr/bin/python3 -"],
+                         input=script, capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    if "mode none" in lines:
+        pytest.skip("unprivileged user namespaces are not allowed here")
+    assert lines[:3] == ["mode userns", "net 1 True", "tmp wrote"], out.stdout + out.stderr
+    assert not os.path.exists("/tmp/rapid-nobody-escape")
