@@ -41,6 +41,7 @@ def learner(config: Optional[str] = typer.Option(None, "--config", "-c", help=CO
             set_: list[str] = typer.Option([], "--set", help=SET_HELP),
             resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in run.run_dir."),
             model_dir: Optional[str] = typer.Option(None, "--model-dir", help="Model directory (default: model.path or the tiny model)."),
+            devices: Optional[int] = typer.Option(None, "--devices", help="Learner ranks (GPUs on a GPU node, cores on CPU): > 1 starts torchrun and shards the model with FSDP2 (sets learner.devices)."),
             ) -> None:
     """Bind the learner's sockets and train (rapid-learner)."""
     from rapid_async.launch import apply_affinity_from_env
@@ -48,11 +49,21 @@ def learner(config: Optional[str] = typer.Option(None, "--config", "-c", help=CO
     apply_affinity_from_env()
     _setup_logging()
     from rapid_async.config import load_config
+    from rapid_async.learner import distributed
 
     try:
-        cfg = load_config(config, set_)
+        overrides = [*set_, *([f"learner.devices={devices}"] if devices else [])]
+        cfg = load_config(config, overrides)
         if os.environ.get("RAPID_DEVICE") == "cuda":
             cfg.learner.device = "cuda"
+        if distributed.needs_torchrun(cfg.learner.devices):
+            args = [*(["--config", config] if config else []),
+                    *[a for o in overrides for a in ("--set", o)],
+                    *(["--resume"] if resume else []), *(["--model-dir", model_dir] if model_dir else [])]
+            distributed.exec_torchrun(cfg.learner.devices, args)
+        if distributed.is_follower():
+            distributed.run_follower(cfg, model_dir)
+            return
         from rapid_async.learner.loop import run_learner
 
         run_learner(cfg, resume=resume, model_dir=model_dir)
@@ -96,12 +107,13 @@ def run(config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG
         set_: list[str] = typer.Option([], "--set", help=SET_HELP),
         actors: Optional[int] = typer.Option(None, "--actors", "-n", help="Number of actors (default: one per free core or GPU)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint."),
+        learner_devices: Optional[int] = typer.Option(None, "--learner-devices", help="GPUs (cores on CPU) for the learner: > 1 runs it as torchrun ranks with FSDP2; the actors get the other devices (sets learner.devices)."),
         ) -> None:
     """Start a learner and N actors on this node and watch them (rapid-run)."""
     from rapid_async.launch import run_node
 
     try:
-        code = run_node(config, set_, actors, resume=resume)
+        code = run_node(config, set_, actors, resume=resume, learner_devices=learner_devices)
     except ValueError as exc:
         _fail(str(exc))
     raise typer.Exit(code)

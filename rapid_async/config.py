@@ -202,6 +202,10 @@ class LearnerConfig:
     """GPUs of the learner ranks on this node, e.g. "0,1" (empty: the first
     `devices` GPUs). Used by rapid-run."""
 
+    record_batches: bool = False
+    """Save every mini-batch the learner trains on to RUN_DIR/batches/ (safetensors),
+    to replay a run on another setup or to debug a skipped step."""
+
     max_skipped_steps: int = 10
     """Stop with an error after this many consecutive steps skipped for a
     non-finite loss or gradient norm (0: never stop)."""

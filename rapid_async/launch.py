@@ -2,9 +2,11 @@
 
 The launcher builds (or finds in the cache) the model, starts the learner,
 waits for it to write RUN_DIR/learner.json with its control endpoint, then
-starts the actors. Each child gets one device: on a GPU node the learner gets
-GPU 0 and actor i GPU i+1 (CUDA_VISIBLE_DEVICES); on CPU the learner gets core
-0 and the actors the other cores (CPU affinity, one torch thread each).
+starts the actors. Each child gets its devices: on a GPU node the learner gets
+the first `learner.devices` GPUs (one torchrun rank each, FSDP2) and each actor
+one of the others (CUDA_VISIBLE_DEVICES; `learner.gpus` / `actor.gpus`
+override); on CPU the learner's ranks get the first cores and the actors the
+others (CPU affinity, one torch thread each).
 
 While the run goes on, the launcher shows the learner's progress from its
 metrics (`rapid_async.progress`: a rich bar on a terminal, a line every few
@@ -30,18 +32,24 @@ from typing import Any
 from rapid_async.config import Config
 
 
-def device_plan(n_actors: int) -> list[dict[str, str]]:
-    """Environment per child: index 0 the learner, then the actors."""
+def device_plan(n_actors: int, learner_devices: int = 1, learner_gpus: str = "",
+                actor_gpus: str = "") -> list[dict[str, str]]:
+    """Environment per child: index 0 the learner (all its ranks), then the actors.
+
+    GPU node: the learner gets `learner_gpus` (default: the first
+    `learner_devices` GPUs), each actor one of `actor_gpus` (default: the
+    other GPUs; with none left, actors share the learner's first GPU). CPU:
+    the learner's ranks get the first `learner_devices` cores, the actors the
+    next ones (wrapping around).
+    """
     gpus = _gpu_count()
-    plans = []
     if gpus >= 1:
-        # Learner on GPU 0, actor i on GPU i+1 (wrapping); with a single GPU
-        # everyone shares it.
-        for i in range(n_actors + 1):
-            plans.append({"CUDA_VISIBLE_DEVICES": str(i % gpus), "RAPID_DEVICE": "cuda"})
-        return plans
+        return _gpu_plan(n_actors, gpus, learner_devices, learner_gpus, actor_gpus)
     cores = sorted(os.sched_getaffinity(0))
-    for i in range(n_actors + 1):
+    learner_cores = ",".join(str(cores[i % len(cores)]) for i in range(learner_devices))
+    plans = [{"RAPID_CPU_AFFINITY": learner_cores, "CUDA_VISIBLE_DEVICES": "",
+              "OMP_NUM_THREADS": "1", "RAPID_LEARNER_THREADS": "1", "RAPID_DEVICE": "cpu"}]
+    for i in range(learner_devices, learner_devices + n_actors):
         core = cores[i % len(cores)]
         plans.append({"RAPID_CPU_AFFINITY": str(core), "CUDA_VISIBLE_DEVICES": "",
                       "OMP_NUM_THREADS": "1", "RAPID_LEARNER_THREADS": "1",
@@ -49,6 +57,23 @@ def device_plan(n_actors: int) -> list[dict[str, str]]:
                       # vLLM's CPU worker binds its own OpenMP threads: keep
                       # them on this child's core, not on the learner's.
                       "VLLM_CPU_OMP_THREADS_BIND": str(core)})
+    return plans
+
+
+def _gpu_plan(n_actors: int, gpus: int, learner_devices: int, learner_gpus: str,
+              actor_gpus: str) -> list[dict[str, str]]:
+    mine = [int(g) for g in learner_gpus.split(",")] if learner_gpus else list(range(learner_devices))
+    if len(mine) != learner_devices or max(mine) >= gpus:
+        raise ValueError(f"learner.devices = {learner_devices} needs that many GPUs of the "
+                         f"{gpus} on this node (learner.gpus = {learner_gpus!r}): lower "
+                         "learner.devices or list the GPUs in learner.gpus")
+    theirs = ([int(g) for g in actor_gpus.split(",")] if actor_gpus
+              else [g for g in range(gpus) if g not in mine] or mine[:1])
+    if max(theirs) >= gpus:
+        raise ValueError(f"actor.gpus = {actor_gpus!r}: this node has GPUs 0..{gpus - 1}")
+    plans = [{"CUDA_VISIBLE_DEVICES": ",".join(map(str, mine)), "RAPID_DEVICE": "cuda"}]
+    for i in range(n_actors):
+        plans.append({"CUDA_VISIBLE_DEVICES": str(theirs[i % len(theirs)]), "RAPID_DEVICE": "cuda"})
     return plans
 
 
@@ -72,10 +97,14 @@ def placement_record(plan: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def apply_affinity_from_env() -> None:
-    """Called first thing in a child: pin to the core the launcher chose."""
-    core = os.environ.get("RAPID_CPU_AFFINITY")
-    if core:
-        os.sched_setaffinity(0, {int(core)})
+    """Called first thing in a child: pin to the core(s) the launcher chose; a
+    learner rank under torchrun (LOCAL_RANK) takes its own core of the list."""
+    value = os.environ.get("RAPID_CPU_AFFINITY")
+    if value:
+        cores = [int(c) for c in value.split(",")]
+        if "LOCAL_RANK" in os.environ:
+            cores = [cores[int(os.environ["LOCAL_RANK"]) % len(cores)]]
+        os.sched_setaffinity(0, set(cores))
 
 
 class Launcher:
@@ -110,7 +139,8 @@ class Launcher:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         endpoint_file = self.run_dir / "learner.json"
         endpoint_file.unlink(missing_ok=True)
-        plan = device_plan(self.n_actors)
+        lc = self.cfg.learner
+        plan = device_plan(self.n_actors, lc.devices, lc.gpus, self.cfg.actor.gpus)
         (self.run_dir / "placement.json").write_text(json.dumps(placement_record(plan)))
         args = ["learner", *self._config_args(), "--model-dir", model_dir]
         if self.resume:
@@ -268,16 +298,19 @@ def check_task(cfg: Config) -> None:
 
 
 def run_node(config_path: str | None, overrides: list[str], n_actors: int | None,
-             resume: bool = False) -> int:
+             resume: bool = False, learner_devices: int | None = None) -> int:
     """`rapid-run`: the whole node. Returns the process exit code."""
     from rapid_async.config import load_config
     from rapid_async.learner.loop import resolve_model_dir
 
+    if learner_devices is not None:
+        overrides = [*overrides, f"learner.devices={learner_devices}"]
     cfg = load_config(config_path, overrides)
     check_task(cfg)
     if n_actors is None:
         gpus = _gpu_count()
-        n_actors = max(1, gpus - 1) if gpus else max(1, len(os.sched_getaffinity(0)) - 1)
+        free = gpus if gpus else len(os.sched_getaffinity(0))
+        n_actors = max(1, free - cfg.learner.devices)
     model_dir = resolve_model_dir(cfg)
     launcher = Launcher(config_path, overrides, cfg, n_actors, resume)
     previous = signal.getsignal(signal.SIGTERM)

@@ -126,6 +126,14 @@ def test_parse_overrides_rejects_malformed():
     (["learner.device=gpu0"], "learner.device"),
     (["actor.device=cuda:x"], "actor.device"),
     (["task.stop=[1, 2]"], "task.stop"),
+    (["learner.micro_batch_tokens=-1"], "learner.micro_batch_tokens"),
+    (["learner.logprob_chunk_tokens=0"], "learner.logprob_chunk_tokens"),
+    (["learner.compute_dtype=float16"], "learner.compute_dtype"),
+    (["model.train_dtype=bfloat16"], "model.train_dtype"),
+    (["learner.devices=0"], "learner.devices"),
+    (["learner.gpus=0;1"], "learner.gpus"),
+    (["actor.gpus=a"], "actor.gpus"),
+    (["learner.max_skipped_steps=-1"], "learner.max_skipped_steps"),
 ])
 def test_invalid_values_name_the_field(overrides, field):
     with pytest.raises(ValueError) as info:

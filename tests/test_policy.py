@@ -261,3 +261,15 @@ def test_no_vocabulary_sized_tensor_beyond_one_chunk_forward_and_backward(groups
     with LogitSizedTensors(vocab, 48, limit=2) as mode:
         full_logits_logprobs(model, batch, 1.0).sum().backward()
     assert any(shape[:2] == tuple(batch.input_ids.shape) for _, shape in mode.seen)
+
+
+def test_save_and_load_batch_round_trip(groups, tmp_path):
+    from rapid_async.learner.policy import load_batch, save_batch
+
+    batch = collate(groups, pad_id=2)
+    save_batch(batch, tmp_path / "b.safetensors")
+    again = load_batch(tmp_path / "b.safetensors")
+    assert again.group_size == 2
+    for name, value in batch.__dict__.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(getattr(again, name), value) and getattr(again, name).dtype == value.dtype

@@ -196,3 +196,35 @@ def test_consecutive_skips_stop_training(model_dir):
     trainer.update(two_groups())
     with pytest.raises(RuntimeError, match="learner.max_skipped_steps = 2"):
         trainer.update(two_groups())
+
+
+# ---------------------------------------------------------------- on a GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("budget", [0, 40])
+def test_gpu_update_matches_cpu_in_fp32(model_dir, budget):
+    results = {}
+    for device in ("cpu", "cuda"):
+        cfg = load_config(overrides=["learner.lr=1e-3", f"learner.device={device}",
+                                     "learner.compute_dtype=float32",
+                                     f"learner.micro_batch_tokens={budget}"])
+        trainer = Trainer(cfg, model_dir)
+        results[device] = (trainer.update(six_groups()), grads(trainer.model))
+    assert results["cuda"][0]["loss/total"] == pytest.approx(results["cpu"][0]["loss/total"], abs=1e-5)
+    for k, g in results["cpu"][1].items():
+        torch.testing.assert_close(results["cuda"][1][k].cpu(), g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_default_is_bf16_compute_and_moves_weights_at_lr_1e6(model_dir):
+    cfg = load_config(overrides=["learner.lr=1e-6", "learner.device=cuda"])
+    trainer = Trainer(cfg, model_dir)
+    assert trainer.compute_dtype == torch.bfloat16
+    before = weights(trainer.model)
+    m = trainer.update(six_groups())
+    assert m["guard/skipped"] == 0.0 and m["memory/peak_gib"] > 0
+    total = sum(v.numel() for v in before.values())
+    changed = sum(int((trainer.model.state_dict()[k] != v).sum()) for k, v in before.items())
+    assert changed / total > 0.9

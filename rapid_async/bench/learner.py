@@ -4,8 +4,8 @@ Not a test and never on the runtime path. Each measurement runs in a fresh
 child process so that its peak memory is its own: the child builds a model
 directory with Qwen2.5's vocabulary (151,936) and a few layers, a `Trainer`,
 random rollout groups (K = 4, fixed prompt and completion lengths), takes one
-warm-up update (it allocates the optimizer state), then measures one update:
-wall time, trained completion tokens per second, and peak memory (on CPU the
+warm-up update (it allocates the optimizer state), then measures two updates:
+wall time (the faster), trained completion tokens per second, and peak memory (on CPU the
 process's peak resident set, reset just before the update through
 /proc/self/clear_refs; on CUDA `torch.cuda.max_memory_allocated`).
 
@@ -15,8 +15,13 @@ on the child's PYTHONPATH; "after" runs this checkout. The child only uses
 APIs both have: `load_config`, `Trainer(cfg, model_dir).update(groups)`.
 
     python -m rapid_async.bench.learner                       # CPU table -> learner-cpu.md
-    python -m rapid_async.bench.learner --shape qwen2.5-0.5b --device cuda \
-        --groups 8 --completion 1024,2048 --versions after --out ...   # GPU (bin/gpu-check)
+    python -m rapid_async.bench.learner --shape qwen2.5-0.5b --device cuda --groups 8 \
+        --completion 1024,2048 --versions before,bf16,fp32 \
+        --variant bf16=learner.compute_dtype=bfloat16 --variant fp32=...  # bin/gpu-check-learner
+
+`--versions` lists what to run: "before" (the old revision) and the labels of
+`--variant LABEL=OVERRIDE,OVERRIDE` (this checkout with those config
+overrides; "after" = `--after-set` by default).
 """
 
 from __future__ import annotations
@@ -94,9 +99,7 @@ def _status_kib(field: str) -> int:
 
 
 def measure(spec: dict) -> dict:
-    """One warm-up update, then one measured update (in this process)."""
-    import gc
-
+    """One warm-up update, then `repeats` measured updates (in this process)."""
     import torch
 
     from rapid_async.config import load_config
@@ -108,7 +111,20 @@ def measure(spec: dict) -> dict:
     trainer = Trainer(cfg, spec["model_dir"])
     groups = make_groups(spec["groups"], spec["prompt"], spec["completion"], seed=1)
     cuda = cfg.learner.device.startswith("cuda")
-    trainer.update(groups)
+    trainer.update(groups)  # warm-up: allocates gradients and the optimizer state
+    runs = [_measured_update(trainer, groups, cuda) for _ in range(spec.get("repeats", 2))]
+    best = min(runs, key=lambda r: r["seconds"])
+    return {**best, "peak_mib": max(r["peak_mib"] for r in runs),
+            "update_mib": max(r["update_mib"] for r in runs),
+            "threads": torch.get_num_threads(), "repeats": len(runs)}
+
+
+def _measured_update(trainer, groups: list, cuda: bool) -> dict:
+    """Time and peak memory of one update."""
+    import gc
+
+    import torch
+
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
@@ -126,7 +142,7 @@ def measure(spec: dict) -> dict:
     tokens = metrics["batch/tokens"]
     return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
             "peak_mib": peak / 2**20, "update_mib": (peak - base) / 2**20,
-            "grad_norm": metrics["grad/norm"], "threads": torch.get_num_threads()}
+            "grad_norm": metrics["grad/norm"], "microbatches": metrics.get("batch/microbatches", 1)}
 
 
 # ---------------------------------------------------------------- parent side
@@ -170,15 +186,18 @@ def write_table(rows: list[dict], args: argparse.Namespace, out: Path) -> None:
         f"Data: K = {K}, prompt {args.prompt} tokens, every completion full length; "
         "`groups` is the mini-batch (rows = 4 x groups).",
         "`before`: revision " + args.before_rev + " (full (B, L, V) logits, one pass); "
-        "`after`: this checkout with " + " ".join(args.after_set) + ".",
-        "Peak = the process's peak resident memory during one update (CPU) or peak CUDA "
-        "memory allocated (GPU); `update` = peak minus the memory held just before the update.",
-        "", "| code | groups | completion tokens | update s | tokens/s | peak MiB | update MiB |",
-        "|---|---|---|---|---|---|---|"]
+        + "; ".join(f"`{k}`: this checkout with {' '.join(v) or 'its defaults'}"
+                    for k, v in variants(args).items()) + ".",
+        "Each child: one warm-up update, then 2 measured updates; time is the faster one. "
+        "Peak = the process's peak resident memory during an update (CPU) or peak CUDA "
+        "memory allocated (GPU); `update` = peak minus the memory held just before the update. "
+        "`micro` = micro-batches per update.",
+        "", "| code | groups | completion tokens | micro | update s | tokens/s | peak MiB | update MiB |",
+        "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         r = row["result"]
         lines.append(f"| {row['version']} | {row['groups']} | {row['completion']} | "
-                     f"{_cell(r, 'seconds', '.2f')} | {_cell(r, 'tokens_per_s', ',.0f')} | "
+                     f"{_cell(r, 'microbatches', '.0f')} | {_cell(r, 'seconds', '.2f')} | {_cell(r, 'tokens_per_s', ',.0f')} | "
                      f"{_cell(r, 'peak_mib', ',.0f')} | {_cell(r, 'update_mib', ',.0f')} |")
     lines += ["", *doubling_lines(rows), ""]
     errors = [f"- {row['version']} {row['groups']}x{row['completion']}: {row['result']['error']}"
@@ -202,6 +221,15 @@ def doubling_lines(rows: list[dict]) -> list[str]:
     return out
 
 
+def variants(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Label -> config overrides of each run of this checkout ("after" by default)."""
+    out = {"after": list(args.after_set)}
+    for item in args.variant:
+        label, _, overrides = item.partition("=")
+        out[label] = [o for o in overrides.split(",") if o]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -212,8 +240,11 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--versions", default="before,after")
     p.add_argument("--before-rev", default=BEFORE_REV)
-    p.add_argument("--after-set", nargs="*", default=["learner.micro_batch_tokens=1024"],
+    p.add_argument("--after-set", nargs="*", default=["learner.micro_batch_tokens=640"],
                    help="config overrides for the `after` code")
+    p.add_argument("--variant", action="append", default=[],
+                   help="LABEL=OVERRIDE,OVERRIDE...: this checkout with those overrides")
+    p.add_argument("--repeats", type=int, default=2, help="measured updates per child")
     p.add_argument("--threads", type=int, default=0, help="torch threads per child (0: default)")
     p.add_argument("--machine", default="the 2-core CPU dev box, under /work/heavy.lock")
     p.add_argument("--timeout", type=float, default=900)
@@ -228,19 +259,23 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-learner-") as tmp:
         model_dir = str(make_model_dir(Path(tmp) / "model", args.shape))
-        roots = {"after": None}
-        if "before" in args.versions:
+        roots = {}
+        if "before" in args.versions.split(","):
             roots["before"] = export_revision(args.before_rev, Path(tmp) / "before")
         base = [f"learner.device={args.device}", "learner.lr=1e-6", f"algo.group_size={K}",
                 f"algo.max_new_tokens={max(int(c) for c in args.completion.split(','))}"]
+        labels = variants(args)
         for version in args.versions.split(","):
-            extra = args.after_set if version == "after" else []
+            if version != "before" and version not in labels:
+                raise SystemExit(f"--versions: {version!r} is neither 'before' nor a --variant label")
+            extra = labels.get(version, [])
             for completion in map(int, args.completion.split(",")):
                 for groups in map(int, args.groups.split(",")):
                     spec = {"model_dir": model_dir, "groups": groups, "completion": completion,
                             "prompt": args.prompt, "threads": args.threads,
+                            "repeats": args.repeats,
                             "overrides": base + list(extra)}
-                    result = run_child(spec, roots[version], args.timeout)
+                    result = run_child(spec, roots.get(version), args.timeout)
                     print(f"[bench-learner] {version} groups={groups} T={completion}: {result}",
                           flush=True)
                     rows.append({"version": version, "groups": groups, "completion": completion,

@@ -125,8 +125,9 @@ def capture(trainer: Any, pending: list[int], meta: dict[str, Any] | None = None
     """Copy the trainer's state to host memory; call between two updates."""
     buffers = buffers or HostBuffers()
     seen: dict = {}
-    model_state = _copy_tree(trainer.model.state_dict(), buffers, ("model",), seen)
-    optimizer = _copy_tree(trainer.optimizer.state_dict(), buffers, ("optimizer",), seen)
+    model_state, optimizer_state = trainer.checkpoint_state()  # several ranks: gathered on rank 0
+    model_state = _copy_tree(model_state, buffers, ("model",), seen)
+    optimizer = _copy_tree(optimizer_state, buffers, ("optimizer",), seen)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()  # the non-blocking copies have landed
     return Snapshot(version=trainer.version, data_position=trainer.data_position,
@@ -208,6 +209,10 @@ def load(trainer: Any, path: str | Path) -> dict[str, Any]:
     """Restore weights, optimizer, RNG, version and data position; return the metadata."""
     from transformers import AutoModelForCausalLM
 
+    if trainer.ranks.world > 1:
+        raise ValueError("--resume with learner.devices > 1 is not supported yet: resume on one "
+                         "rank (learner.devices = 1), or start from the checkpoint's model "
+                         "directory with model.path")
     path = Path(path)
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=trainer.model.dtype)
     trainer.model.load_state_dict(loaded.state_dict())

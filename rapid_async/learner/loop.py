@@ -105,8 +105,10 @@ class Learner:
             self.net.publish(update)
             self.weight_stats = stats
 
+        gather = self.trainer.publish_params if self.trainer.ranks.world > 1 else None
         publisher = WeightPublisher(self.trainer.model, self.cfg.model.inference_dtype,
-                                    on_update=published, on_snapshot=self.net.snapshot_ready)
+                                    on_update=published, on_snapshot=self.net.snapshot_ready,
+                                    gather=gather)
         publisher.begin(self.trainer.version)
         self.published_version = self.trainer.version  # the newest version handed over
         self.net.set_published(self.trainer.version)
@@ -367,6 +369,7 @@ class Learner:
             time.sleep(0.3)
             self.net.shutdown()
             self.publisher.close()
+            self.trainer.close()
             self.metrics.close()
             self._restore_signal_handlers()
         summary = {"start_success": self.first_eval, "final_success": final_eval,

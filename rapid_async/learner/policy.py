@@ -12,6 +12,7 @@ only the completion positions go through `lm_head`, a chunk at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +78,24 @@ class Batch:
                     value = value[:, :tok]
             fields[name] = value
         return Batch(**fields)
+
+
+def save_batch(batch: Batch, path: str | Path) -> None:
+    """Write a Batch as safetensors (tensors, and K in the metadata)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in batch.__dict__.items() if isinstance(v, torch.Tensor)}
+    save_file(tensors, str(path), metadata={"group_size": str(batch.group_size)})
+
+
+def load_batch(path: str | Path) -> Batch:
+    """Read a Batch written by `save_batch`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        group_size = int(f.metadata()["group_size"])
+    return Batch(**tensors, group_size=group_size)
 
 
 SEQUENCE_FIELDS = ("input_ids", "attention_mask")

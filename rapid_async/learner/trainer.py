@@ -25,8 +25,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rapid_async.config import Config, resolve_device
 from rapid_async.loss import (LossSettings, compute_loss, loss_normalisers, microbatch_loss,
                               row_advantages)
+from rapid_async.learner.distributed import (CHECKPOINT, GATHER, PARAMS, UPDATE, all_sum_,
+                                             full_tensor, init_ranks, send_command, shard)
+from rapid_async.learner.distributed import close as close_ranks
 from rapid_async.learner.policy import (Batch, PolicyLogprobs, collate, plan_microbatches,
-                                        splits_groups)
+                                        rank_rows, save_batch, splits_groups)
 from rapid_async.learner.truncation import apply_truncated
 from rapid_async.weights import INFERENCE_DTYPES, cast_state
 
@@ -59,7 +62,7 @@ class Trainer:
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         torch.manual_seed(cfg.run.seed)
-        self.device = torch.device(resolve_device(cfg.learner.device))
+        self.ranks, self.device = init_ranks(resolve_device(cfg.learner.device))
         self.compute_dtype = resolve_compute_dtype(cfg.learner.compute_dtype, self.device)
         self.model = self._load_model(model_dir, cfg.learner.activation_checkpointing)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -73,12 +76,17 @@ class Trainer:
         temperature, chunk = cfg.algo.temperature, cfg.learner.logprob_chunk_tokens
         self.policy = PolicyLogprobs(self.model, temperature, chunk)
         self.ref_policy = PolicyLogprobs(self.ref_model, temperature, chunk) if self.ref_model else None
+        if self.ranks.world > 1:
+            shard(self.policy, self.model, self.device, self.ranks.world)
+            if self.ref_policy is not None:
+                shard(self.ref_policy, self.ref_model, self.device, self.ranks.world)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learner.lr,
                                            weight_decay=cfg.learner.weight_decay)
         self.version = 0
         self.data_position = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.recorded = 0
 
     def _load_model(self, model_dir: str | Path, checkpointing: bool) -> torch.nn.Module:
         """The model with float32 master weights on the learner's device, in train mode."""
@@ -90,41 +98,92 @@ class Trainer:
         return model.train()
 
     def inference_state(self) -> dict[str, torch.Tensor]:
-        """The weights as the actors must hold them: cast to the inference dtype."""
-        return cast_state(self.model.state_dict(), self.cfg.model.inference_dtype)
+        """The weights as the actors must hold them: cast to the inference dtype.
+
+        With several ranks (called on rank 0) the followers take part in the gather.
+        """
+        if self.ranks.world > 1:
+            send_command(self.ranks, GATHER)
+        return self.gather_inference_state()
+
+    def publish_params(self) -> list[torch.Tensor]:
+        """Rank 0 with several ranks: the full parameters in `named_parameters`
+        order, in the inference dtype, on this device (the weight publisher's
+        `gather`); the followers join."""
+        send_command(self.ranks, PARAMS)
+        return self.gather_params()
+
+    def gather_params(self) -> list[torch.Tensor]:
+        """Every rank: gather the parameters one at a time; rank 0 keeps them, cast."""
+        target, out = INFERENCE_DTYPES[self.cfg.model.inference_dtype], []
+        for _, p in self.model.named_parameters():
+            whole = full_tensor(p.detach())
+            if self.ranks.leader:
+                out.append(whole.to(target))
+        return out
+
+    def gather_inference_state(self) -> dict[str, torch.Tensor]:
+        """Every rank: gather full weights one tensor at a time; rank 0 keeps them
+        (cast on the device first), the others return {}."""
+        dtype = self.cfg.model.inference_dtype
+        if self.ranks.world == 1:
+            return cast_state(self.model.state_dict(), dtype)
+        target, full = INFERENCE_DTYPES[dtype], {}
+        for name, tensor in self.model.state_dict().items():
+            whole = full_tensor(tensor.detach())
+            if self.ranks.leader:
+                full[name] = whole.to(target) if whole.is_floating_point() else whole
+        return cast_state(full, dtype) if self.ranks.leader else {}
 
     def update(self, groups: list[Any]) -> dict[str, Any]:
-        """One optimizer step on a mini-batch of whole groups.
+        """One optimizer step on a mini-batch of whole groups (rank 0 shares it out).
 
         Returns:
             Metrics: loss diagnostics, reward, staleness, gradient norm, and
             `guard/skipped` = 1 when the step was skipped (non-finite loss or
             gradient norm: no optimizer step, the version stays).
         """
-        return self.step(collate(groups, pad_id=self.pad_id))
+        batch = collate(groups, pad_id=self.pad_id)
+        if self.cfg.learner.record_batches:
+            self._record(batch)
+        if self.ranks.world > 1:
+            send_command(self.ranks, UPDATE, batch)
+        return self.step(batch)
+
+    def _record(self, batch: Batch) -> None:
+        """Save the mini-batch to RUN_DIR/batches/batch-NNNNNNNN.safetensors, in order."""
+        root = Path(self.cfg.run.run_dir) / "batches"
+        root.mkdir(parents=True, exist_ok=True)
+        self.recorded += 1
+        save_batch(batch, root / f"batch-{self.recorded:08d}.safetensors")
 
     def step(self, batch: Batch) -> dict[str, Any]:
-        """Accumulate the gradient of `batch` over micro-batches, then step (or skip)."""
+        """Every rank: accumulate the gradient of its groups of `batch` over
+        micro-batches, then step (or skip). The result equals one pass over the
+        whole mini-batch on one rank."""
         t0, version = time.perf_counter(), self.version
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        plan = plan_microbatches(batch.lengths, batch.group_size, self.cfg.learner.micro_batch_tokens)
+        plans = [self._plan(batch, r) for r in range(self.ranks.world)]
+        passes = max(len(p) for p in plans)  # every rank makes as many passes (collectives)
+        plan = plans[self.ranks.rank] + [[]] * (passes - len(plans[self.ranks.rank]))
         raw, keep = batch, None  # algo.truncated: rewards to train on, rows in the loss
         rewards, loss_rows = apply_truncated(batch.rewards, batch.truncated, self.cfg.algo.truncated)
         batch = dataclasses.replace(batch, rewards=rewards)
         if loss_rows is not None:
             keep = loss_rows.to(batch.mask.dtype)  # (B,)
         rows, tokens = loss_normalisers(batch.mask if keep is None else batch.mask * keep[:, None])
-        advantages = self._advantages_first(batch, plan)
+        advantages = None
+        if self.settings.algorithm != "rapid" or any(splits_groups(p, batch.group_size) for p in plans):
+            advantages = self._advantages_first(batch, plan)
         logprobs = torch.zeros(batch.mask.shape, dtype=torch.float32)  # (B, T), detached
         ref = torch.zeros_like(logprobs) if self.ref_policy is not None else None
         self.optimizer.zero_grad(set_to_none=True)
         for micro_rows in plan:
-            lp, ref_lp = self._accumulate(batch, micro_rows, advantages, rows, tokens, keep)
-            idx = torch.tensor(micro_rows)
-            logprobs[idx, :lp.shape[1]] = lp
-            if ref is not None:
-                ref[idx, :ref_lp.shape[1]] = ref_lp
+            self._accumulate(batch, micro_rows, advantages, rows, tokens, keep, logprobs, ref)
+        all_sum_(logprobs, self.ranks)
+        if ref is not None:
+            all_sum_(ref, self.ranks)
         with torch.no_grad():
             loss, metrics = compute_loss(logprobs, batch.behaviour_logprobs, batch.mask,
                                          batch.rewards, batch.group_size, self.settings,
@@ -133,29 +192,41 @@ class Trainer:
             metrics["batch/truncated_frac"] = float(batch.truncated.float().mean())
         batch = raw
         clip = self.cfg.learner.grad_clip
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), clip if clip > 0 else float("inf")))
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), clip if clip > 0 else float("inf"))))
         stepped = self._step_or_skip(float(loss), grad_norm)
-        metrics.update(self._batch_metrics(batch, logprobs, plan, version))
+        metrics.update(self._batch_metrics(batch, logprobs, plans, version))
         metrics.update({"grad/norm": grad_norm, "guard/skipped": float(not stepped),
                         "guard/skipped_steps": float(self.skipped_steps),
                         "time/update_s": time.perf_counter() - t0})
         return metrics
 
-    def _advantages_first(self, batch: Batch, plan: list[list[int]]) -> torch.Tensor | None:
-        """Advantages of every row before any gradient pass, or None when each
-        micro-batch can compute its own (it holds whole groups)."""
-        needs_logprobs = self.settings.algorithm == "rapid"
-        if needs_logprobs and not splits_groups(plan, batch.group_size):
-            return None
+    def _plan(self, batch: Batch, rank: int) -> list[list[int]]:
+        """Micro-batches (row indices of `batch`) of the groups that `rank` trains on."""
+        lengths, k = batch.lengths, batch.group_size
+        mine = rank_rows(lengths, k, rank, self.ranks.world)
+        local = plan_microbatches([lengths[i] for i in mine], k, self.cfg.learner.micro_batch_tokens)
+        return [[mine[i] for i in rows] for rows in local]
+
+    def _advantages_first(self, batch: Batch, plan: list[list[int]]) -> torch.Tensor:
+        """Advantages of every row before any gradient pass: needed when a group is
+        split over micro-batches ("rapid" then needs a no-grad pass for its
+        weights) and cheap when advantages depend on rewards only."""
         logprobs = torch.zeros(batch.mask.shape, dtype=torch.float32)  # (B, T)
-        if needs_logprobs:  # a group is split: a no-grad pass over the mini-batch first
+        if self.settings.algorithm == "rapid":
             with torch.no_grad():
                 for micro_rows in plan:
-                    lp = self._logprobs(self.policy, batch.select(micro_rows).to(self.device))
-                    logprobs[torch.tensor(micro_rows), :lp.shape[1]] = lp.cpu()
+                    micro = batch.select(micro_rows or self._padding_rows(batch))
+                    lp = self._logprobs(self.policy, micro.to(self.device))
+                    if micro_rows:
+                        logprobs[torch.tensor(micro_rows), :lp.shape[1]] = lp.cpu()
+            all_sum_(logprobs, self.ranks)
         return row_advantages(logprobs, batch.behaviour_logprobs, batch.mask, batch.rewards,
                               batch.group_size, self.settings)
+
+    @staticmethod
+    def _padding_rows(batch: Batch) -> list[int]:
+        return list(range(batch.group_size))
 
     def _logprobs(self, policy: torch.nn.Module, micro: Batch) -> torch.Tensor:
         """(b, T) float32 token log-probs of a micro-batch under `policy`, in the compute dtype."""
@@ -165,12 +236,15 @@ class Trainer:
                           micro.completion_ids, micro.mask)
 
     def _accumulate(self, batch: Batch, micro_rows: list[int], advantages: torch.Tensor | None,
-                    rows: float, tokens: float, keep: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Forward and backward of one micro-batch; returns its detached (b, T) log-probs
-        (and reference log-probs) on the CPU. `keep` (B,) zeroes rows out of the loss
-        (algo.truncated = "mask")."""
-        micro = batch.select(micro_rows).to(self.device)
+                    rows: float, tokens: float, keep: torch.Tensor | None,
+                    logprobs: torch.Tensor, ref_out: torch.Tensor | None) -> None:
+        """Forward and backward of one micro-batch; writes its detached log-probs
+        (and reference log-probs) into the (B, T) CPU tensors. `keep` (B,) zeroes
+        rows out of the loss (algo.truncated = "mask"). An empty `micro_rows` is
+        a rank's padding pass: the first group with zero weight, so that every
+        rank joins the same collectives."""
+        idx = torch.tensor(micro_rows or self._padding_rows(batch))
+        micro = batch.select(idx.tolist()).to(self.device)
         lp = self._logprobs(self.policy, micro)  # (b, T)
         ref = None
         if self.ref_policy is not None:
@@ -180,14 +254,18 @@ class Trainer:
             adv = row_advantages(lp.detach(), micro.behaviour_logprobs, micro.mask, micro.rewards,
                                  micro.group_size, self.settings)  # (b,)
         else:
-            adv = advantages[torch.tensor(micro_rows)].to(self.device)  # (b,)
+            adv = advantages[idx].to(self.device)  # (b,)
         loss_mask = micro.mask
         if keep is not None:
-            loss_mask = micro.mask * keep[torch.tensor(micro_rows)].to(self.device)[:, None]
+            loss_mask = micro.mask * keep[idx].to(self.device)[:, None]
         loss = microbatch_loss(lp, micro.behaviour_logprobs, loss_mask, adv, self.settings,
                                rows, tokens, ref_logprobs=ref)
-        loss.backward()
-        return lp.detach().cpu(), (ref.cpu() if ref is not None else None)
+        # FSDP averages gradients over ranks; each rank's share is a partial sum.
+        (loss * (self.ranks.world if micro_rows else 0.0)).backward()
+        if micro_rows:
+            logprobs[idx, :lp.shape[1]] = lp.detach().cpu()
+            if ref_out is not None:
+                ref_out[idx, :ref.shape[1]] = ref.cpu()
 
     def _step_or_skip(self, loss: float, grad_norm: float) -> bool:
         """Take the optimizer step, or skip it when the loss or gradient norm is not finite."""
@@ -208,7 +286,7 @@ class Trainer:
                                "diverged; lower learner.lr or check the data")
         return False
 
-    def _batch_metrics(self, batch: Batch, logprobs: torch.Tensor, plan: list[list[int]],
+    def _batch_metrics(self, batch: Batch, logprobs: torch.Tensor, plans: list[list[list[int]]],
                        version: int) -> dict[str, float]:
         """Reward, staleness (at the version trained on), engine mismatch, micro-batching."""
         staleness = (version - batch.policy_versions).float()  # (B,)
@@ -216,9 +294,9 @@ class Trainer:
                    "staleness/mean": float(staleness.mean()),
                    "staleness/max": float(staleness.max()),
                    "batch/tokens": float(batch.mask.sum()),
-                   "batch/microbatches": float(len(plan)),
+                   "batch/microbatches": float(max(len(p) for p in plans)),
                    "batch/padded_tokens": float(sum(len(r) * max(batch.lengths[i] for i in r)
-                                                    for r in plan))}
+                                                    for p in plans for r in p))}
         fresh = (staleness == 0).float().unsqueeze(1) * batch.mask  # (B, T)
         if fresh.sum() > 0:
             # At staleness 0 the actor's and the learner's weights are the same
@@ -228,3 +306,23 @@ class Trainer:
         if self.device.type == "cuda":
             metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
+
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Model and optimizer state to save (`checkpoint.capture`). With several
+        ranks, rank 0 calls it and the followers join the gather."""
+        if self.ranks.world == 1:
+            return self.model.state_dict(), self.optimizer.state_dict()
+        send_command(self.ranks, CHECKPOINT)
+        return self.gather_checkpoint_state()
+
+    def gather_checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every rank: full model and optimizer state on rank 0's CPU (optimizer
+        state keyed by parameter name), {} elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        return get_state_dict(self.model, self.optimizer,
+                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def close(self) -> None:
+        """Stop the follower ranks (rank 0) and leave the process group."""
+        close_ranks(self.ranks)

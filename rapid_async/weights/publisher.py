@@ -47,13 +47,19 @@ class WeightPublisher(threading.Thread):
             for every published version.
         on_snapshot: called in this thread with a snapshot WeightUpdate after
             `request_snapshot`.
+        gather: called on the training thread for the full parameters, in
+            `named_parameters` order, when the model is sharded over several
+            learner ranks (a collective: `Trainer.publish_params`); None: the
+            model's own parameters.
     """
 
     def __init__(self, model: torch.nn.Module, dtype: str,
                  on_update: Callable[[WeightUpdate, dict], None],
-                 on_snapshot: Callable[[WeightUpdate], None] | None = None):
+                 on_snapshot: Callable[[WeightUpdate], None] | None = None,
+                 gather: Callable[[], list[torch.Tensor]] | None = None):
         super().__init__(name="weight-publisher", daemon=True)
         self.params = [p for _, p in model.named_parameters()]
+        self.gather = gather or (lambda: [p.detach() for p in self.params])
         self.layout = Layout.from_model(model, dtype)
         self.device = self.params[0].device
         self.on_update, self.on_snapshot = on_update, on_snapshot
@@ -81,7 +87,7 @@ class WeightPublisher(threading.Thread):
     def _copy_params(self, index: int) -> None:
         """Cast the parameters into buffer `index` (async on CUDA; an event marks the end)."""
         with torch.no_grad():
-            torch._foreach_copy_(self.views[index], [p.detach() for p in self.params])
+            torch._foreach_copy_(self.views[index], self.gather())
         if self._stream is not None:
             self._event = torch.cuda.Event()
             self._event.record()
