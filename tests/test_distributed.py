@@ -91,7 +91,6 @@ def test_two_ranks_equal_one_rank_after_every_step(model_dir, tmp_path, override
     assert optimizer["state"], "no optimizer state in the 2-rank checkpoint"
 
 
-@pytest.mark.slow
 def test_rapid_run_with_two_learner_ranks_and_an_actor(random_model_dir, tmp_path):
     # rapid-run --learner-devices 2: torchrun with 2 gloo ranks + 1 actor, 4 steps, a
     # checkpoint after each. Replaying the recorded mini-batches on one rank gives the
