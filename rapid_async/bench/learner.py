@@ -77,6 +77,9 @@ def make_groups(n_groups: int, prompt_len: int, completion_len: int, seed: int) 
     from rapid_async.wire.protocol import RolloutGroup
 
     gen = torch.Generator().manual_seed(seed)
+    # The "before" revision's RolloutGroup has no finish_reasons.
+    extra = ({"finish_reasons": ["stop"] * K}
+             if "finish_reasons" in RolloutGroup.__dataclass_fields__ else {})
     groups = []
     for g in range(n_groups):
         ids = torch.randint(3, VOCAB, (K, completion_len), generator=gen, dtype=torch.int32)
@@ -86,8 +89,7 @@ def make_groups(n_groups: int, prompt_len: int, completion_len: int, seed: int) 
             completion_ids=ids, completion_lengths=torch.full((K,), completion_len, dtype=torch.int32),
             logprobs=torch.full((K, completion_len), -11.9, dtype=torch.float32),
             rewards=torch.roll(torch.tensor([1.0, 0.0, 0.0, 1.0]), g),  # mixed: real gradients
-            finish_reasons=["stop"] * K,
-            gen_seconds=0.0, created_at=0.0, info={}))
+            gen_seconds=0.0, created_at=0.0, info={}, **extra))
     return groups
 
 
