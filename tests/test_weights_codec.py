@@ -94,6 +94,10 @@ def test_delta_sizes_must_be_what_the_count_implies():
     small = Layout("bfloat16", [("w", (99,))])
     with pytest.raises(PayloadError, match="declares 100 changes"):
         codec.check_delta_sizes(header, small)
+    header.fields["large"] = 2  # 100 elements cannot hold two gaps of >= 255
+    with pytest.raises(PayloadError, match="2 large gaps"):
+        codec.check_delta_sizes(header, layout)
+    header.fields["large"] = 0
     header.streams["values"] = ("zstd", 199, header.streams["values"][2])
     with pytest.raises(PayloadError, match="'values' declares 199 bytes, 100 changes need 200"):
         codec.check_delta_sizes(header, layout)

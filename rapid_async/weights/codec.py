@@ -30,7 +30,8 @@ The header declares everything needed to refuse a payload before any
 decompression: kind, layout hash (and for a snapshot the whole layout, its
 per-tensor digests and the sha256 of its data), the change count k and large
 gap count L of a delta, and for every stream its codec ("raw" / "zstd"), raw
-size and stored size. `read_header` checks that the sizes add up to the
+size and stored size. So a delta decompresses to at most
+(1 + w + 8/255) bytes per element of the model (every element changed). `read_header` checks that the sizes add up to the
 payload and are exactly what k, L and the layout imply, and a zstd frame is
 decompressed only if its own declared content size equals the header's.
 
@@ -286,7 +287,9 @@ def read_header(payload: bytes, kind: str) -> Header:
 def check_delta_sizes(header: Header, layout: Layout) -> tuple[int, int]:
     """(k, L) of a delta header, checked against the layout; PayloadError otherwise."""
     k, large = header.fields.get("count"), header.fields.get("large")
-    if type(k) is not int or type(large) is not int or not 0 <= large <= k <= layout.numel:
+    # Each large gap skips >= 255 positions, so there are at most numel / 255 of them.
+    if (type(k) is not int or type(large) is not int or not 0 <= k <= layout.numel
+            or not 0 <= large <= min(k, layout.numel // 255 + 1)):
         raise PayloadError(f"delta declares {k} changes and {large} large gaps; the model has "
                            f"{layout.numel} elements")
     want = {"gaps": k, "large": 8 * large, "values": layout.width * k}

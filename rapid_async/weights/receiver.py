@@ -148,9 +148,10 @@ class WeightReceiver:
         start = time.perf_counter()
         header = codec.read_header(update.payload, "snapshot")
         layout = self._snapshot_layout(header, update, where)
+        declared = header.streams["data"][1]
+        if declared != layout.nbytes:  # checked before anything is decompressed
+            raise NeedSnapshot(f"{where} declares {declared} bytes, its layout needs {layout.nbytes}")
         data = codec.stream_bytes(header, "data")
-        if len(data) != layout.nbytes:
-            raise NeedSnapshot(f"{where} holds {len(data)} bytes, its layout needs {layout.nbytes}")
         digests = header.fields.get("digests")
         if not (isinstance(digests, list) and len(digests) == len(layout)
                 and all(type(d) is int and 0 <= d < 1 << 64 for d in digests)):
