@@ -40,23 +40,32 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "gpu-check-0.5b.toml"
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
 # ---------------------------------------------------------------- the model
 
 
 def word_tokenizer(vocab: int):
-    """A word-level tokenizer: "t<i>" <-> id i for 4 <= i < vocab, specials 0-3."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The tiny model's character tokenizer, its vocabulary padded to `vocab`.
 
-    words = {tok: i for i, tok in enumerate(SPECIALS)}
-    words.update({f"t{i}": i for i in range(len(SPECIALS), vocab)})
-    core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>", unk_token="<unk>")
+    Ids 0-23 are the characters and specials of `rapid_async.tinymodel` (prompts
+    are digit strings, one token per character); every other id decodes to a
+    placeholder "<t<id>>", so that the text of a completion sampled from a
+    random model over the whole vocabulary differs between samples (the
+    hashbit reward needs that). It stays a genuine Qwen2Tokenizer, which
+    `AutoTokenizer` insists on for Qwen2 models.
+    """
+    from tokenizers import processors
+    from transformers import Qwen2Tokenizer
+
+    from rapid_async.tinymodel import BOS, EOS, PAD, UNK, VOCABULARY
+
+    words = VOCABULARY + [f"<t{i}>" for i in range(len(VOCABULARY), vocab)]
+    tokenizer = Qwen2Tokenizer(vocab=dict(zip(words, range(vocab))), merges=[], unk_token=UNK,
+                               bos_token=BOS, eos_token=EOS, pad_token=PAD, padding_side="left")
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, VOCABULARY.index(BOS))])
+    return tokenizer
 
 
 def build_model_dir(out: Path, tiny: bool) -> Path:

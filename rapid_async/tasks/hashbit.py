@@ -7,10 +7,11 @@ be zero. Here the reward of a completion is bit 0 of sha256(prompt, NUL,
 completion text): it varies between the K completions of a prompt, so the
 learner takes real steps and publishes real deltas.
 
-Prompts are `prompt_tokens` words "t<i>" with i drawn from [4, vocab): the
-word-level tokenizer that `rapid_async.bench.gpucheck` builds maps "t<i>" to
-token id i, so prompts cover the model's vocabulary. Used by the actor
-(prompts, rewards) and the learner's evaluation, through `get_task("hashbit")`.
+Prompts are `prompt_chars` random digits (one token each with the character
+tokenizer of `rapid_async.tinymodel` and with the padded one that
+`rapid_async.bench.gpucheck` builds, whose other ids decode to distinct
+placeholders, so that completion texts differ). Used by the actor (prompts,
+rewards) and the learner's evaluation, through `get_task("hashbit")`.
 """
 
 from __future__ import annotations
@@ -20,32 +21,26 @@ import random
 
 from rapid_async.tasks.base import Problem
 
-FIRST_WORD = 4
-"""Ids below this are the tokenizer's specials (<pad>, <bos>, <eos>, <unk>)."""
-
-
 class HashBitTask:
-    """Random-word prompts, reward = a hash bit of (prompt, completion).
+    """Random-digit prompts, reward = a hash bit of (prompt, completion).
 
     Args:
         seed: seeds the prompts.
-        vocab: model vocabulary size (prompt words are t4 .. t<vocab-1>).
-        prompt_tokens: words per prompt.
+        prompt_chars: digits per prompt.
         **_options: other task options of the run config (digits, ops), ignored.
     """
 
     name = "hashbit"
 
-    def __init__(self, seed: int = 0, vocab: int = 151936, prompt_tokens: int = 16, **_options):
-        if vocab <= FIRST_WORD or prompt_tokens < 1:
-            raise ValueError(f"hashbit needs vocab > {FIRST_WORD} and prompt_tokens >= 1, "
-                             f"got {vocab} and {prompt_tokens}")
-        self.seed, self.vocab, self.prompt_tokens = seed, vocab, prompt_tokens
+    def __init__(self, seed: int = 0, prompt_chars: int = 16, **_options):
+        if prompt_chars < 1:
+            raise ValueError(f"hashbit needs prompt_chars >= 1, got {prompt_chars}")
+        self.seed, self.prompt_chars = seed, prompt_chars
 
     def _problem(self, key: int) -> Problem:
         rng = random.Random(self.seed * 1_000_003 + key)
-        words = " ".join(f"t{rng.randrange(FIRST_WORD, self.vocab)}" for _ in range(self.prompt_tokens))
-        return Problem(prompt_id=str(key), prompt=words, answer="")
+        digits = "".join(rng.choice("0123456789") for _ in range(self.prompt_chars))
+        return Problem(prompt_id=str(key), prompt=digits, answer="")
 
     def train_problem(self, index: int) -> Problem:
         """The training problem at `index` (>= 0)."""
