@@ -156,3 +156,19 @@ def test_a_failure_in_the_thread_reaches_the_training_loop(setup, monkeypatch):
         publisher.wait_published(1, timeout=30)
     with pytest.raises(RuntimeError, match="weight publisher failed"):
         publisher.stage(2)
+
+
+def test_a_snapshot_request_is_not_starved_by_a_stream_of_versions(setup, monkeypatch):
+    model, publisher, got = setup
+    slow = codec.pack_delta
+    monkeypatch.setattr(codec, "pack_delta", lambda *a: time.sleep(0.2) or slow(*a))
+    publisher.stage(1)
+    publisher.request_snapshot()
+    for version in range(2, 12):  # a new version is always pending
+        nudge(model, version)
+        publisher.stage(version)
+        time.sleep(0.1)
+        if got.snapshots:
+            break
+    assert got.snapshots and got.snapshots[0].version < 11
+    assert publisher.wait_published(version, timeout=30)

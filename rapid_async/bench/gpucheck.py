@@ -263,6 +263,8 @@ def section_modes(ctx: dict) -> dict:
             results[mode].update(_mode_summary(run_dir))
         except (OSError, RuntimeError, KeyError) as exc:
             results[mode]["error"] = f"{type(exc).__name__}: {exc}"
+    results["failed"] = [mode for mode in ("rapid-async", "rapid-sync")
+                         if results[mode]["exit_code"] != 0 or "error" in results[mode]]
     a, s = results.get("rapid-async", {}), results.get("rapid-sync", {})
     if a.get("s_per_step") and s.get("s_per_step"):
         results["async_over_sync"] = a["s_per_step"] / s["s_per_step"]
@@ -299,6 +301,8 @@ def render_modes(m: dict) -> list[str]:
     for mode in ("rapid-async", "rapid-sync"):
         if m.get(mode, {}).get("error"):
             lines.append(f"- {mode}: {m[mode]['error']}")
+    if m.get("failed"):
+        lines.append(f"- FAILED: {', '.join(m['failed'])} (see <mode>.log and run-<mode>/ in the work folder)")
     return lines
 
 
@@ -321,7 +325,7 @@ def render(report: dict) -> str:
             continue
         result = report["sections"][name]
         lines += [f"## {name}", ""]
-        lines += ([f"FAILED: {result['error']}"] if "error" in result and len(result) <= 2
+        lines += ([f"FAILED: {result['error']}"] if "error" in result
                   else renderer(result)) + [""]
     return "\n".join(lines)
 
@@ -359,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (args.out / f"{stem}.md").write_text(render(report))
     print(f"[gpu-check] wrote {args.out / stem}.md", flush=True)
-    return 0 if all("error" not in s for s in report["sections"].values()) else 1
+    ok = all("error" not in s and not s.get("failed") for s in report["sections"].values())
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

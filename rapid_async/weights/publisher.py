@@ -166,7 +166,7 @@ class WeightPublisher(threading.Thread):
                     job = self._take()
                 if job is not None:
                     self._publish(*job)
-                elif self._snapshot_wanted:
+                if self._snapshot_wanted:  # between two publishes: never starved by them
                     self._serve_snapshot()
         except BaseException as exc:  # re-raised by check() in the training loop
             self.error = exc
