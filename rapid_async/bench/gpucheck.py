@@ -333,11 +333,13 @@ def render(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu", action="store_true", help="dry run on the CPU with a tiny model")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report folder (default benchmarks/results; with --cpu the work folder)")
     parser.add_argument("--work", type=Path, default=REPO / ".cache" / "gpu-check")
     parser.add_argument("--only", default="", help="comma-separated sections (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="steps per mode (default 24; 6 with --cpu)")
     args = parser.parse_args(argv)
+    args.out = args.out or (args.work if args.cpu else REPO / "benchmarks" / "results")
     start = time.time()
     args.work.mkdir(parents=True, exist_ok=True)
     ctx = {"cpu": args.cpu, "device": "cpu" if args.cpu else "cuda", "work": args.work,
