@@ -49,15 +49,18 @@ def _fmt(value, spec: str = ".2f") -> str:
 def _table(rows: list[dict]) -> list[str]:
     lines = ["| version | changed | delta MB | entropy bound MB | delta / bound | bf16 snapshot / delta "
              "| update s | blocked s | blocked / update | encode s | hf apply+verify s "
-             "| vLLM apply s | vLLM load s | bit-exact (hf, vLLM) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| hf verify share | vLLM apply s | vLLM load s | bit-exact (hf, vLLM) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vllm_apply = None if r["vllm_total_s"] is None else r["vllm_total_s"] - (r["vllm_s"] or 0)
+        parts = r["hf_parts"]
+        share = parts["verify_s"] / parts["total_s"] if "verify_s" in parts else None
         lines.append(
             f"| {r['version']} | {100 * r['changed'] / r['elements']:.2f}% | {r['bytes'] / 1e6:.1f} "
             f"| {r['entropy_bound_bytes'] / 1e6:.1f} | {r['over_bound']:.2f} | {r['ratio']:.1f}x "
             f"| {r['update_s']:.1f} | {r['blocked_s']:.3f} | {100 * r['blocked_frac']:.1f}% "
-            f"| {r['encode_s']:.2f} | {_fmt(r['hf_s'])} | {_fmt(vllm_apply)} | {_fmt(r['vllm_s'])} "
+            f"| {r['encode_s']:.2f} | {_fmt(r['hf_s'])} | {_fmt(share, '.0%')} | {_fmt(vllm_apply)} "
+            f"| {_fmt(r['vllm_s'])} "
             f"| {r['hf_exact']}, {r['vllm_exact']} |")
     return lines
 
@@ -68,6 +71,8 @@ def _targets(rows: list[dict]) -> list[tuple[str, str, bool]]:
     hf = [r["hf_s"] for r in rows if r["hf_s"] is not None]
     vllm = [r["vllm_s"] for r in rows if r["vllm_s"] is not None]
     exact = all(r["hf_exact"] and r["vllm_exact"] for r in rows)
+    shares = [r["hf_parts"]["verify_s"] / r["hf_parts"]["total_s"] for r in rows
+              if "verify_s" in r["hf_parts"]]
     worst_ratio = min(r["ratio"] for r in rows)
     worst_bound = max(r["over_bound"] for r in rows)
     return [
@@ -82,6 +87,9 @@ def _targets(rows: list[dict]) -> list[tuple[str, str, bool]]:
          bool(vllm) and max(vllm) <= VLLM_BEFORE_ISSUE / 2),
         ("bit-exact (sha256 of the actor's tensors = the learner's cast tensors)",
          "all" if exact else "NOT all", exact),
+        ("verification <= 10% of applying (issue 7, Deliver 4; hf engine)",
+         f"{100 * min(shares):.0f}-{100 * max(shares):.0f}%" if shares else "not split out",
+         bool(shares) and max(shares) <= 0.10),
     ]
 
 
@@ -120,8 +128,9 @@ def report(root: Path, before_rev: str) -> str:
              "*blocked* is the time `Learner.publish` holds the training loop; *encode* the "
              "time to produce the update (before: on the training thread; after: in the "
              "publisher thread, overlapping the next update); *hf apply+verify* the time until "
-             "the hf engine generates with the new weights; *vLLM apply* the receiver's part "
-             "and *vLLM load* the engine's reload.", ""]
+             "the hf engine generates with the new weights (decode + verify + write); *hf verify "
+             "share* the part of it spent verifying (finiteness, digest update, checksum); "
+             "*vLLM apply* the receiver's part and *vLLM load* the engine's reload.", ""]
     for name, data in (("Before", before), ("After", after)):
         rows = _rows(data)
         if not rows:

@@ -63,7 +63,8 @@ class WeightPublisher(threading.Thread):
         self.layout = Layout.from_model(model, dtype)
         self.device = self.params[0].device
         self.on_update, self.on_snapshot = on_update, on_snapshot
-        self.buffers = [self.layout.allocate(self.device) for _ in range(3)]
+        # Touched now, so that the first stage() does not pay for fresh pages.
+        self.buffers = [self.layout.allocate(self.device).zero_() for _ in range(3)]
         self.views = [list(self.layout.views(b).values()) for b in self.buffers]
         self.published, self.staging, self.spare = 0, 1, 2
         self.published_version: int | None = None
