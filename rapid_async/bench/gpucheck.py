@@ -8,6 +8,9 @@ others still run):
     env      the GPU, driver, torch and CUDA
     weights  bin/bench-weights' "after" learner and hf-actor parts on the GPU:
              blocked time per publish, encode, apply + verify, bytes, exactness
+    learner  (only with --only learner: it adds about 3 minutes) one learner update
+             at Qwen2.5-0.5B's shape, 32 rows x 1,024 and 2,048 completion
+             tokens, bf16 and fp32 (`bin/gpu-check-learner`): peak memory, tokens/s
     modes    rapid-async and rapid-sync (`rapid-run`, 1 learner + 1 actor sharing
              the GPU) at configs/gpu-check-0.5b.toml: seconds per step, learner
              time blocked on publishing, actor apply time, weight traffic share,
@@ -306,11 +309,51 @@ def render_modes(m: dict) -> list[str]:
     return lines
 
 
+def section_learner(ctx: dict) -> dict:
+    """bin/gpu-check-learner: one update at the 0.5B shape (a tiny one with --cpu)."""
+    work = ctx["work"] / "learner"
+    work.mkdir(parents=True, exist_ok=True)
+    args = ["--out", str(work / "learner-gpu.md"), "--json", str(work / "learner.json")]
+    if ctx["cpu"]:
+        args += ["--shape", "cpu-small", "--device", "cpu", "--groups", "1", "--completion", "16",
+                 "--prompt", "8", "--repeats", "1"]
+    env = {"PYTHON": sys.executable}
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    with open(ctx["work"] / "learner.log", "ab") as log:
+        proc = subprocess.run(["bash", str(REPO / "bin" / "gpu-check-learner"), *args], cwd=REPO,
+                              env=full_env, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=ctx["budget"]["learner"])
+    if not (work / "learner.json").is_file():
+        raise RuntimeError(f"bin/gpu-check-learner exited with {proc.returncode}; "
+                           f"see {ctx['work'] / 'learner.log'}")
+    return {**json.loads((work / "learner.json").read_text()), "gpu_tests_rc": proc.returncode}
+
+
+def render_learner(r: dict) -> list[str]:
+    rows = sorted({4 * row["groups"] for row in r["rows"]})
+    lines = [f"Qwen2 {r['shape']} on {r['device']}, {rows} rows, prompt {r['prompt']}; target: bf16 "
+             "at 32 x 2,048 tokens fits in 80 GB and trains >= 40,000 tokens/s", "",
+             "| code | completion | tokens/s | peak GiB allocated | micro-batches |",
+             "|---|---|---|---|---|"]
+    for row in r["rows"]:
+        res = row["result"]
+        if "error" in res:
+            lines.append(f"| {row['version']} | {row['completion']} | failed: {res['error'][:80]} | | |")
+        else:
+            lines.append(f"| {row['version']} | {row['completion']} | {res['tokens_per_s']:,.0f} | "
+                         f"{res['peak_mib'] / 1024:.1f} | {res.get('microbatches', 1):.0f} |")
+    lines.append(f"\nGPU tests of the learner (pytest -m gpu): exit code {r['gpu_tests_rc']}")
+    return lines
+
+
 SECTIONS: list[tuple[str, Callable[[dict], dict], Callable[[dict], list[str]]]] = [
     ("env", section_env, render_env),
     ("weights", section_weights, render_weights),
+    ("learner", section_learner, render_learner),
     ("modes", section_modes, render_modes),
 ]
+OPT_IN = {"learner"}
+"""Sections that run only when `--only` names them."""
 
 
 # ---------------------------------------------------------------- main
@@ -344,12 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     ctx = {"cpu": args.cpu, "device": "cpu" if args.cpu else "cuda", "work": args.work,
            "steps": args.steps or (6 if args.cpu else 24),
-           "budget": {"weights": 150 if not args.cpu else 300, "mode": 150 if not args.cpu else 400}}
+           "budget": {"weights": 150 if not args.cpu else 300, "mode": 150 if not args.cpu else 400,
+                      "learner": 420}}
     ctx["model_dir"] = build_model_dir(args.work / ("model-tiny" if args.cpu else "model-0.5b"), args.cpu)
     only = {s for s in args.only.split(",") if s}
     report = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": args.cpu, "sections": {}}
     for name, fn, _ in SECTIONS:
-        if only and name not in only:
+        if (only and name not in only) or (not only and name in OPT_IN):
             continue
         t0 = time.time()
         try:

@@ -162,8 +162,8 @@ def export_revision(rev: str, dest: Path) -> Path:
 def run_child(spec: dict, code_root: Path | None, timeout: float) -> dict:
     """Run `measure(spec)` in a fresh interpreter, optionally on another code tree."""
     env = dict(os.environ)
-    if code_root is not None:
-        env["PYTHONPATH"] = f"{code_root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    root = code_root if code_root is not None else REPO  # the child runs outside the repository
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                           cwd=tempfile.gettempdir(), capture_output=True, text=True,
                           timeout=timeout)
@@ -251,6 +251,7 @@ def main() -> None:
     p.add_argument("--machine", default="the 2-core CPU dev box, under /work/heavy.lock")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", default=str(REPO / "benchmarks/results/learner-cpu.md"))
+    p.add_argument("--json", default="", help="also write the rows as JSON here")
     args = p.parse_args()
     if args.child:
         import rapid_async
@@ -261,9 +262,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-learner-") as tmp:
         model_dir = str(make_model_dir(Path(tmp) / "model", args.shape))
-        roots = {}
+        roots: dict[str, Path] = {}
+        missing = ""
         if "before" in args.versions.split(","):
-            roots["before"] = export_revision(args.before_rev, Path(tmp) / "before")
+            try:
+                roots["before"] = export_revision(args.before_rev, Path(tmp) / "before")
+            except (OSError, subprocess.CalledProcessError) as exc:  # e.g. a copy without .git
+                missing = f"revision {args.before_rev} not available here ({exc})"
         base = [f"learner.device={args.device}", "learner.lr=1e-6", f"algo.group_size={K}",
                 f"algo.max_new_tokens={max(int(c) for c in args.completion.split(','))}"]
         labels = variants(args)
@@ -277,12 +282,16 @@ def main() -> None:
                             "prompt": args.prompt, "threads": args.threads,
                             "repeats": args.repeats,
                             "overrides": base + list(extra)}
-                    result = run_child(spec, roots.get(version), args.timeout)
+                    result = ({"error": missing} if version == "before" and missing
+                              else run_child(spec, roots.get(version), args.timeout))
                     print(f"[bench-learner] {version} groups={groups} T={completion}: {result}",
                           flush=True)
                     rows.append({"version": version, "groups": groups, "completion": completion,
                                  "result": result})
     write_table(rows, args, Path(args.out))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"shape": args.shape, "device": args.device,
+                                               "prompt": args.prompt, "rows": rows}, indent=1))
     print(f"[bench-learner] wrote {args.out}", flush=True)
 
 
