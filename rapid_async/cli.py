@@ -1,4 +1,5 @@
-"""Command-line entry points: rapid-learner, rapid-actor, rapid-run, rapid-plot, rapid-tune.
+"""Command-line entry points: rapid-learner, rapid-actor, rapid-run, rapid-eval, rapid-plot,
+rapid-tune.
 
 `rapid-tune` has subcommands: report RUN_DIR, recommend, sweep.
 
@@ -74,6 +75,7 @@ def learner(config: Optional[str] = typer.Option(None, "--config", "-c", help=CO
 def actor(learner: str = typer.Option("127.0.0.1:5555", "--learner", "-l", help="The learner's control endpoint, HOST:PORT or tcp://HOST:PORT (see RUN_DIR/learner.json)."),
           actor_id: Optional[str] = typer.Option(None, "--actor-id", help="Unique actor name (default: host-pid)."),
           engine: Optional[str] = typer.Option(None, "--engine", help="hf or vllm (default: the run config's actor.engine)."),
+          evaluator: bool = typer.Option(False, "--evaluator", help="Only run the learner's held-out evaluations (no generation work); while one is connected, the other actors do not evaluate."),
           ) -> None:
     """Connect to a learner, generate and send rollouts (rapid-actor)."""
     from rapid_async.launch import apply_affinity_from_env
@@ -90,7 +92,7 @@ def actor(learner: str = typer.Option("127.0.0.1:5555", "--learner", "-l", help=
     # SIGTERM like Ctrl-C: leave cleanly (the learner hands our work to others).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        a = Actor(endpoint, actor_id=actor_id, engine=engine)
+        a = Actor(endpoint, actor_id=actor_id, engine=engine, evaluator=evaluator)
         if os.environ.get("RAPID_DEVICE") == "cuda":
             a.cfg.actor.device = "cuda"
         a.setup()
@@ -117,6 +119,48 @@ def run(config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG
     except ValueError as exc:
         _fail(str(exc))
     raise typer.Exit(code)
+
+
+def eval_(model: Optional[str] = typer.Option(None, "--model", "-m", help="Model directory to evaluate, e.g. RUN_DIR/checkpoints/step-N (default: model.path or the tiny model)."),
+          task: Optional[str] = typer.Option(None, "--task", "-t", help="Task name (default: the config's task.name)."),
+          n: int = typer.Option(8, "--n", help="Sampled completions per problem, for pass@k (0: greedy only)."),
+          problems: Optional[int] = typer.Option(None, "--problems", help="Held-out problems (default: run.eval_size)."),
+          k: list[int] = typer.Option([], "--k", help="Report pass@K (repeatable; default 1, 2, 4, ... and N)."),
+          greedy: bool = typer.Option(True, "--greedy/--no-greedy", help="Also decode greedily (the learner's eval/success)."),
+          engine: Optional[str] = typer.Option(None, "--engine", help="hf or vllm (default: the config's actor.engine)."),
+          out: Optional[str] = typer.Option(None, "--out", "-o", help="Per-problem JSONL (default: evals/<task>-<model>.jsonl)."),
+          config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP + " Task options, prompt settings, temperature, max_new_tokens, seed and engine come from it."),
+          set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+          ) -> None:
+    """Evaluate a model on a task's held-out set: pass@1, pass@k, greedy success (rapid-eval)."""
+    _setup_logging()
+    from pathlib import Path
+
+    from rapid_async.config import load_config
+
+    overrides = list(set_)
+    if task:
+        overrides.append(f"task.name={task}")
+    if engine:
+        overrides.append(f"actor.engine={engine}")
+    try:
+        cfg = load_config(config, overrides)
+        if os.environ.get("RAPID_DEVICE") == "cuda":
+            cfg.actor.device = "cuda"
+        from rapid_async.evaluate import evaluate_model, settings_from_config, summary_line
+        from rapid_async.learner.loop import resolve_model_dir
+
+        if model:
+            cfg.model.path = model
+        model_dir = resolve_model_dir(cfg)
+        settings = settings_from_config(cfg, samples=n, problems=problems, greedy=greedy,
+                                        ks=tuple(k) or None)
+        path = Path(out or f"evals/{cfg.task.name}-{Path(model_dir).name}.jsonl")
+        report = evaluate_model(cfg, model_dir, settings, path)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(summary_line(report.summary))
+    typer.echo(f"per-problem records: {path}")
 
 
 def plot(run_dir: str = typer.Argument(..., help="A run directory with metrics.jsonl."),
@@ -217,9 +261,10 @@ learner_main = _single(learner)
 actor_main = _single(actor)
 run_main = _single(run)
 plot_main = _single(plot)
+eval_main = _single(eval_)
 
 _COMMANDS = {"learner": learner_main, "actor": actor_main, "run": run_main, "plot": plot_main,
-             "tune": tune_main}
+             "tune": tune_main, "eval": eval_main}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:

@@ -123,10 +123,21 @@ class RunConfig:
     """Stop after this many seconds of training (0: no limit)."""
 
     eval_every: int = 10
-    """Held-out evaluation every N optimizer steps (0: only at start and end)."""
+    """Held-out evaluation every N optimizer steps (0: only at start and end).
+    An actor evaluates, at the first published version at or past each
+    multiple of N; the learner records the result when it arrives."""
 
     eval_size: int = 200
     """Number of held-out problems per evaluation."""
+
+    eval_samples: int = 0
+    """Sampled completions per held-out problem (at algo.temperature) for
+    eval/pass@k, besides the greedy one (0: greedy success only)."""
+
+    eval_timeout_s: float = 300.0
+    """At the end of a run, how long the learner waits for the final
+    evaluation (it gives up sooner if no actor takes it within
+    learner.actor_timeout_s)."""
 
     checkpoint_every: int = 100
     """Save a checkpoint every N optimizer steps (0: not by steps). Written by
@@ -326,7 +337,7 @@ class Config:
                      "learner.logprob_chunk_tokens", "learner.devices"):
             _check_positive(name, self._get(name))
         for name in ("run.eval_every", "run.checkpoint_every", "run.checkpoint_minutes",
-                     "run.max_seconds",
+                     "run.max_seconds", "run.eval_samples", "run.eval_timeout_s",
                      "learner.max_staleness", "learner.weight_decay",
                      "learner.grad_clip", "algo.beta", "transport.port",
                      "learner.actor_timeout_s", "learner.micro_batch_tokens",

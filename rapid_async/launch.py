@@ -250,19 +250,23 @@ def _last_learner_record(run_dir: Path) -> dict | None:
         size = f.tell()
         f.seek(max(0, size - 65536))
         lines = f.read().decode(errors="replace").splitlines()
-    latest = None
+    latest, evaluation = None, None
     for line in reversed(lines):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("role") != "learner" or "step" not in rec:
+        if rec.get("role") != "learner":
             continue
-        if latest is None:
+        if evaluation is None and isinstance(rec.get("eval/success"), (int, float)):
+            evaluation = rec  # the newest evaluation result (its own record)
+        if latest is None and "step" in rec:
             latest = dict(rec)
-        if isinstance(rec.get("eval/success"), (int, float)):
-            latest.setdefault("eval/success", rec["eval/success"])  # the newest evaluation
+        if latest is not None and evaluation is not None:
             break
+    if latest is not None and evaluation is not None:
+        latest.setdefault("eval/success", evaluation["eval/success"])
+        latest.setdefault("eval/version", evaluation.get("eval/version"))
     return latest
 
 
@@ -351,10 +355,16 @@ def _print_summary(run_dir: Path) -> None:
         recs = [r for r in read_metrics(run_dir) if r.get("role") == "learner"]
     except FileNotFoundError:
         return
-    evals = [r["eval/success"] for r in recs if isinstance(r.get("eval/success"), (int, float))]
+    evals = sorted(((r.get("eval/version", r.get("version", 0)), r["eval/success"]) for r in recs
+                    if isinstance(r.get("eval/success"), (int, float))), key=lambda e: e[0])
     if len(evals) >= 2:
-        print(f"[rapid-run] held-out success: before {evals[0]:.3f}, after {evals[-1]:.3f}",
-              flush=True)
+        (v0, before), (v1, after) = evals[0], evals[-1]
+        print(f"[rapid-run] held-out success: before {before:.3f} (version {v0}), "
+              f"after {after:.3f} (version {v1})", flush=True)
+    for r in recs:
+        if r.get("event") == "eval_missing":
+            print(f"[rapid-run] no {r.get('eval/kind')} evaluation of version "
+                  f"{r.get('eval/requested_version')}: {r.get('reason')}", flush=True)
     try:
         print(f"[rapid-run] plots: {plot_run(run_dir)}", flush=True)
     except ValueError as exc:

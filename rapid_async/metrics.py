@@ -7,7 +7,8 @@ Biases as well (`rapid_async.metrics_backends`).
 Appends of single short lines are atomic enough for several writers on one
 node; `read_metrics` skips a torn or foreign line instead of failing.
 `plot_run` draws reward and held-out success against wall time, throughput
-and staleness (`rapid-plot RUN_DIR`).
+and staleness (`rapid-plot RUN_DIR`); a held-out result is drawn at the time
+its policy version was made, since it arrives later from an actor.
 """
 
 from __future__ import annotations
@@ -112,12 +113,23 @@ def progress_line(rec: dict[str, Any]) -> str:
         v = rec.get(key)
         return format(v, fmt) if isinstance(v, (int, float)) else default
 
+    heldout = f("eval/success", ".3f")
+    if isinstance(rec.get("eval/version"), int) and heldout != "-":
+        heldout += f"@v{rec['eval/version']}"
     return (f"step {f('step', 'd')} v{f('version', 'd')} "
-            f"reward {f('reward/mean', '.3f')} heldout {f('eval/success', '.3f')} "
+            f"reward {f('reward/mean', '.3f')} heldout {heldout} "
             f"tok/s {f('throughput/tokens_per_s', '.0f')} "
             f"staleness {f('staleness/mean', '.2f')} "
             f"busy {f('learner/busy_frac', '.0%')} "
             f"t {f('elapsed_s', '.0f')}s")
+
+
+def eval_series(recs: list[dict[str, Any]], key: str, t0: float) -> tuple[list[float], list[float]]:
+    """Held-out evaluation results placed at the time their policy version was
+    made (`eval/time`), not when the result arrived; sorted by that time."""
+    pts = sorted(((r.get("eval/time") or r["time"]) - t0, r[key]) for r in recs
+                 if r.get("role") == "learner" and isinstance(r.get(key), (int, float)))
+    return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -141,7 +153,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     ax = axes[0][0]
     ax.plot(*series(learner, "reward/mean"), label="train reward", alpha=0.7)
-    ax.plot(*series(learner, "eval/success"), "o-", label="held-out success")
+    for key, label in (("eval/success", "held-out success (greedy)"),
+                       ("eval/pass@1", "held-out pass@1")):
+        ax.plot(*eval_series(recs, key, t0), "o-", label=label)
     ax.set_xlabel("wall time (s)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("reward and held-out success")

@@ -90,7 +90,10 @@ def run_status(rec: dict[str, Any], actors_busy: str = "-") -> str:
         v = rec.get(key)
         return format(v, fmt) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
+    heldout = f("eval/success", ".3f")
+    if heldout != "-" and isinstance(rec.get("eval/version"), int):
+        heldout += f"@v{rec['eval/version']}"  # the version it evaluated
     return (f"step {f('step', 'd')} v{f('version', 'd')} reward {f('reward/mean', '.3f')} "
-            f"heldout {f('eval/success', '.3f')} tok/s {f('throughput/tokens_per_s', '.0f')} "
+            f"heldout {heldout} tok/s {f('throughput/tokens_per_s', '.0f')} "
             f"staleness {f('staleness/mean', '.2f')} learner busy {f('learner/busy_frac', '.0%')} "
             f"actors busy {actors_busy} t {f('train_s', '.0f')}s")

@@ -422,15 +422,16 @@ def _cli():
 def _print_pass_at_k(path: Path, k: int, threads: int) -> None:
     """Print pass@k at temperature 1 of the model in `path` on the default task."""
     from rapid_async.engines.hf import HFEngine
-    from rapid_async.evaluate import pass_at_k
+    from rapid_async.evaluate import EvalSettings, run_evaluation
     from rapid_async.tasks.arithmetic import ArithmeticTask
 
     torch.set_num_threads(threads)
     task = ArithmeticTask()
-    result = pass_at_k(HFEngine(path), build_tokenizer(), task, k=k, n=200,
-                       max_new_tokens=_answer_budget(task))
-    print(f"held-out pass@{k} at T=1: {result['pass_at_k']:.3f} "
-          f"(mean reward per sample {result['mean_reward']:.3f})")
+    settings = EvalSettings(problems=200, greedy=False, samples=k, temperature=1.0,
+                            max_new_tokens=_answer_budget(task))
+    summary = run_evaluation(HFEngine(path), build_tokenizer(), task, settings).summary
+    print(f"held-out pass@{k} at T=1: {summary[f'pass@{k}']:.3f}, pass@1 {summary['pass@1']:.3f} "
+          f"(mean reward per sample {summary['sample_reward']:.3f})")
 
 
 if __name__ == "__main__":

@@ -190,3 +190,24 @@ def test_writer_logs_to_wandb_offline(tmp_path, monkeypatch):
     assert len(runs) == 1
     data = runs[0].read_bytes()  # the offline run's records hold each logged key per step
     assert data.count(b"loss/policy") >= 3 and b"staleness/hist/0" in data
+
+
+def test_eval_series_places_results_at_the_time_of_their_version():
+    from rapid_async.metrics import eval_series
+
+    recs = [
+        {"role": "learner", "time": 100.0, "step": 1},
+        # arrived at 130 but evaluates the version made at 110; a later one arrived first
+        {"role": "learner", "time": 130.0, "event": "eval", "eval/success": 0.5,
+         "eval/version": 10, "eval/time": 110.0},
+        {"role": "learner", "time": 125.0, "event": "eval", "eval/success": 0.7,
+         "eval/version": 20, "eval/time": 120.0},
+        {"role": "actor", "time": 126.0, "eval/success": 0.9},  # not the learner's record
+        {"role": "learner", "time": 105.0, "eval/success": 0.25},  # old style: its own time
+    ]
+    assert eval_series(recs, "eval/success", t0=100.0) == ([5.0, 10.0, 20.0], [0.25, 0.5, 0.7])
+
+
+def test_progress_line_names_the_evaluated_version():
+    rec = {"step": 40, "version": 40, "eval/success": 0.5, "eval/version": 25}
+    assert "heldout 0.500@v25 " in progress_line(rec)

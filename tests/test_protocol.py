@@ -16,6 +16,8 @@ from rapid_async.wire.protocol import (
     ActorStats,
     DeltaRequest,
     ErrorReply,
+    EvalResult,
+    EvalTask,
     Hello,
     ProtocolError,
     RolloutGroup,
@@ -152,7 +154,7 @@ def test_rollout_group_round_trips(group):
 def test_registry_covers_every_message_type():
     assert set(protocol.message_types().values()) == {
         Hello, Welcome, SnapshotRequest, DeltaRequest, WeightUpdate, ActorStats, Stop, ErrorReply,
-        RolloutGroup, WorkRequest, WorkGrant,
+        RolloutGroup, WorkRequest, WorkGrant, EvalTask, EvalResult,
     }
 
 
@@ -334,3 +336,71 @@ def _unchecked_encode(group: RolloutGroup) -> list[bytes]:
 def test_encode_refuses_non_messages():
     with pytest.raises(ProtocolError, match="cannot encode a dict"):
         encode({"type": "stop"})
+
+
+# ---------------------------------------------------------------- evaluation messages
+
+eval_tasks = st.builds(
+    EvalTask, job_id=versions, kind=st.sampled_from(["start", "periodic", "final"]),
+    min_version=versions, problems=st.integers(1, 10_000), samples=st.integers(0, 64),
+    temperature=st.floats(0.01, 10.0), max_new_tokens=st.integers(1, 4096),
+    seed=st.integers(-(2**31), 2**31))
+eval_results = st.builds(
+    EvalResult, actor_id=text, job_id=versions, policy_version=versions,
+    metrics=st.dictionaries(text, st.floats(0.0, 1.0), max_size=5).map(
+        lambda d: {**d, "success": 0.5}),
+    error=st.just(""))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.one_of(eval_tasks, eval_results))
+def test_eval_messages_round_trip(msg):
+    assert decode(encode(msg)) == msg
+
+
+def _task(**overrides) -> EvalTask:
+    fields = dict(job_id=1, kind="periodic", min_version=25, problems=200, samples=4,
+                  temperature=1.0, max_new_tokens=6, seed=0)
+    fields.update(overrides)
+    return EvalTask(**fields)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(kind="sometimes"), "'kind' must be one of"),
+    (dict(problems=0), "problems \\(0\\) and max_new_tokens"),
+    (dict(max_new_tokens=0), "must be >= 1"),
+    (dict(temperature=0.0), "temperature must be > 0 with samples > 0"),
+    (dict(temperature=math.nan), "'temperature' must be finite"),
+    (dict(min_version=-1), "'min_version' must be >= 0"),
+])
+def test_invalid_eval_tasks_are_refused(overrides, match):
+    with pytest.raises(ProtocolError, match=match):
+        encode(_task(**overrides))
+    frames = _reheader(encode(_task()), lambda h: h["fields"].update(overrides))
+    with pytest.raises(ProtocolError, match=match):
+        decode(frames)
+
+
+def test_greedy_only_eval_task_may_have_temperature_zero():
+    assert decode(encode(_task(samples=0, temperature=0.0))).samples == 0
+
+
+@pytest.mark.parametrize("metrics, match", [
+    ({"success": 1.5}, "metrics\\['success'\\] = 1.5 must be in \\[0, 1\\]"),
+    ({"success": 0.5, "pass@4": -0.1}, "'pass@4'"),
+    ({"seconds": 3.0}, "need 'success' or a 'pass@k'"),
+    ({"success": math.inf}, "must be finite"),
+    ({"success": "high"}, "must be a float"),
+    ({"success": True}, "must be a float"),
+])
+def test_invalid_eval_results_are_refused(metrics, match):
+    good = EvalResult("a0", 3, 25, {"success": 0.5}, "")
+    with pytest.raises(ProtocolError, match=match):
+        decode(_reheader(encode(good), lambda h: h["fields"].update(metrics=metrics)))
+    with pytest.raises(ProtocolError, match=match):
+        encode(EvalResult("a0", 3, 25, metrics, ""))
+
+
+def test_failed_eval_result_carries_its_error_and_no_metrics():
+    out = decode(encode(EvalResult("a0", 3, 25, {}, "engine ran out of memory")))
+    assert out.error == "engine ran out of memory" and out.metrics == {}

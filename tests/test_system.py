@@ -132,6 +132,8 @@ def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_d
                   "--set", f"run.run_dir={run_dir}", "--set", "run.max_steps=1",
                   "--set", "learner.minibatch_groups=1", "--set", "learner.batch_groups=1",
                   "--set", "algo.group_size=2", "--set", "run.eval_size=5",
+                  # no actor here takes the start / final evaluation: give up soon
+                  "--set", "run.eval_timeout_s=2",
                   log=tmp_path / "learner.log")
     ctx = zmq.Context()
     try:

@@ -8,6 +8,8 @@ The loop, as in DESIGN.md section 3:
         apply every queued delta, in order;         weights SUB (+ DeltaRequest
         the engine loads once                       for missed ones)
         ask for work: prompt indices, min version   control DEALER
+        if an EvalTask came with the grant:         (actor/evaluator.py)
+            evaluate the held-out set, send EvalResult
         wait until our weights are >= min version
         generate K completions per prompt, score    engine + task verifier
         send one RolloutGroup per prompt            rollouts PUSH (blocks when
@@ -20,6 +22,9 @@ checked and verified before it is written into the engine's weights
 full are fetched from the learner's chain of recent deltas, and an update
 that cannot be applied (not kept any more, malformed, checksum failure) makes
 it ask for a snapshot before it generates again.
+
+A dedicated evaluator (`evaluator=True`) asks for zero groups: it only
+evaluates, and while one is connected the generating actors do not.
 """
 
 from __future__ import annotations
@@ -53,10 +58,12 @@ class Actor:
         control_endpoint: the learner's control endpoint, tcp://HOST:PORT.
         actor_id: unique name of this actor.
         engine: override of the config's actor.engine (None: use the config).
+        evaluator: only evaluate (ask for no generation work).
     """
 
     def __init__(self, control_endpoint: str, actor_id: str | None = None,
-                 engine: str | None = None, hello_timeout_s: float = 60.0):
+                 engine: str | None = None, hello_timeout_s: float = 60.0,
+                 evaluator: bool = False):
         from rapid_async.config import config_from_dict
         from rapid_async.wire.transport import ActorSockets
 
@@ -70,12 +77,14 @@ class Actor:
         self.run_dir = welcome.settings["run_dir"]
         self.receiver: Any = None
         self.stopped: str | None = None
+        self.evaluator = evaluator
+        self.eval_tasks: list[Any] = []  # EvalTasks received, not yet done
         self.stats: dict[str, float] = {"busy_s": 0.0, "idle_s": 0.0, "tokens": 0,
                                         "groups": 0, "snapshots": 0, "deltas": 0, "gen_s": 0.0,
                                         "update_s": 0.0, "update_bytes": 0, "chunks": 0,
                                         "send_wait_s": 0.0, "chain_fetches": 0,
                                         "rejected_updates": 0, "truncated": 0,
-                                        "verifier_failures": 0}
+                                        "verifier_failures": 0, "eval_s": 0.0, "evals": 0}
 
     @property
     def version(self) -> int | None:
@@ -213,9 +222,15 @@ class Actor:
                 self.poll_weights()
                 if self._check_stop():
                     break
-                grant = self.sockets.request_work(self.cfg.actor.chunk_groups)
-                if not grant.prompt_indices:
-                    self.poll_weights(timeout_ms=20)
+                grant = self.sockets.request_work(
+                    0 if self.evaluator else self.cfg.actor.chunk_groups)
+                if self._check_stop():
+                    break
+                if self.eval_tasks:
+                    self._evaluate(self.eval_tasks.pop(0))
+                    self.stats["busy_s"] += time.perf_counter() - t0
+                elif not grant.prompt_indices:
+                    self.poll_weights(timeout_ms=200 if self.evaluator else 20)
                     self.stats["idle_s"] += time.perf_counter() - t0
                 elif self._wait_version(grant.min_version):
                     self._generate_and_send(grant.prompt_indices)
@@ -268,9 +283,21 @@ class Actor:
             self.stats["send_wait_s"] += time.perf_counter() - t_send
             self.stats["groups"] += 1
 
+    def _evaluate(self, task: Any) -> None:
+        """Do an evaluation task and send its result (see actor/evaluator.py)."""
+        from rapid_async.actor.evaluator import evaluate_task
+
+        t0 = time.perf_counter()
+        result = evaluate_task(self, task)
+        if result is not None:
+            self.sockets.send_eval_result(result)
+            self.stats["evals"] += 1
+        self.stats["eval_s"] += time.perf_counter() - t0
+
     def _check_stop(self) -> bool:
-        """Drain unsolicited control messages; True once the learner said Stop."""
-        from rapid_async.wire.protocol import Stop
+        """Drain unsolicited control messages (Stop, EvalTask); True once the
+        learner said Stop."""
+        from rapid_async.wire.protocol import EvalTask, Stop
 
         while self.stopped is None:
             msg = self.sockets.recv_control(timeout_ms=0)
@@ -278,6 +305,8 @@ class Actor:
                 break
             if isinstance(msg, Stop):
                 self.stopped = msg.reason
+            elif isinstance(msg, EvalTask):
+                self.eval_tasks.append(msg)
             else:
                 log.warning("actor %s: ignoring unexpected control message %s",
                             self.actor_id, type(msg).__name__)

@@ -35,8 +35,11 @@ MODE_OVERRIDES = {
 def summarise(run_dir: Path, target: float) -> dict:
     recs = read_metrics(run_dir)
     learner = [r for r in recs if r.get("role") == "learner"]
-    evals = [(r.get("train_s", r.get("elapsed_s", 0.0)), r["eval/success"]) for r in learner
-             if isinstance(r.get("eval/success"), (int, float))]
+    # A result is timed at the training time of the version it evaluated (it
+    # arrives later from an actor); older runs recorded it on the step itself.
+    evals = sorted((r.get("eval/train_s", r.get("train_s", r.get("elapsed_s", 0.0))),
+                    r["eval/success"]) for r in learner
+                   if isinstance(r.get("eval/success"), (int, float)))
     steps = [r for r in learner if "loss/policy" in r]
     actors = [r for r in recs if r.get("role") == "actor"]
     last_actor = actors[-1] if actors else {}

@@ -9,7 +9,13 @@ socket). Its loop reads like the algorithm:
         for minibatch in split(groups):
             metrics = update(minibatch)   # one optimizer step
             publish(metrics)              # every sync_every steps / end of round
-            record(metrics)               # evaluation, checkpoint, metrics.jsonl
+            record(metrics)               # checkpoint, metrics.jsonl, evaluation
+                                          # requests and arrived results
+
+Held-out evaluation is work for an actor (`learner/evaluation.py`): the loop
+requests it at the start, every `run.eval_every` published versions and at
+the end, and records each result, with the version it evaluated, when it
+arrives. Only shut-down waits for the final result (with a timeout).
 
 Per mode (DESIGN.md section 2):
     grpo         one round = minibatch_groups prompts at version v, 1 update
@@ -48,6 +54,7 @@ class Learner:
     def __init__(self, cfg: Config, resume: bool = False, model_dir: str | None = None):
         from rapid_async.learner.buffer import RolloutBuffer
         from rapid_async.learner.checkpoint import Checkpointer
+        from rapid_async.learner.evaluation import EvalBoard
         from rapid_async.learner.network import LearnerNetwork
         from rapid_async.learner.scheduler import WorkScheduler
         from rapid_async.learner.trainer import Trainer
@@ -82,15 +89,17 @@ class Learner:
         self.taken: list[Any] = []  # groups taken from the buffer, not yet trained
         settings = {"config": cfg.to_dict(), "model_dir": str(Path(self.model_dir).resolve()),
                     "run_dir": str(self.run_dir.resolve())}
-        self.net = LearnerNetwork(cfg, self.buffer, self.scheduler, settings)
+        self.evals = EvalBoard(eval_task_settings(cfg), timeout_s=cfg.learner.actor_timeout_s)
+        self.net = LearnerNetwork(cfg, self.buffer, self.scheduler, settings, evals=self.evals)
         self.metrics = MetricsWriter(self.run_dir, "learner",
                                      backends=open_backends(cfg, self.run_dir, "learner", "learner"))
         self.publisher = self._start_publisher()
-        self.eval_engine: Any = None
         self.start_version = self.trainer.version
         self.clock = {"busy": 0.0, "wait": 0.0, "publish": 0.0, "eval": 0.0, "checkpoint": 0.0,
                       "tokens": 0.0}
-        self.last_eval: float | None = None
+        self.version_clock: dict[int, dict[str, float]] = {}  # version -> when it was made
+        self.next_eval = self._next_eval_version(self.start_version)
+        self.eval_records: dict[int, dict[str, Any]] = {}  # job id -> its result record
         self.stop_reason = "done"
         self.stop_requested: str | None = None  # set by SIGINT / SIGTERM
         self._previous_handlers: dict[int, Any] = {}
@@ -155,23 +164,22 @@ class Learner:
         return summary
 
     def start(self) -> None:
-        """Open the sockets, announce the endpoint, evaluate the starting weights."""
+        """Open the sockets, announce the endpoint, ask for the start evaluation."""
         self._install_signal_handlers()
         self.net.start()
         endpoint_file(self.run_dir).write_text(json.dumps(
             {"control": self.net.sockets.control_endpoint, "pid": os.getpid()}))
         log.info("learner listening on %s (mode %s)", self.net.sockets.control_endpoint, self.mode)
         self.t_start = time.time()
-        self.first_eval = self.evaluate()
-        self.clock["eval"] = time.time() - self.t_start  # evaluations are not training time
+        self._note_version_time(self.start_version)
+        self.start_job = self.evals.request(self.start_version, "start")
         if self.resumed:
             self.metrics.write({"step": self.trainer.version, "version": self.trainer.version,
                                 "event": "resume", "resume/path": self.resumed["path"],
                                 "resume/pending": len(self.resumed["pending"]),
                                 "resume/changed": self.resumed["changes"]})
         self.metrics.write({"step": self.trainer.version, "version": self.trainer.version,
-                            "eval/success": self.first_eval, "elapsed_s": 0.0, "event": "start"})
-        print(f"[learner] held-out success at start: {self.first_eval:.3f}", flush=True)
+                            "elapsed_s": 0.0, "event": "start"})
 
     def done(self) -> bool:
         """True when the step or time budget is spent or a signal asked to stop
@@ -220,8 +228,9 @@ class Learner:
         self.clock["tokens"] += metrics["batch/tokens"]
         return metrics
 
-    def publish(self, metrics: dict[str, Any], end_of_round: bool) -> None:
-        """Hand new weights to the publisher thread when it is time (adds weight metrics).
+    def publish(self, metrics: dict[str, Any], end_of_round: bool, force: bool = False) -> None:
+        """Hand new weights to the publisher thread when it is time, or now with
+        `force` (adds weight metrics).
 
         The training loop only casts the weights into a buffer (on its
         device); encoding and sending happen in the publisher thread. In the
@@ -231,7 +240,7 @@ class Learner:
         """
         version = self.trainer.version
         due = end_of_round if self.sync else version % self.cfg.learner.sync_every == 0
-        if not due or version == self.published_version:  # a skipped step made no version
+        if not (due or force) or version == self.published_version:  # a skipped step made no version
             return
         t0 = time.perf_counter()
         self.publisher.stage(version)
@@ -244,16 +253,14 @@ class Learner:
         metrics.update(self.weight_stats)  # the newest version the publisher finished
 
     def record(self, metrics: dict[str, Any]) -> None:
-        """Evaluate and checkpoint when due; write the step's metrics record."""
+        """Checkpoint when due; write the step's metrics record; request an
+        evaluation when one is due and record the results that arrived."""
         from rapid_async.metrics import clean, progress_line
 
         version = self.trainer.version
         stepped = not metrics.get("guard/skipped")
-        if stepped and self.cfg.run.eval_every and version % self.cfg.run.eval_every == 0:
-            t0 = time.perf_counter()
-            metrics["eval/success"] = self.evaluate()
-            metrics["eval/version"] = version
-            self.clock["eval"] += time.perf_counter() - t0
+        if stepped:
+            self._note_version_time(version)
         self.checkpointer.check()
         if stepped and self.checkpointer.due(version):
             self.clock["checkpoint"] += self.checkpoint(background=True)
@@ -262,6 +269,8 @@ class Learner:
                      **self.checkpointer.stats})
         self.metrics.write(rec)
         print("[learner] " + progress_line(rec), flush=True)
+        self.request_due_evaluation()
+        self.record_evaluations()
 
     def _clock_stats(self) -> dict[str, float]:
         elapsed = time.time() - self.t_start
@@ -283,21 +292,91 @@ class Learner:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluate(self) -> float:
-        """Held-out greedy success of the current weights (inference dtype)."""
-        from rapid_async.engines.hf import HFEngine
-        from rapid_async.evaluate import evaluate as evaluate_engine
-        from rapid_async.tasks.prompts import PromptSettings
+    def _next_eval_version(self, version: int) -> int | None:
+        every = self.cfg.run.eval_every
+        return (version // every + 1) * every if every else None
 
-        cfg = self.cfg
-        if self.eval_engine is None:
-            self.eval_engine = HFEngine(self.model_dir, device=cfg.learner.device,
-                                        dtype=cfg.model.inference_dtype)
-        self.eval_engine.load_weights(self.trainer.inference_state())
-        self.last_eval = evaluate_engine(self.eval_engine, self.trainer.tokenizer, self.task,
-                                         cfg.run.eval_size, cfg.algo.max_new_tokens,
-                                         prompt_settings=PromptSettings.from_config(cfg, self.task))
-        return self.last_eval
+    def _note_version_time(self, version: int) -> None:
+        """Remember when `version` was made, so that its evaluation is plotted there."""
+        elapsed = time.time() - self.t_start
+        self.version_clock[version] = {"time": time.time(), "elapsed_s": elapsed,
+                                       "train_s": elapsed - self.clock["eval"]}
+
+    def request_due_evaluation(self) -> None:
+        """Ask for a periodic evaluation once a version at or past the next
+        `eval_every` boundary is published (actors can only evaluate what
+        they were sent)."""
+        if self.next_eval is not None and self.published_version >= self.next_eval:
+            self.evals.request(self.published_version, "periodic")
+            self.next_eval = self._next_eval_version(self.published_version)
+
+    def record_evaluations(self) -> None:
+        """Write a metrics record for every evaluation result that has arrived."""
+        from rapid_async.learner.evaluation import result_record
+        from rapid_async.metrics import clean
+
+        for job in self.evals.take_results():
+            rec = clean(result_record(job, self.version_clock, self.trainer.version))
+            self.metrics.write(rec)
+            self.eval_records[job.job_id] = rec
+            print(f"[learner] {describe_evaluation(rec)}", flush=True)
+        oldest = self.evals.oldest_open_version()
+        keep_from = self.trainer.version if oldest is None else min(oldest, self.trainer.version)
+        for version in [v for v in self.version_clock if v < keep_from]:
+            del self.version_clock[version]
+
+    def wait_for_evaluations(self, jobs: list[Any]) -> None:
+        """Shut-down only: wait for `jobs` up to `run.eval_timeout_s` (and give
+        up after `learner.actor_timeout_s` if no actor takes them); write a
+        clear record for each job that gets no answer."""
+        t0 = time.monotonic()
+        limit, idle_limit = self.cfg.run.eval_timeout_s, self.cfg.learner.actor_timeout_s
+        waiting_since = t0
+        while True:
+            self.net.check()
+            self.record_evaluations()
+            states = [self.evals.status(job) for job in jobs]
+            if all(state == "answered" for state in states):
+                break
+            now = time.monotonic()
+            if any(state == "running" for state in states):
+                waiting_since = now
+            if now - t0 > limit or now - waiting_since > min(idle_limit, limit):
+                for job, state in zip(jobs, states):
+                    if state != "answered":
+                        self._record_missing(job, state, now - t0)
+                break
+            time.sleep(0.05)
+        self.clock["eval"] += time.monotonic() - t0  # not training time
+
+    def _record_missing(self, job: Any, state: str, waited: float) -> None:
+        reason = ("no actor took it" if state == "waiting"
+                  else f"actor {job.actor_id} did not answer")
+        msg = (f"no {job.kind} evaluation of version {job.min_version}: {reason} "
+               f"in {waited:.0f} s (run.eval_timeout_s = {self.cfg.run.eval_timeout_s})")
+        log.warning(msg)
+        print(f"[learner] {msg}", flush=True)
+        self.metrics.write({"event": "eval_missing", "eval/kind": job.kind,
+                            "eval/requested_version": job.min_version, "reason": reason,
+                            "elapsed_s": time.time() - self.t_start})
+
+    def final_evaluation(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Publish the last version if it is not yet, ask an actor to evaluate
+        it (unless a job already does) and wait for it and the start
+        evaluation; returns their result records ({} where none came)."""
+        version = self.trainer.version
+        self.net.check()
+        if self.published_version != version:
+            self.publish({}, end_of_round=True, force=True)
+        self._finish_publishing()  # the actors must hold the last version to evaluate it
+        final_job = self.evals.find(version) or self.evals.request(version, "final")
+        jobs = list({id(j): j for j in (self.start_job, final_job)}.values())
+        if any(self.evals.status(job) != "answered" for job in jobs):
+            print(f"[learner] waiting for the final evaluation of version {version} "
+                  f"(at most {self.cfg.run.eval_timeout_s:.0f} s)", flush=True)
+        self.wait_for_evaluations(jobs)
+        return (self.eval_records.get(self.start_job.job_id, {}),
+                self.eval_records.get(final_job.job_id, {}))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -345,25 +424,26 @@ class Learner:
     # ------------------------------------------------------------------ shut-down
 
     def shutdown(self) -> dict[str, Any]:
-        """Stop the actors, checkpoint, then the final evaluation and the end
-        record (a failing evaluation cannot cost the checkpoint); close sockets."""
+        """Checkpoint (first: nothing after it can cost it); publish the last
+        version and wait for an actor's final evaluation (and the start one if
+        still out); then stop the actors, write the end record, close sockets."""
         from rapid_async.metrics import clean
 
-        self._finish_publishing()
-        self.net.stop_actors(self.stop_reason)
-        final_eval, evaluated = self.last_eval, False
+        version = self.trainer.version
+        start, final = {}, {}
         try:
             self.clock["checkpoint"] += self.checkpoint(
                 background=False, extra={"stop_reason": self.stop_reason})
-            if self.trainer.version > self.start_version:
-                final_eval = self.evaluate()
-            evaluated = True
+            start, final = self.final_evaluation()
         finally:
             elapsed = time.time() - self.t_start
+            self._finish_publishing()  # at once if done already
+            self.net.stop_actors(self.stop_reason)
             self.metrics.write(clean({
-                "step": self.trainer.version, "version": self.trainer.version, "event": "end",
-                "eval/success": final_eval if evaluated else None,
-                "eval/version": self.trainer.version if evaluated else None,
+                "step": version, "version": version, "event": "end",
+                "eval/success": final.get("eval/success"),
+                "eval/version": final.get("eval/version"), "eval/time": final.get("eval/time"),
+                "eval/start_success": start.get("eval/success"),
                 "elapsed_s": elapsed, "stop_reason": self.stop_reason,
                 "learner/checkpoint_s": self.clock["checkpoint"], **self.checkpointer.stats}))
             time.sleep(0.3)
@@ -372,11 +452,13 @@ class Learner:
             self.trainer.close()
             self.metrics.close()
             self._restore_signal_handlers()
-        summary = {"start_success": self.first_eval, "final_success": final_eval,
-                   "steps": self.trainer.version - self.start_version, "elapsed_s": elapsed,
+        summary = {"start_success": start.get("eval/success"),
+                   "final_success": final.get("eval/success"),
+                   "steps": version - self.start_version, "elapsed_s": elapsed,
                    "bad_messages": dict(self.net.bad_messages), "run_dir": str(self.run_dir)}
-        print(f"[learner] held-out success: {self.first_eval:.3f} -> {final_eval:.3f} "
-              f"after {summary['steps']} steps in {elapsed:.0f}s", flush=True)
+        print(f"[learner] held-out success: {_fmt(summary['start_success'])} -> "
+              f"{_fmt(summary['final_success'])} after {summary['steps']} steps in "
+              f"{elapsed:.0f}s", flush=True)
         return summary
 
     def _finish_publishing(self, timeout: float = 300.0) -> None:
@@ -408,6 +490,29 @@ def _download(name: str) -> str:
     except Exception as err:  # offline, unknown name, no access: say which
         raise ValueError(f"model.path = {name!r}: could not download it from the Hugging Face "
                          f"hub ({type(err).__name__}: {err}); give a local model directory") from err
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
+
+
+def eval_task_settings(cfg: Config) -> dict[str, Any]:
+    """The EvalTask fields that every held-out evaluation of a run shares."""
+    return {"problems": cfg.run.eval_size, "samples": cfg.run.eval_samples,
+            "temperature": cfg.algo.temperature, "max_new_tokens": cfg.algo.max_new_tokens,
+            "seed": cfg.run.seed}
+
+
+def describe_evaluation(rec: dict[str, Any]) -> str:
+    """One line about an evaluation result record."""
+    if rec.get("eval/error"):
+        return (f"{rec.get('eval/kind')} evaluation of version {rec.get('eval/version')} "
+                f"failed on {rec.get('eval/actor')}: {rec['eval/error']}")
+    extra = " ".join(f"{k[5:]} {v:.3f}" for k, v in rec.items()
+                     if k.startswith("eval/pass@") and isinstance(v, float))
+    return (f"held-out success {rec.get('eval/success', float('nan')):.3f} at version "
+            f"{rec.get('eval/version')} ({rec.get('eval/kind')}, by {rec.get('eval/actor')}, "
+            f"{rec.get('eval/seconds', 0.0):.1f}s) {extra}").rstrip()
 
 
 def endpoint_file(run_dir: Path) -> Path:

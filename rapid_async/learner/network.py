@@ -4,7 +4,8 @@ Used by the learner process (`rapid_async.learner.loop`). ZeroMQ sockets are
 not thread-safe, so one thread owns them all: it answers actors on the control
 socket (hello, work requests, snapshot and delta requests, stats), moves
 arriving rollout groups into the buffer, publishes the weight updates that the
-weight publisher hands it, and counts bad messages without dying on them. A
+weight publisher hands it, hands held-out evaluation jobs to actors and takes their results
+(`learner/evaluation.py`), and counts bad messages without dying on them. A
 failure of this thread is re-raised in the training loop by `check()`.
 
 Weights: the thread never encodes anything. It sends each delta it is given
@@ -39,15 +40,18 @@ class LearnerNetwork(threading.Thread):
         buffer: where arriving groups go.
         scheduler: hands out work to actors.
         welcome_settings: sent to each actor in Welcome (config, model dir).
+        evals: the EvalBoard of held-out evaluation jobs (None: no evaluations).
     """
 
-    def __init__(self, cfg: Config, buffer: Any, scheduler: Any, welcome_settings: dict):
+    def __init__(self, cfg: Config, buffer: Any, scheduler: Any, welcome_settings: dict,
+                 evals: Any = None):
         super().__init__(name="learner-network", daemon=True)
         from rapid_async.wire.transport import LearnerSockets
 
         self.cfg = cfg
         self.buffer = buffer
         self.scheduler = scheduler
+        self.evals = evals
         self.welcome_settings = welcome_settings
         self.sockets = LearnerSockets(host=cfg.transport.host, control_port=cfg.transport.port,
                                       rollout_hwm=cfg.transport.rollout_hwm,
@@ -121,6 +125,9 @@ class LearnerNetwork(threading.Thread):
                 if time.monotonic() - last_expire > 1.0:
                     for actor_id in self.scheduler.expire_silent():
                         log.warning("actor %s went silent; its work is handed to others", actor_id)
+                    for actor_id in self.evals.expire_silent() if self.evals else []:
+                        log.warning("actor %s went silent during an evaluation; it goes to "
+                                    "the next actor", actor_id)
                     last_expire = time.monotonic()
             self._drain_outbox()
         except BaseException as exc:  # re-raised by check() in the main loop
@@ -189,8 +196,8 @@ class LearnerNetwork(threading.Thread):
         return n
 
     def _serve_control(self, timeout_ms: int) -> None:
-        from rapid_async.wire.protocol import (ActorStats, DeltaRequest, ErrorReply, Hello,
-                                               SnapshotRequest, WorkGrant, WorkRequest)
+        from rapid_async.wire.protocol import (ActorStats, DeltaRequest, ErrorReply, EvalResult,
+                                               Hello, SnapshotRequest, WorkRequest)
         from rapid_async.wire.transport import BadMessage
 
         got = self.sockets.poll_control(timeout_ms=timeout_ms)
@@ -208,10 +215,7 @@ class LearnerNetwork(threading.Thread):
             log.info("actor %s (pid %d, engine %s) joined", msg.actor_id, msg.pid, msg.engine)
             self.sockets.reply(identity, self.sockets.welcome(version, self.welcome_settings))
         elif isinstance(msg, WorkRequest):
-            version = self._published_version
-            indices, min_version = self.scheduler.grant(
-                msg.actor_id, msg.max_groups, len(self.buffer), version)
-            self.sockets.reply(identity, WorkGrant(prompt_indices=indices, min_version=min_version))
+            self._answer_work_request(identity, msg)
         elif isinstance(msg, SnapshotRequest):
             self.scheduler.seen(msg.actor_id)
             self._snapshot_waiting.append(identity)
@@ -222,8 +226,17 @@ class LearnerNetwork(threading.Thread):
         elif isinstance(msg, ActorStats):
             self.scheduler.seen(msg.actor_id)
             self.actor_stats[msg.actor_id] = dict(msg.stats)
+            if self.evals is not None:
+                self.evals.heard(msg.actor_id)
             if msg.stats.get("leaving"):
                 self.scheduler.forget(msg.actor_id)
+                if self.evals is not None:
+                    self.evals.release(msg.actor_id, "the actor left")
+        elif isinstance(msg, EvalResult) and self.evals is not None:
+            self.scheduler.seen(msg.actor_id)
+            if not self.evals.answer(msg):
+                log.info("late or unknown evaluation result (job %d from %s) ignored",
+                         msg.job_id, msg.actor_id)
         else:
             self._bad("control", f"unexpected {type(msg).__name__} on the control socket")
             self.sockets.reply(identity, ErrorReply(
@@ -236,6 +249,37 @@ class LearnerNetwork(threading.Thread):
         self._chain_bytes += len(update.payload)
         while self._chain and self._chain_bytes > limit:
             self._chain_bytes -= len(self._chain.popleft().payload)
+
+    def _answer_work_request(self, identity: bytes, msg: Any) -> None:
+        """Grant generation work, or hand out an evaluation job first.
+
+        rapid-async: a waiting evaluation goes before generation work (it then
+        runs at the newest weights the actor holds). Synchronous modes: only
+        once the round's work is handed out, so the actor evaluates the round's
+        version while the learner trains on the round. An actor asking for
+        zero groups is a dedicated evaluator. The EvalTask goes out first, then
+        the (then empty) WorkGrant that the actor waits for.
+        """
+        from rapid_async.wire.protocol import EvalTask, WorkGrant
+
+        version = self._published_version
+        evaluator = msg.max_groups == 0
+        indices: list[int] = []
+        min_version = version
+        job = None
+        if self.scheduler.sync and not evaluator:
+            indices, min_version = self.scheduler.grant(
+                msg.actor_id, msg.max_groups, len(self.buffer), version)
+        if not indices and self.evals is not None:
+            self.evals.heard(msg.actor_id, evaluator)
+            job = self.evals.take(msg.actor_id, evaluator)
+        if job is not None:
+            self.sockets.reply(identity, EvalTask(**job[1]))
+            self.counters["evals/handed_out"] += 1
+        elif not self.scheduler.sync and not evaluator:
+            indices, min_version = self.scheduler.grant(
+                msg.actor_id, msg.max_groups, len(self.buffer), version)
+        self.sockets.reply(identity, WorkGrant(prompt_indices=indices, min_version=min_version))
 
     def _delta_from(self, base_version: int) -> Any:
         """The kept delta whose base is `base_version`, or an ErrorReply."""

@@ -160,6 +160,44 @@ class ErrorReply:
     message: str
 
 
+@dataclass
+class EvalTask:
+    """Learner -> actor (control, just before the WorkGrant it comes with):
+    evaluate the held-out set with weights of version >= `min_version`.
+
+    `kind` is "start", "periodic" or "final"; `problems` held-out problems,
+    greedy plus `samples` sampled completions each (at `temperature`, seeded
+    with `seed`), at most `max_new_tokens` tokens. The actor answers with an
+    EvalResult naming the version it actually evaluated.
+    """
+
+    job_id: int
+    kind: str
+    min_version: int
+    problems: int
+    samples: int
+    temperature: float
+    max_new_tokens: int
+    seed: int
+
+
+@dataclass
+class EvalResult:
+    """Actor -> learner (control): the outcome of EvalTask `job_id`.
+
+    `policy_version` is the version whose weights were evaluated (>= the
+    task's min_version). `metrics` is the evaluation summary, a flat dict of
+    str -> finite number ("success", "mean_reward", "pass@k", "seconds", ...;
+    success and pass@k in [0, 1]); empty with `error` set when it failed.
+    """
+
+    actor_id: str
+    job_id: int
+    policy_version: int
+    metrics: dict
+    error: str
+
+
 @dataclass(eq=False)
 class RolloutGroup:
     """Actor -> learner (rollouts): K completions of one prompt, with rewards.
@@ -201,7 +239,7 @@ FINISH_REASONS = ("stop", "length")
 
 
 Message = (Hello | Welcome | SnapshotRequest | DeltaRequest | WeightUpdate | ActorStats | Stop
-           | ErrorReply | RolloutGroup | WorkRequest | WorkGrant)
+           | ErrorReply | RolloutGroup | WorkRequest | WorkGrant | EvalTask | EvalResult)
 
 # ---------------------------------------------------------------- field checkers
 # Each checker takes (field name, value) and returns the value to store, or raises.
@@ -253,6 +291,16 @@ def _flat_dict(name: str, value: Any) -> dict:
             raise ProtocolError(
                 f"field {name!r}[{key!r}] must be a str/int/float/bool, got {type(item).__name__}"
             )
+    return value
+
+
+def _number_dict(name: str, value: Any) -> dict:
+    if not isinstance(value, dict) or len(value) > 256:
+        raise ProtocolError(f"field {name!r} must be a dict of at most 256 entries")
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise ProtocolError(f"field {name!r} must have str keys, got {key!r}")
+        _float(f"{name}[{key!r}]", item)
     return value
 
 
@@ -341,6 +389,24 @@ def _check_rollout_group(msg: RolloutGroup) -> None:
         raise ProtocolError(f"gen_seconds must be >= 0, got {msg.gen_seconds}")
 
 
+def _check_eval_task(msg: EvalTask) -> None:
+    if msg.problems < 1 or msg.max_new_tokens < 1:
+        raise ProtocolError(f"EvalTask: problems ({msg.problems}) and max_new_tokens "
+                            f"({msg.max_new_tokens}) must be >= 1")
+    if msg.samples and msg.temperature <= 0:
+        raise ProtocolError(f"EvalTask: temperature must be > 0 with samples > 0, got {msg.temperature}")
+
+
+def _check_eval_result(msg: EvalResult) -> None:
+    if msg.error:
+        return
+    if "success" not in msg.metrics and not any(k.startswith("pass@") for k in msg.metrics):
+        raise ProtocolError("EvalResult: metrics need 'success' or a 'pass@k' (or set error)")
+    for key, value in msg.metrics.items():
+        if (key == "success" or key.startswith("pass@")) and not 0 <= value <= 1:
+            raise ProtocolError(f"EvalResult: metrics[{key!r}] = {value} must be in [0, 1]")
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -386,6 +452,30 @@ _SPECS = [
     _Spec("work_request", WorkRequest, {"actor_id": _str, "max_groups": _nonneg_int}, {}),
     _Spec("work_grant", WorkGrant, {"prompt_indices": _index_list, "min_version": _nonneg_int}, {}),
     _Spec("error", ErrorReply, {"message": _str}, {}),
+    _Spec(
+        "eval_task",
+        EvalTask,
+        {
+            "job_id": _nonneg_int,
+            "kind": _choice("start", "periodic", "final"),
+            "min_version": _nonneg_int,
+            "problems": _nonneg_int,
+            "samples": _nonneg_int,
+            "temperature": _float,
+            "max_new_tokens": _nonneg_int,
+            "seed": _int,
+        },
+        {},
+        check=_check_eval_task,
+    ),
+    _Spec(
+        "eval_result",
+        EvalResult,
+        {"actor_id": _str, "job_id": _nonneg_int, "policy_version": _nonneg_int,
+         "metrics": _number_dict, "error": _str},
+        {},
+        check=_check_eval_result,
+    ),
     _Spec(
         "rollout_group",
         RolloutGroup,

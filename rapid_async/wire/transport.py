@@ -7,7 +7,8 @@ an `ActorSockets` and CONNECTS, so actors can come and go. Three sockets:
     weights   learner PUB -> actor SUB       WeightUpdate (deltas, snapshots)
     control   actor DEALER <-> learner ROUTER Hello/Welcome, SnapshotRequest/
                                               WeightUpdate, DeltaRequest/WeightUpdate,
-                                              ActorStats, Stop, ErrorReply
+                                              WorkRequest/(EvalTask) WorkGrant,
+                                              EvalResult, ActorStats, Stop, ErrorReply
 
 Start-up order: the learner binds all three; an actor connects its DEALER to
 the control endpoint (the only address it is given), sends Hello, and the
@@ -43,6 +44,7 @@ from rapid_async.wire.protocol import (
     ActorStats,
     DeltaRequest,
     ErrorReply,
+    EvalResult,
     Hello,
     Message,
     ProtocolError,
@@ -396,6 +398,14 @@ class ActorSockets:
         except zmq.Again:
             return False
         return True
+
+    def send_eval_result(self, result: EvalResult) -> None:
+        """Sends the answer to an EvalTask (waits up to 1 s for room on the control queue).
+
+        Raises:
+            TimeoutError: if the control queue stays full.
+        """
+        self._send_control(result)
 
     def recv_control(self, timeout_ms: int = 0) -> Message | BadMessage | None:
         """Next unsolicited control message (e.g. Stop), a BadMessage, or None after timeout_ms."""

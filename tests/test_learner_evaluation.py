@@ -1,0 +1,199 @@
+"""Tests for rapid_async.learner.evaluation (the learner's evaluation jobs) and
+for how the learner's network thread hands them out over real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rapid_async.learner.evaluation import EvalBoard, result_record
+from rapid_async.wire.protocol import EvalResult
+
+SETTINGS = {"problems": 20, "samples": 0, "temperature": 1.0, "max_new_tokens": 4, "seed": 0}
+
+
+def _result(job_id: int, version: int, actor: str = "a0", success: float = 0.5) -> EvalResult:
+    return EvalResult(actor, job_id, version, {"success": success, "problems": 20.0}, "")
+
+
+def test_a_job_goes_to_one_actor_and_its_result_is_recorded_once():
+    board = EvalBoard(SETTINGS)
+    job = board.request(0, "start")
+    taken = board.take("a0", evaluator=False)
+    assert taken is not None and taken[0] is job
+    assert taken[1] == {"job_id": job.job_id, "kind": "start", "min_version": 0, **SETTINGS}
+    assert board.take("a1", evaluator=False) is None, "one actor per job"
+    assert board.status(job) == "running"
+    assert board.answer(_result(job.job_id, 0))
+    assert not board.answer(_result(job.job_id, 0, actor="a1")), "a second answer is ignored"
+    assert board.counters["late_results"] == 1
+    assert [j.job_id for j in board.take_results()] == [job.job_id]
+    assert board.take_results() == [] and board.status(job) == "answered"
+
+
+def test_a_silent_or_departed_actor_loses_its_job_to_the_next():
+    board = EvalBoard(SETTINGS, timeout_s=0.2)
+    job = board.request(5, "periodic")
+    assert board.take("a0", evaluator=False)[0] is job
+    time.sleep(0.1)
+    board.heard("a0")  # a heartbeat keeps it
+    time.sleep(0.15)
+    assert board.expire_silent() == []
+    time.sleep(0.25)
+    assert board.expire_silent() == ["a0"]
+    assert board.status(job) == "waiting" and board.counters["reissued"] == 1
+    assert board.take("a1", evaluator=False)[0] is job and job.attempts == 2
+    assert board.release("a1", "the actor left") == [job.job_id]
+    assert board.take("a2", evaluator=False)[0] is job and job.attempts == 3
+    # the first actor comes back with an answer after all: first answer wins
+    assert board.answer(_result(job.job_id, 7, actor="a0"))
+    assert not board.answer(_result(job.job_id, 6, actor="a2"))
+
+
+def test_an_untaken_periodic_job_is_superseded_but_start_and_final_are_kept():
+    board = EvalBoard(SETTINGS)
+    start = board.request(0, "start")
+    p10 = board.request(10, "periodic")
+    p20 = board.request(20, "periodic")
+    assert board.counters["superseded"] == 1 and p10.superseded
+    assert board.find(10) is None and board.find(20) is p20
+    assert board.take("a0", False)[0] is start, "oldest first"
+    assert board.take("a1", False)[0] is p20
+    final = board.request(30, "final")
+    assert not p20.superseded, "a taken job is never superseded"
+    assert board.oldest_open_version() == 0
+    board.answer(_result(start.job_id, 0))
+    assert board.oldest_open_version() == 20
+    assert board.take("a0", False)[0] is final
+
+
+def test_a_dedicated_evaluator_takes_the_jobs_while_it_is_alive():
+    board = EvalBoard(SETTINGS, timeout_s=0.2)
+    job = board.request(0, "start")
+    board.heard("ev", evaluator=True)
+    assert board.take("gen", evaluator=False) is None
+    assert board.take("ev", evaluator=True)[0] is job
+    board.answer(_result(job.job_id, 0, actor="ev"))
+    nxt = board.request(4, "periodic")
+    time.sleep(0.25)  # the evaluator went quiet: generating actors take over
+    assert board.take("gen", evaluator=False)[0] is nxt
+
+
+def test_result_record_places_the_result_at_its_version():
+    board = EvalBoard(SETTINGS)
+    job = board.request(25, "periodic")
+    board.take("a0", False)
+    board.answer(EvalResult("a0", job.job_id, 27, {"success": 0.75, "pass@4": 0.9}, ""))
+    clock = {27: {"time": 1000.0, "elapsed_s": 40.0, "train_s": 38.0}}
+    rec = result_record(board.take_results()[0], clock, current_version=31)
+    assert rec["eval/version"] == 27 and rec["eval/requested_version"] == 25
+    assert rec["eval/success"] == 0.75 and rec["eval/pass@4"] == 0.9
+    assert rec["eval/train_s"] == 38.0 and rec["eval/time"] == 1000.0
+    assert rec["version"] == 31 and rec["eval/actor"] == "a0" and rec["event"] == "eval"
+    failed = board.request(30, "periodic")
+    board.take("a0", False)
+    board.answer(EvalResult("a0", failed.job_id, 30, {}, "out of memory"))
+    rec = result_record(board.take_results()[0], clock, current_version=31)
+    assert rec["eval/error"] == "out of memory" and "eval/success" not in rec
+    assert board.counters["failed"] == 1
+
+
+# ---------------------------------------------------------------- over real sockets
+
+
+@pytest.fixture()
+def network(request):
+    """A real learner network thread (real sockets) with an EvalBoard."""
+    from rapid_async.config import Config
+    from rapid_async.learner.buffer import RolloutBuffer
+    from rapid_async.learner.network import LearnerNetwork
+    from rapid_async.learner.scheduler import WorkScheduler
+
+    mode = request.param
+    cfg = Config()
+    cfg.run.mode = mode
+    scheduler = WorkScheduler(mode, batch_groups=4, capacity=8, max_staleness=1,
+                              actor_timeout=30.0)
+    board = EvalBoard(SETTINGS, timeout_s=30.0)
+    net = LearnerNetwork(cfg, RolloutBuffer(max_staleness=1), scheduler,
+                         {"config": cfg.to_dict()}, evals=board)
+    net.set_published(0, {})
+    net.start()
+    yield net, scheduler, board
+    net.shutdown()
+
+
+def _actor(net, name):
+    from rapid_async.wire.transport import ActorSockets
+
+    sockets = ActorSockets(net.sockets.control_endpoint, name)
+    sockets.hello(1, "none", timeout_ms=5000)
+    return sockets
+
+
+def _eval_task(sockets):
+    from rapid_async.wire.protocol import EvalTask
+
+    msg = sockets.recv_control(timeout_ms=0)
+    return msg if isinstance(msg, EvalTask) else None
+
+
+@pytest.mark.parametrize("network", ["rapid-async"], indirect=True)
+def test_async_mode_hands_out_an_evaluation_before_generation_work(network):
+    net, scheduler, board = network
+    job = board.request(0, "start")
+    a0 = _actor(net, "a0")
+    try:
+        grant = a0.request_work(4, timeout_ms=5000)
+        task = _eval_task(a0)
+        assert task is not None and task.job_id == job.job_id and task.kind == "start"
+        assert task.problems == 20 and grant.prompt_indices == [], "evaluation first"
+        grant = a0.request_work(4, timeout_ms=5000)
+        assert grant.prompt_indices == [0, 1, 2, 3] and _eval_task(a0) is None
+        a0.send_eval_result(_result(job.job_id, 0))
+        deadline = time.monotonic() + 5
+        while board.status(job) != "answered":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert net.counters["evals/handed_out"] == 1
+    finally:
+        a0.close()
+
+
+@pytest.mark.parametrize("network", ["rapid-sync"], indirect=True)
+def test_sync_mode_hands_out_an_evaluation_after_the_rounds_work(network):
+    net, scheduler, board = network
+    scheduler.open_round(0)
+    board.request(0, "start")
+    a0 = _actor(net, "a0")
+    try:
+        grant = a0.request_work(3, timeout_ms=5000)
+        assert grant.prompt_indices == [0, 1, 2] and _eval_task(a0) is None
+        grant = a0.request_work(3, timeout_ms=5000)
+        assert grant.prompt_indices == [3] and _eval_task(a0) is None
+        grant = a0.request_work(3, timeout_ms=5000)
+        task = _eval_task(a0)
+        assert grant.prompt_indices == [] and task is not None and task.min_version == 0
+    finally:
+        a0.close()
+
+
+@pytest.mark.parametrize("network", ["rapid-async"], indirect=True)
+def test_an_evaluation_of_an_actor_that_leaves_goes_to_the_next(network):
+    net, scheduler, board = network
+    job = board.request(3, "periodic")
+    a0, a1 = _actor(net, "a0"), _actor(net, "a1")
+    try:
+        a0.request_work(4, timeout_ms=5000)
+        assert _eval_task(a0).job_id == job.job_id
+        a0.send_stats({"leaving": 1})  # what a dying actor's close() sends
+        deadline = time.monotonic() + 5
+        while board.status(job) != "waiting":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        a1.request_work(4, timeout_ms=5000)
+        assert _eval_task(a1).job_id == job.job_id
+    finally:
+        a0.close()
+        a1.close()
