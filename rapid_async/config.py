@@ -135,9 +135,9 @@ class RunConfig:
     eval/pass@k, besides the greedy one (0: greedy success only)."""
 
     eval_timeout_s: float = 300.0
-    """At the end of a run, how long the learner waits for the final
-    evaluation (it gives up sooner if no actor takes it within
-    learner.actor_timeout_s)."""
+    """At the end of a run, how long the learner waits for an actor's final
+    evaluation (2 s when no actor is connected); then it records the
+    evaluation as missing (event "eval_missing")."""
 
     checkpoint_every: int = 100
     """Save a checkpoint every N optimizer steps (0: not by steps). Written by

@@ -36,14 +36,16 @@ def test_a_skipped_step_is_recorded_but_never_published(model_dir, tmp_path, one
         learner.record(metrics)
         assert metrics["guard/skipped"] == 1.0 and learner.trainer.version == 0
         assert learner.net.outbox.empty() and learner.published_version == 0
-        assert "eval/success" not in metrics and not (tmp_path / "checkpoints").exists()
+        assert learner.evals.oldest_open_version() is None, "no evaluation of a skipped step"
+        assert not (tmp_path / "checkpoints").exists()
         metrics = learner.update(two_groups())
         learner.publish(metrics, end_of_round=True)
         learner.record(metrics)
         assert learner.publisher.flush(timeout=30)  # encoded in the publisher thread
         assert learner.published_version == 1 and learner.net.outbox.qsize() == 1
         learner.checkpointer.wait()  # written in the background
-        assert metrics["eval/version"] == 1 and (tmp_path / "checkpoints").is_dir()
+        assert learner.evals.find(1).kind == "periodic", "an actor is asked to evaluate v1"
+        assert (tmp_path / "checkpoints").is_dir()
         records = (tmp_path / "metrics.jsonl").read_text().splitlines()
         assert '"guard/skipped": 1.0' in records[0] and '"guard/skipped_steps": 1.0' in records[1]
     finally:
@@ -68,7 +70,7 @@ def test_checkpoint_is_written_before_a_failing_final_evaluation(tmp_path, rando
     def out_of_memory():
         raise RuntimeError("out of memory during evaluation")
 
-    monkeypatch.setattr(learner, "evaluate", out_of_memory)
+    monkeypatch.setattr(learner, "final_evaluation", out_of_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
         learner.shutdown()
     ckpt = latest_checkpoint(tmp_path / "run")

@@ -40,6 +40,8 @@ from typing import Any
 from rapid_async.config import Config, dumps_toml
 
 log = logging.getLogger("rapid.learner")
+NO_ACTOR_GRACE_S = 2.0
+"""At shut-down, how long to wait for an evaluation when no actor is connected."""
 
 
 class Learner:
@@ -326,34 +328,35 @@ class Learner:
             del self.version_clock[version]
 
     def wait_for_evaluations(self, jobs: list[Any]) -> None:
-        """Shut-down only: wait for `jobs` up to `run.eval_timeout_s` (and give
-        up after `learner.actor_timeout_s` if no actor takes them); write a
-        clear record for each job that gets no answer."""
+        """Shut-down only: wait for `jobs` up to `run.eval_timeout_s` (2 s when
+        no actor is connected); write a clear record for each job that gets no
+        answer."""
         t0 = time.monotonic()
-        limit, idle_limit = self.cfg.run.eval_timeout_s, self.cfg.learner.actor_timeout_s
-        waiting_since = t0
+        limit = self.cfg.run.eval_timeout_s
         while True:
             self.net.check()
             self.record_evaluations()
             states = [self.evals.status(job) for job in jobs]
             if all(state == "answered" for state in states):
                 break
-            now = time.monotonic()
-            if any(state == "running" for state in states):
-                waiting_since = now
-            if now - t0 > limit or now - waiting_since > min(idle_limit, limit):
+            waited = time.monotonic() - t0
+            alone = not self.scheduler.actors() and "running" not in states
+            if waited > limit or (alone and waited > NO_ACTOR_GRACE_S):
                 for job, state in zip(jobs, states):
                     if state != "answered":
-                        self._record_missing(job, state, now - t0)
+                        self._record_missing(job, state, waited, alone)
                 break
             time.sleep(0.05)
         self.clock["eval"] += time.monotonic() - t0  # not training time
 
-    def _record_missing(self, job: Any, state: str, waited: float) -> None:
-        reason = ("no actor took it" if state == "waiting"
-                  else f"actor {job.actor_id} did not answer")
-        msg = (f"no {job.kind} evaluation of version {job.min_version}: {reason} "
-               f"in {waited:.0f} s (run.eval_timeout_s = {self.cfg.run.eval_timeout_s})")
+    def _record_missing(self, job: Any, state: str, waited: float, alone: bool) -> None:
+        if alone:
+            reason = "no actor is connected"
+        elif state == "waiting":
+            reason = f"no actor took it in {waited:.0f} s (run.eval_timeout_s)"
+        else:
+            reason = f"actor {job.actor_id} did not answer in {waited:.0f} s (run.eval_timeout_s)"
+        msg = f"no {job.kind} evaluation of version {job.min_version}: {reason}"
         log.warning(msg)
         print(f"[learner] {msg}", flush=True)
         self.metrics.write({"event": "eval_missing", "eval/kind": job.kind,
