@@ -118,7 +118,7 @@ def network(request):
     board = EvalBoard(SETTINGS, timeout_s=30.0)
     net = LearnerNetwork(cfg, RolloutBuffer(max_staleness=1), scheduler,
                          {"config": cfg.to_dict()}, evals=board)
-    net.set_published(0, {})
+    net.set_published(0)
     net.start()
     yield net, scheduler, board
     net.shutdown()
