@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rapid_async import tinymodel
 from rapid_async.engines.hf import HFEngine
-from rapid_async.evaluate import evaluate, pass_at_k
+from rapid_async.evaluate import EvalSettings, evaluate, run_evaluation
 from rapid_async.supervised import encode_examples, train_supervised
 from rapid_async.tasks.arithmetic import ArithmeticTask
 from rapid_async.tinymodel import (
@@ -164,5 +164,6 @@ def test_default_warm_start_lands_in_range():
     tokenizer, task = build_tokenizer(), ArithmeticTask()
     success = evaluate(engine, tokenizer, task, n=500, max_new_tokens=6)
     assert 0.10 <= success <= 0.50
-    sampled = pass_at_k(engine, tokenizer, task, k=8, n=200, max_new_tokens=6)
-    assert sampled["pass_at_k"] > success
+    settings = EvalSettings(problems=200, greedy=False, samples=8, max_new_tokens=6)
+    sampled = run_evaluation(engine, tokenizer, task, settings).summary
+    assert sampled["pass@8"] > success
