@@ -305,6 +305,6 @@ class LearnerNetwork(threading.Thread):
                 self.weights_source.request_snapshot()
             return
         for identity in self._snapshot_waiting:
-            self.sockets.reply(identity, cache)
             self.counters["weights/snapshots_served"] += 1
+            self.sockets.reply(identity, cache)
         self._snapshot_waiting.clear()
