@@ -5,6 +5,16 @@ groups from the buffer. Versions count optimizer steps: after `update` the
 policy is at version `self.version`, and a group generated at version v and
 consumed at version u has staleness u - v.
 
+One update (`step`): the mini-batch is planned into micro-batches of whole
+groups under `learner.micro_batch_tokens` (`policy.plan_microbatches`), each
+runs forward and backward in `learner.compute_dtype` (bf16 autocast on CUDA
+over float32 master weights and AdamW state) and adds its exact share of the
+mini-batch loss (`loss.microbatch_loss`), then one optimizer step, or none
+when the loss or the gradient norm is not finite (the guard: the version
+stays, `guard/skipped_steps` counts it). With several learner ranks
+(`distributed.py`, FSDP2) every rank runs `step` on its own groups of the
+same mini-batch and the result equals one rank's.
+
 Checkpoints of this state (weights, optimizer, version, RNG, data position)
 are written and loaded by `rapid_async.learner.checkpoint`.
 """
