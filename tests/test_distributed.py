@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO, cli, read_log, stop
 from rapid_async.config import load_config
+from rapid_async.learner import checkpoint
 from rapid_async.learner.policy import load_batch
 from rapid_async.learner.trainer import Trainer
 from rapid_async.tinymodel import init_model_dir
@@ -88,7 +89,12 @@ def test_two_ranks_equal_one_rank_after_every_step(model_dir, tmp_path, override
     for k, v in one.model.state_dict().items():
         torch.testing.assert_close(saved[k], v, atol=2e-6, rtol=1e-5, msg=k)
     optimizer = torch.load(ckpt / "trainer_state.pt", weights_only=True)["optimizer"]
-    assert optimizer["state"], "no optimizer state in the 2-rank checkpoint"
+    exp_avg = optimizer["state"]["model.embed_tokens.weight"]["exp_avg"]
+    one_avg = one.optimizer.state[one.model.get_input_embeddings().weight]["exp_avg"]
+    torch.testing.assert_close(exp_avg, one_avg, atol=1e-7, rtol=1e-5)
+    # Resuming it (on one rank) is refused with a clear message, not a key error.
+    with pytest.raises(ValueError, match="several learner ranks"):
+        checkpoint.load(Trainer(load_config(overrides=overrides), model_dir), ckpt)
 
 
 def test_rapid_run_with_two_learner_ranks_and_an_actor(random_model_dir, tmp_path):

@@ -217,6 +217,10 @@ def load(trainer: Any, path: str | Path) -> dict[str, Any]:
     loaded = AutoModelForCausalLM.from_pretrained(path, dtype=trainer.model.dtype)
     trainer.model.load_state_dict(loaded.state_dict())
     state = torch.load(path / STATE_FILE, weights_only=True)
+    if any(isinstance(k, str) for k in state["optimizer"].get("state", {})):
+        raise ValueError(f"{path} was written by several learner ranks (optimizer state keyed by "
+                         "parameter name); resuming it is not supported yet: start a new run "
+                         f"from its weights with model.path = {str(path)!r}")
     trainer.optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"] if "rng" in state else {"torch": state["torch_rng"]})
     meta = read_meta(path)
