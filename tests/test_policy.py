@@ -223,8 +223,9 @@ def test_chunked_logprobs_and_gradients_equal_the_full_logits_path(model, groups
 
 
 class LogitSizedTensors(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every op output with a vocabulary-sized last dimension and more than
-    `limit` rows (weights, their transposes and gradients, (V, H) / (H, V), are exempt)."""
+    """Records every newly allocated op output (views are not allocations) shaped like
+    logits, last dimension V, with more than `limit` rows of V (the (H, V)
+    transpose of the tied weight is exempt)."""
 
     def __init__(self, vocab: int, hidden: int, limit: int):
         super().__init__()
@@ -232,9 +233,13 @@ class LogitSizedTensors(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves(
+            (args, kwargs)) if isinstance(a, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.dim() >= 1 and self.vocab in t.shape \
-                    and tuple(t.shape) not in {(self.vocab, self.hidden), (self.hidden, self.vocab)} \
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs \
+                    and t.dim() >= 1 \
+                    and t.shape[-1] == self.vocab \
+                    and tuple(t.shape) != (self.hidden, self.vocab) \
                     and t.numel() > self.limit * self.vocab:
                 self.seen.append((str(func), tuple(t.shape)))
         return out

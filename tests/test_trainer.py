@@ -228,3 +228,20 @@ def test_gpu_default_is_bf16_compute_and_moves_weights_at_lr_1e6(model_dir):
     total = sum(v.numel() for v in before.values())
     changed = sum(int((trainer.model.state_dict()[k] != v).sum()) for k, v in before.items())
     assert changed / total > 0.9
+
+
+def test_no_vocabulary_sized_tensor_in_a_whole_update(tmp_path):
+    # The full training path (collate, micro-batches, forward, backward, AdamW) under a
+    # dispatch mode that records every vocabulary-sized op output beyond one chunk.
+    from test_policy import LogitSizedTensors
+
+    model_dir = init_model_dir(tmp_path / "model", seed=0, **{**SMALL, "hidden_size": 48})
+    cfg = load_config(overrides=["learner.logprob_chunk_tokens=2", "learner.micro_batch_tokens=40"])
+    trainer = Trainer(cfg, model_dir)
+    vocab = trainer.model.config.vocab_size
+    groups = six_groups()
+    assert max(len(g.prompt_ids) + int(g.completion_lengths.max()) for g in groups) * 4 > 2
+    with LogitSizedTensors(vocab, 48, limit=2) as mode:
+        metrics = trainer.update(groups)
+    assert metrics["guard/skipped"] == 0.0 and trainer.version == 1
+    assert mode.seen == [], mode.seen[:5]
