@@ -27,7 +27,7 @@ from pathlib import Path
 import typer
 
 from rapid_async.tune.measure import measure_run
-from rapid_async.tune.trials import foreign_load
+from rapid_async.tune.trials import foreign_load, run_trial
 
 EVAL_EVERY_S = 2.0
 """Held-out evaluation about this often (training seconds) in the compare phase."""
@@ -64,30 +64,24 @@ def time_to(run_dir: Path, target: float) -> tuple[float | None, float, float]:
 def phase_compare(config: str, root: Path, seeds: int, budget_s: float, target: float) -> dict:
     rec = json.loads((root / "phase-recommend.json").read_text())["result"]
     setups = {
-        "quickstart default": ([], 1, rec["base"]["measured"]["updates_per_s"]),
-        "recommended": (["--config", rec["toml"]], rec["recommended"]["setting"]["actors"],
+        "quickstart default": (config, 1, rec["base"]["measured"]["updates_per_s"]),
+        "recommended": (rec["toml"], rec["recommended"]["setting"]["actors"],
                         rec["recommended"].get("measured", rec["recommended"]["predicted"])
                         ["updates_per_s"]),
     }
     rows = []
-    for name, (cfg_args, actors, rate) in setups.items():
+    for name, (cfg_path, actors, rate) in setups.items():
         eval_every = max(1, round(EVAL_EVERY_S * rate))
         for seed in range(seeds):
             run_dir = root / "compare" / f"{name.split()[0]}-seed{seed}"
-            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-            cmd = [sys.executable, "-m", "rapid_async.cli", "run",
-                   *(cfg_args or ["--config", config]), "--actors", str(actors),
-                   "--set", f"run.seed={seed}", "--set", f"run.max_seconds={budget_s}",
-                   "--set", "run.max_steps=1000000", "--set", f"run.eval_every={eval_every}",
-                   "--set", f"run.run_dir={run_dir}"]
-            print(f"[bench-tune] {name} seed {seed}: {' '.join(cmd[2:])}", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
-                raise typer.Exit(1)
+            print(f"[bench-tune] {name} seed {seed}: --config {cfg_path} --actors {actors} "
+                  f"eval every {eval_every}", flush=True)
+            run_trial(cfg_path, [f"run.seed={seed}"], run_dir, budget_s, actors,
+                      eval_every=eval_every)
             reached, final, rate_measured = time_to(run_dir, target)
             rows.append({"setup": name, "seed": seed, "time_to_target": reached, "final": final,
-                         "updates_per_s": rate_measured, "eval_every": eval_every})
+                         "updates_per_s": rate_measured, "eval_every": eval_every,
+                         "foreign_cpu": foreign_load(run_dir)})
             print(f"[bench-tune]   {rows[-1]}", flush=True)
     saved = {"rows": rows, "budget_s": budget_s, "target": target, "seeds": seeds}
     (root / "phase-compare.json").write_text(json.dumps(saved, indent=1))
@@ -123,11 +117,12 @@ def write_results(root: Path, out: Path) -> None:
              f"{cmp_['budget_s']:g} s of training each)", "",
              "Time is training time (wall time less held-out evaluations); evaluation about "
              f"every {EVAL_EVERY_S:g} s of training.", "",
-             "| setup | seed | time to target (s) | final success | updates/s | eval every |",
-             "|---|---|---|---|---|---|"]
+             "| setup | seed | time to target (s) | final success | updates/s | eval every "
+             "| CPUs used by others |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['setup']} | {r['seed']} | {_fmt(r['time_to_target'], '.1f')} | "
-                     f"{r['final']:.3f} | {r['updates_per_s']:.2f} | {r['eval_every']} |")
+                     f"{r['final']:.3f} | {r['updates_per_s']:.2f} | {r['eval_every']} | "
+                     f"{_fmt(r.get('foreign_cpu'), '.0%')} |")
     means = {}
     for setup in dict.fromkeys(r["setup"] for r in rows):
         rs = [r for r in rows if r["setup"] == setup]
@@ -135,12 +130,18 @@ def write_results(root: Path, out: Path) -> None:
         means[setup] = statistics.mean(r["time_to_target"] if r["time_to_target"] is not None
                                        else cmp_["budget_s"] for r in rs)
         reached = sum(r["time_to_target"] is not None for r in rs)
+        final = statistics.mean(r["final"] for r in rs)
         lines.append(f"| **{setup}**, mean | | {means[setup]:.1f} ({reached}/{len(rs)} reached) "
-                     "| | | |")
+                     f"| {final:.3f} | | | |")
+    finals = {s: statistics.mean(r["final"] for r in rows if r["setup"] == s) for s in means}
     d, r = means.get("quickstart default"), means.get("recommended")
     if d and r:
+        lines += ["", f"Final held-out success after {cmp_['budget_s']:g} s: recommended "
+                      f"{finals['recommended']:.3f}, default {finals['quickstart default']:.3f} "
+                      f"({100 * (finals['recommended'] - finals['quickstart default']):+.1f} "
+                      "points)."]
         lines += ["", f"Recommended vs default: {r:.1f} s vs {d:.1f} s "
-                      f"({1 - r / d:+.0%} less time) -> "
+                      f"({1 - r / d:.0%} less time) -> "
                       f"{'met' if r < d else 'NOT met'}: the recommended setting reaches "
                       f"{target:g} {'sooner' if r < d else 'not sooner'}."]
     out.parent.mkdir(parents=True, exist_ok=True)
