@@ -82,10 +82,12 @@ def test_an_actor_on_the_learners_core_slows_the_learner():
 
 def test_learner_devices_speed_up_training_on_a_gpu_node():
     c = Costs(train_per_group=0.01, gen_per_group=1e-4, learner_scaling=0.8)
-    assert plan_devices(2, 4, learner_devices=2) == {
-        "learner": ("0", "1"), "actor-0": ("2",), "actor-1": ("3",)}
-    one = predict(c, Setting(actors=3, devices=4, learner_devices=1))
-    two = predict(c, Setting(actors=2, devices=4, learner_devices=2))
+    assert plan_devices(3, 4, learner_devices=2, kind="cuda") == {
+        "learner": ("0", "1"), "actor-0": ("2",), "actor-1": ("3",), "actor-2": ("2",)}
+    assert plan_devices(2, 1, kind="cuda") == {"learner": ("0",), "actor-0": ("0",),
+                                              "actor-1": ("0",)}
+    one = predict(c, Setting(actors=3, devices=4, learner_devices=1, kind="cuda"))
+    two = predict(c, Setting(actors=2, devices=4, learner_devices=2, kind="cuda"))
     assert two.updates_per_s == pytest.approx(one.updates_per_s * 1.8, rel=1e-3)
 
 
@@ -97,12 +99,13 @@ def test_plan_devices_matches_the_launcher_on_this_machine():
     if _gpu_count():
         pytest.skip("a GPU node: the launcher plans GPUs")
     cores = sorted(os.sched_getaffinity(0))
-    for n in (1, 2, 3):
-        plan = device_plan(n)
-        ours = plan_devices(n, len(cores))
+    for n, m in ((1, 1), (2, 1), (3, 1), (2, 2)):
+        plan = device_plan(n, learner_devices=m)
+        ours = plan_devices(n, len(cores), learner_devices=m)
         names = ["learner"] + [f"actor-{i}" for i in range(n)]
-        assert [str(cores.index(int(p["RAPID_CPU_AFFINITY"]))) for p in plan] == \
-            [ours[name][0] for name in names]
+        theirs = [tuple(str(cores.index(int(c))) for c in p["RAPID_CPU_AFFINITY"].split(","))
+                  for p in plan]
+        assert theirs == [ours[name] for name in names]
 
 
 def test_line_fit_is_exact_on_a_line_and_proportional_for_one_size():

@@ -111,3 +111,12 @@ def test_rapid_tune_recommend_end_to_end(tmp_path, random_model_dir):
     assert cfg.learner.minibatch_groups == rec["setting"]["minibatch_groups"]
     assert "predicted" in proc.stdout and "measured" in proc.stdout
     assert (root / "recommend.md").read_text().count("| updates_per_s |") == 2
+
+
+def test_a_gpu_node_searches_the_learners_share_of_the_gpus():
+    base = Setting(devices=4, actors=3, kind="cuda")
+    space = search_space(base, Rules(max_actors=3))
+    assert {s.learner_devices for s in space} == {1, 2, 3}
+    assert {s.learner_devices for s in search_space(Setting(devices=4), Rules())} == {1}  # CPU
+    two = next(s for s in space if s.learner_devices == 2)
+    assert "learner.devices=2" in two.overrides()

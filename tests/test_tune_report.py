@@ -64,7 +64,7 @@ def test_steady_window_per_update_costs_by_hand(tmp_path):
     assert r.learner["wait_s"] == pytest.approx(0.1)
     assert r.learner["publish_s"] == pytest.approx(0.1)
     assert r.learner["other_s"] == pytest.approx(0.0, abs=1e-9)
-    assert r.publish_per_publication == pytest.approx(0.1)
+    assert r.publish_per_stage == pytest.approx(0.1)  # sync_every 1: one stage per step
     assert r.learner_fracs()["wait_s"] == pytest.approx(0.2)
     a = r.actors[0]
     assert a.gen_per_group == pytest.approx(0.2 / 8)
@@ -125,7 +125,7 @@ def test_single_changes_cover_each_knob():
     for knob in ("actors", "max_staleness", "sync_every", "minibatch_groups", "buffer_groups",
                  "chunk_groups"):
         assert knob in labels, knob
-    gpu = [label for label, _ in single_changes(Setting(devices=8, actors=7))]
+    gpu = [label for label, _ in single_changes(Setting(devices=8, actors=7, kind="cuda"))]
     assert any("learner.devices 1 -> 2" in label for label in gpu)
 
 

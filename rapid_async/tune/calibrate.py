@@ -34,11 +34,11 @@ def observed(run: Any) -> dict[str, float]:
     eval_total = run.learner["eval_s"] * run.window_steps
     return {
         "learner/train": run.learner["train_s"],
-        "learner/publish": run.publish_per_publication,
+        "learner/publish": run.publish_per_stage,
         "learner/other": run.learner["other_s"],
         "learner/eval": eval_total / run.evals if run.evals else 0.0,
-        "learner/encode": max(0.0, _finite(run.encode_per_publication)
-                              - run.publish_per_publication),
+        # a publisher thread encodes on the learner's device, off the training loop
+        "publisher/encode": _finite(run.encode_per_publication) if run.publisher_thread else 0.0,
         "actor/gen_group": gen_group,
         "actor/apply": _finite(run.apply_per_update),
     }
@@ -48,7 +48,7 @@ def _costs_of(ops: dict[str, float], s: Setting) -> Costs:
     return Costs(train_per_group=ops["learner/train"] / s.minibatch_groups,
                  gen_per_group=ops["actor/gen_group"], publish=ops["learner/publish"],
                  apply=ops["actor/apply"], other=ops["learner/other"],
-                 eval=ops["learner/eval"], publish_bg=ops["learner/encode"])
+                 eval=ops["learner/eval"], publish_bg=ops["publisher/encode"])
 
 
 def standalone_costs(run: Any) -> tuple[Setting, dict[str, float]]:
@@ -127,7 +127,7 @@ def calibrate(runs: list[Any]) -> Costs:
     return Costs(train_per_group=train_per_group, train_fixed=train_fixed,
                  gen_per_group=gen_per_group, gen_fixed=gen_fixed,
                  publish=publish, publish_growth=publish_growth,
-                 publish_bg=mean("learner/encode"), other=mean("learner/other"),
+                 publish_bg=mean("publisher/encode"), other=mean("learner/other"),
                  apply=apply, apply_growth=apply_growth,
                  eval=statistics.fmean(evals) if evals else 0.0,
                  truncated_per_version=_slope([(s, t) for s, t, _ in points]),

@@ -12,7 +12,8 @@ does not count as a property of the setting.
 Learner (per optimizer step, from `learner/*` counters):
     wait_s      waiting for data            learner/wait_s
     train_s     forward / backward / step   learner/busy_s
-    publish_s   training loop blocked       learner/publish_s
+    publish_s   training loop blocked       learner/publish_s (with a publisher
+                                            thread, encoding is `weights/encode_s`)
     eval_s      held-out evaluation         learner/eval_s
     checkpoint_s                            learner/checkpoint_s
     other_s     the rest of the wall time (records, bookkeeping)
@@ -94,6 +95,11 @@ class RunCosts:
     reward: list[tuple[float, float]] = field(default_factory=list)
     """(training seconds, mean training reward) of every optimizer step."""
     encode_per_publication: float = 0.0
+    """Mean `weights/encode_s`: encoding one version (publisher thread, if any)."""
+    publisher_thread: bool = False
+    """Whether a publisher thread encodes off the training loop (`weights/blocked_s`)."""
+    superseded: int = 0
+    """Versions the publisher skipped because a newer one was staged meanwhile."""
     evals: int = 0
     """Held-out evaluations by the learner inside the window."""
     is_points: list[tuple[float, float, float]] = field(default_factory=list)
@@ -106,9 +112,18 @@ class RunCosts:
         return self.window_steps / active if active > 0 else float("nan")
 
     @property
-    def publish_per_publication(self) -> float:
-        total = self.learner["publish_s"] * self.window_steps
-        return total / self.publications if self.publications else 0.0
+    def span(self) -> int:
+        """Optimizer steps per publication: sync_every, or H per round."""
+        lc = self.config.learner
+        if self.config.run.mode == "rapid-async":
+            return max(1, lc.sync_every)
+        return max(1, lc.batch_groups // lc.minibatch_groups)
+
+    @property
+    def publish_per_stage(self) -> float:
+        """Seconds the training loop was blocked per version it handed over."""
+        stages = self.window_steps / self.span
+        return self.learner["publish_s"] * self.window_steps / stages if stages else 0.0
 
     @property
     def staleness_mean(self) -> float:
@@ -264,6 +279,8 @@ def measure_run(run_dir: str | Path) -> RunCosts:
         success=_evals(recs, steps),
         evals=sum(1 for r in inside if isinstance(r.get("eval/success"), (int, float))),
         encode_per_publication=_mean(inside, "weights/encode_s"),
+        publisher_thread=any("weights/blocked_s" in r for r in inside),
+        superseded=int(_delta(a, b, "weights/superseded")),
         is_points=[(r["staleness/mean"], r["is/truncated_frac"], r["is/ess_per_group"])
                    for r in inside if all(isinstance(r.get(k), (int, float)) for k in
                                           ("staleness/mean", "is/truncated_frac",

@@ -19,6 +19,8 @@ The costs (`Costs`), all seconds at the full speed of one device:
                                                      of a delta spanning k steps (k =
                                                      sync_every, or H per round)
     publish_bg                                       publisher-thread work per publication
+                                                     (on the learner's device; a newer
+                                                     version supersedes a waiting one)
     other                                            per step: records, bookkeeping
     gen(n)    = gen_fixed + gen_per_group * n        one generate call of n groups
     apply(k)  = apply + apply_growth * (k - 1)       an actor applying one such update
@@ -32,8 +34,8 @@ actor sharing a core. So the model *runs* the schedule in simulated time
 (`rapid_async.tune.sim`): the learner's real `RolloutBuffer` and
 `WorkScheduler` hand out and take groups exactly as in a run, the learner and
 each actor are processes that do the work above, and processes placed on the
-same device (by the launcher's rule: learner on device 0, actor i on device
-(i + 1) mod devices; with M learner devices, actors on the others) share it
+same device (by the launcher's rule, `plan_devices`: the learner on the
+first M devices, actors on the next cores or on the other GPUs) share it
 equally. Statistics come from a steady window (after the first 20% of
 `updates` steps), as `measure` reads real runs.
 
@@ -79,15 +81,17 @@ class Setting:
     devices: int = 2
     learner_devices: int = 1
     eval_every: int = 0
+    kind: str = "cpu"
 
     @classmethod
-    def from_config(cls, cfg: Any, actors: int, devices: int, eval_every: int = 0) -> "Setting":
+    def from_config(cls, cfg: Any, actors: int, devices: int, kind: str = "cpu",
+                    eval_every: int = 0) -> "Setting":
         lc = cfg.learner
         return cls(mode=cfg.run.mode, actors=actors, batch_groups=lc.batch_groups,
                    minibatch_groups=lc.minibatch_groups, max_staleness=lc.max_staleness,
                    buffer_groups=lc.buffer_groups, sync_every=lc.sync_every,
                    chunk_groups=cfg.actor.chunk_groups, devices=devices,
-                   learner_devices=getattr(lc, "devices", 1), eval_every=eval_every)
+                   learner_devices=getattr(lc, "devices", 1), eval_every=eval_every, kind=kind)
 
     @classmethod
     def from_run(cls, run: Any) -> "Setting":
@@ -95,7 +99,8 @@ class Setting:
         placement = run.placement or {}
         devices = int(placement.get("devices") or len(run.actors) + 1)
         # Evaluations are left out: measured updates/s exclude them (train_s).
-        return cls.from_config(run.config, actors=max(1, len(run.actors)), devices=devices)
+        return cls.from_config(run.config, actors=max(1, len(run.actors)), devices=devices,
+                               kind=placement.get("kind", "cpu"))
 
     def overrides(self) -> list[str]:
         """The config lines (`--set` values) of this setting."""
@@ -105,7 +110,7 @@ class Setting:
                 f"learner.buffer_groups={self.buffer_groups}",
                 f"learner.sync_every={self.sync_every}",
                 f"actor.chunk_groups={self.chunk_groups}",
-                *([f"learner.devices={self.learner_devices}"] if self.learner_devices > 1 else [])]
+                f"learner.devices={self.learner_devices}"]
 
     def label(self) -> str:
         return (f"{self.mode} N={self.actors} mb={self.minibatch_groups} "
@@ -114,17 +119,19 @@ class Setting:
                 + (f" learner_devices={self.learner_devices}" if self.learner_devices > 1 else ""))
 
 
-def plan_devices(actors: int, devices: int, learner_devices: int = 1) -> dict[str, tuple[str, ...]]:
-    """Device of each process, as the launcher assigns them (`launch.device_plan`)."""
+def plan_devices(actors: int, devices: int, learner_devices: int = 1,
+                 kind: str = "cpu") -> dict[str, tuple[str, ...]]:
+    """Device of each process, as the launcher assigns them (`launch.device_plan`):
+    the learner on the first `learner_devices`; on CPU actor i on core
+    (learner_devices + i) mod cores, on GPUs actor i on the other GPUs in turn
+    (all on the learner's first GPU when it has them all)."""
     devices = max(1, devices)
     m = max(1, min(learner_devices, devices))
     out: dict[str, tuple[str, ...]] = {"learner": tuple(str(d) for d in range(m))}
+    others = [str(d) for d in range(m, devices)] or ["0"]
     for i in range(actors):
-        if m == 1:
-            out[f"actor-{i}"] = (str((i + 1) % devices),)
-        else:
-            rest = devices - m
-            out[f"actor-{i}"] = (str(m + i % rest) if rest else str(i % devices),)
+        out[f"actor-{i}"] = (str((m + i) % devices),) if kind == "cpu" \
+            else (others[i % len(others)],)
     return out
 
 
@@ -250,7 +257,9 @@ class _System:
                 if due:
                     yield Work("publish", c.publish_cost(self.span))
                     if c.publish_bg > 0:
-                        self.pending = self.version
+                        self.pending = version = self.version
+                        if self.sync:  # the next round needs these weights out
+                            yield Wait("publish", lambda: self.published[-1] >= version)
                     else:
                         self._publish(self.version)
                 yield Work("other", c.other)
@@ -318,7 +327,7 @@ def predict(costs: Costs, setting: Setting, updates: int = 0) -> Prediction:
                         generated=system.generated)
 
     system.on_update = on_update
-    places = plan_devices(s.actors, s.devices, s.learner_devices)
+    places = plan_devices(s.actors, s.devices, s.learner_devices, s.kind)
     sim.add("learner", system.learner(), places["learner"])
     if costs.publish_bg > 0:
         sim.add("publisher", system.publisher(), places["learner"])

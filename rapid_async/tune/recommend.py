@@ -84,8 +84,8 @@ def search_space(base: Setting, rules: Rules) -> list[Setting]:
     mbs = sorted({m for m in (1, 2, 4, 8, 16, 32, 64, 128, 256) if floor <= m
                   <= 2 * base.minibatch_groups} | {base.minibatch_groups})
     max_actors = rules.max_actors or base.devices + 1
-    splits = range(1, base.devices) if base.devices > 2 and _gpu_split_supported() \
-        else [base.learner_devices]
+    splits = range(1, base.devices) if base.kind == "cuda" and base.devices > 2 \
+        and _gpu_split_supported() else [base.learner_devices]
     out = {base}
     for mb, actors, m in itertools.product(mbs, range(1, max_actors + 1), splits):
         if base.mode != "rapid-async":
@@ -204,7 +204,8 @@ def recommend(config: str | None, budget_s: float, root: Path, actors: int | Non
     fixed, rules = fixed or [], rules or Rules()
     cfg = load_config(config, fixed)
     kind, devices = node_devices()
-    base = Setting.from_config(cfg, actors=actors or max(1, devices - 1), devices=devices)
+    base = Setting.from_config(cfg, actors=actors or max(1, devices - 1), devices=devices,
+                               kind=kind)
     per_trial = budget_s * (0.3 if verify else 0.5)
     runs = []
     for i, (name, s) in enumerate(calibration_settings(base)):

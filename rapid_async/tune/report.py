@@ -64,7 +64,7 @@ def single_changes(s: Setting) -> list[tuple[str, Setting]]:
     if s.chunk_groups > 1:
         out.append((f"actor.chunk_groups {s.chunk_groups} -> {s.chunk_groups // 2}",
                     r(s, chunk_groups=s.chunk_groups // 2)))
-    if s.devices > 2 and s.learner_devices < s.devices - 1:
+    if s.kind == "cuda" and s.devices > 2 and s.learner_devices < s.devices - 1:
         out.append((f"learner.devices {s.learner_devices} -> {s.learner_devices + 1} "
                     f"(actors on the other {s.devices - s.learner_devices - 1})",
                     r(s, learner_devices=s.learner_devices + 1,
@@ -88,8 +88,14 @@ def diagnose(run: Any) -> list[str]:
                    f"actors are busy {actor_busy:.0%}.")
     if publish >= PUBLISH_LIMIT:
         out.append(f"Publishing weights takes {publish:.0%} of the learner's time "
-                   f"({run.publish_per_publication * 1e3:.0f} ms per version): a larger "
+                   f"({run.publish_per_stage * 1e3:.0f} ms per version): a larger "
                    "learner.sync_every publishes less often.")
+    step = run.learner["train_s"]
+    if run.publisher_thread and step > 0 and run.encode_per_publication / run.span / step >= 0.2:
+        out.append(f"The publisher thread encodes each version in "
+                   f"{run.encode_per_publication * 1e3:.0f} ms on the learner's device, "
+                   f"{run.encode_per_publication / run.span / step:.0%} of a training step's time "
+                   "per step: a larger learner.sync_every encodes less often.")
     if fr.get("eval_s", 0.0) >= 0.1:
         out.append(f"Held-out evaluation takes {fr['eval_s']:.0%} of the learner's time: "
                    "evaluate less often (run.eval_every).")
@@ -137,8 +143,7 @@ def report_text(run_dir: str | Path, top: int = 5) -> str:
     run = measure_run(run_dir)
     s = Setting.from_run(run)
     lines = [f"rapid-tune report: {run_dir}", "",
-             f"Setting: {s.label()} on {s.devices} {(run.placement or {}).get('kind', 'cpu')} "
-             f"device(s)",
+             f"Setting: {s.label()} on {s.devices} {s.kind} device(s)",
              f"Steady window: steps {run.steps - run.window_steps}-{run.steps} "
              f"({run.window_s:.1f} s): {run.updates_per_s:.2f} updates/s", "",
              f"Learner, seconds per update ({sum(run.learner.values()):.3f} s):"]
@@ -147,6 +152,9 @@ def report_text(run_dir: str | Path, top: int = 5) -> str:
                       ("publish_s", "publishing"), ("eval_s", "evaluating"),
                       ("checkpoint_s", "checkpointing"), ("other_s", "other")]:
         lines.append(f"  {name:<17} {run.learner[key]:8.4f} s  {fr.get(key, 0):4.0%}")
+    if run.publisher_thread:
+        lines.append(f"  publisher thread: {run.encode_per_publication * 1e3:.1f} ms to encode a "
+                     f"version (on the learner's device), {run.superseded} superseded")
     lines.append("Actors:")
     for a in run.actors:
         per_call = "-" if a.groups_per_chunk != a.groups_per_chunk else f"{a.groups_per_chunk:.1f}"
