@@ -57,9 +57,8 @@ it against recorded runs (tests/fixtures/tune/).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections import Counter
+from collections import Counter, namedtuple
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,10 +197,7 @@ class Prediction:
         return "actors" if self.learner.get("wait", 0.0) >= 0.15 else "learner"
 
 
-@dataclass
-class _Group:
-    policy_version: int
-    index: int
+_Group = namedtuple("_Group", "policy_version index")  # what the buffer needs of a group
 
 
 class _System:
@@ -401,8 +397,3 @@ def _op_seconds(procs: dict, snap: dict) -> dict[str, float]:
             count[f"{role}/{kind}"] += k - then_c.get(kind, 0)
             time[f"{role}/{kind}"] += p.time.get(kind, 0.0) - then_t.get(kind, 0.0)
     return {k: time[k] / count[k] for k in count if count[k] > 0}
-
-
-def with_costs(costs: Costs, **changes: float) -> Costs:
-    """A copy of `costs` with some fields changed."""
-    return dataclasses.replace(costs, **changes)
