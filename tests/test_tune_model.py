@@ -41,6 +41,25 @@ def test_actor_bound_rate_is_one_over_chunk_generation_and_apply():
     assert p.actor_busy == pytest.approx(1.0, abs=1e-3)
 
 
+def test_evaluations_by_actors_take_actor_time():
+    c = Costs(train_per_group=1e-6, gen_per_group=0.01, apply=0.02, actor_eval=0.2)
+    s = Setting(minibatch_groups=8, batch_groups=8, chunk_groups=8, buffer_groups=64,
+                max_staleness=8, eval_every=4)
+    # every 4 updates: 4 x (0.08 generation + 0.02 apply) + one 0.2 s evaluation
+    assert predict(c, s, updates=200).updates_per_s == pytest.approx(4 / 0.6, rel=0.02)
+    assert predict(c, Setting(**{**s.__dict__, "eval_every": 0})).updates_per_s == \
+        pytest.approx(10.0, rel=1e-3)
+
+
+def test_publisher_thread_shares_the_learners_device_and_delays_weights():
+    c = Costs(train_per_group=0.01, gen_per_group=1e-4, publish=0.001, publish_bg=0.16)
+    p = predict(c, Setting(minibatch_groups=32, batch_groups=32, buffer_groups=96))
+    # the learner (0.32 + 0.001 s a step) and the encoder (0.16 s a version) share
+    # one core: 0.481 s of work per step
+    assert p.updates_per_s == pytest.approx(1 / 0.481, rel=0.01)
+    assert p.staleness_mean > 3.0  # weights reach the actor later than the step
+
+
 def test_rapid_sync_round_and_staleness():
     c = Costs(train_per_group=0.01, gen_per_group=0.002, publish=0.05, apply=0.03)
     p = predict(c, Setting(mode="rapid-sync", batch_groups=64, minibatch_groups=16,

@@ -6,6 +6,7 @@ sweep`); nothing here runs inside the learner or the actors.
     measure.py    a run directory -> per-role costs over its steady window
     report.py     rapid-tune report RUN_DIR: the limiting role, why, what would move it
     sim.py        simulated time: processes that compute or wait, sharing devices
+    roles.py      the learner, actors and publisher thread as simulated processes
     model.py      the cost model: Costs + Setting -> predicted updates/s, idle, staleness
     calibrate.py  measured runs -> Costs
     recommend.py  rapid-tune recommend: calibration trials, search, verification

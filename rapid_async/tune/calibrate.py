@@ -41,6 +41,7 @@ def observed(run: Any) -> dict[str, float]:
         "publisher/encode": _finite(run.encode_per_publication) if run.publisher_thread else 0.0,
         "actor/gen_group": gen_group,
         "actor/apply": _finite(run.apply_per_update),
+        "actor/eval": run.actor_eval_per_eval,
     }
 
 
@@ -48,7 +49,8 @@ def _costs_of(ops: dict[str, float], s: Setting) -> Costs:
     return Costs(train_per_group=ops["learner/train"] / s.minibatch_groups,
                  gen_per_group=ops["actor/gen_group"], publish=ops["learner/publish"],
                  apply=ops["actor/apply"], other=ops["learner/other"],
-                 eval=ops["learner/eval"], publish_bg=ops["publisher/encode"])
+                 eval=ops["learner/eval"], publish_bg=ops["publisher/encode"],
+                 actor_eval=ops["actor/eval"])
 
 
 def standalone_costs(run: Any) -> tuple[Setting, dict[str, float]]:
@@ -123,6 +125,7 @@ def calibrate(runs: list[Any]) -> Costs:
         return statistics.fmean(e[key] for _, e in fitted)
 
     evals = [e["learner/eval"] for _, e in fitted if e["learner/eval"] > 0]
+    actor_evals = [e["actor/eval"] for _, e in fitted if e["actor/eval"] > 0]
     points = [p for run in runs for p in run.is_points]
     return Costs(train_per_group=train_per_group, train_fixed=train_fixed,
                  gen_per_group=gen_per_group, gen_fixed=gen_fixed,
@@ -130,5 +133,6 @@ def calibrate(runs: list[Any]) -> Costs:
                  publish_bg=mean("publisher/encode"), other=mean("learner/other"),
                  apply=apply, apply_growth=apply_growth,
                  eval=statistics.fmean(evals) if evals else 0.0,
+                 actor_eval=statistics.fmean(actor_evals) if actor_evals else 0.0,
                  truncated_per_version=_slope([(s, t) for s, t, _ in points]),
                  ess_loss_per_version=_slope([(s, 1.0 - e) for s, _, e in points]))

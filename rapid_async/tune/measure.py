@@ -53,6 +53,8 @@ class ActorCosts:
     send_wait_s: float
     busy_s: float
     idle_s: float
+    eval_s: float = 0.0
+    evals: float = 0.0
 
     @property
     def gen_per_group(self) -> float:
@@ -153,6 +155,12 @@ class RunCosts:
         applies = sum(a.applies for a in self.actors)
         return sum(a.apply_s for a in self.actors) / applies if applies else float("nan")
 
+    @property
+    def actor_eval_per_eval(self) -> float:
+        """Seconds an actor spent per held-out evaluation (0: none by actors)."""
+        evals = sum(a.evals for a in self.actors)
+        return sum(a.eval_s for a in self.actors) / evals if evals else 0.0
+
     def learner_fracs(self) -> dict[str, float]:
         """Share of the learner's wall time in each activity (sums to 1)."""
         total = sum(self.learner.values())
@@ -202,7 +210,8 @@ def _actor_costs(recs: list[dict], t0: float) -> list[ActorCosts]:
             apply_s=_delta(a, b, "actor/update_s"),
             applies=_delta(a, b, "actor/deltas") + _delta(a, b, "actor/snapshots"),
             send_wait_s=_delta(a, b, "actor/send_wait_s"), busy_s=_delta(a, b, "actor/busy_s"),
-            idle_s=_delta(a, b, "actor/idle_s")))
+            idle_s=_delta(a, b, "actor/idle_s"), eval_s=_delta(a, b, "actor/eval_s"),
+            evals=_delta(a, b, "actor/evals")))
     return out
 
 
@@ -233,11 +242,14 @@ def _evals(recs: list[dict], steps: list[dict]) -> list[tuple[float, float]]:
         if r.get("role") != "learner" or not isinstance(r.get("eval/success"), (int, float)):
             continue
         v = r.get("eval/version", r.get("step", 0))
-        t = 0.0 if not v else t_of_step.get(v, _num(r, "train_s") or None)
+        if isinstance(r.get("eval/train_s"), (int, float)):  # evaluated by an actor
+            t = float(r["eval/train_s"])
+        else:
+            t = 0.0 if not v else t_of_step.get(v, _num(r, "train_s") or None)
         if t is None:  # the end record: the last step's time
             t = max(t_of_step.values(), default=0.0)
         out.append((t, float(r["eval/success"])))
-    return out
+    return sorted(out, key=lambda p: p[0])
 
 
 def measure_run(run_dir: str | Path) -> RunCosts:

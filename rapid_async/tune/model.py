@@ -24,6 +24,8 @@ The costs (`Costs`), all seconds at the full speed of one device:
     other                                            per step: records, bookkeeping
     gen(n)    = gen_fixed + gen_per_group * n        one generate call of n groups
     apply(k)  = apply + apply_growth * (k - 1)       an actor applying one such update
+    actor_eval                                       an actor evaluating one version (every
+                                                     run.eval_every published versions)
     speed-up of a learner on M devices = 1 + (M - 1) * learner_scaling
 
 How. Closed forms give the throughput bound, 1 / (train + publish / sync_every
@@ -57,12 +59,12 @@ it against recorded runs (tests/fixtures/tune/).
 
 from __future__ import annotations
 
-import math
-from collections import Counter, namedtuple
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from rapid_async.tune.sim import Simulation, Wait, Work
+from rapid_async.tune.roles import System
+from rapid_async.tune.sim import Simulation
 
 
 @dataclass(frozen=True)
@@ -97,9 +99,12 @@ class Setting:
         """The setting a measured run (`measure.RunCosts`) ran with."""
         placement = run.placement or {}
         devices = int(placement.get("devices") or len(run.actors) + 1)
-        # Evaluations are left out: measured updates/s exclude them (train_s).
+        # Evaluations by the learner are left out (train_s excludes them); those
+        # by actors take actor time and stay in.
+        evals_on_actors = any(a.evals for a in run.actors)
         return cls.from_config(run.config, actors=max(1, len(run.actors)), devices=devices,
-                               kind=placement.get("kind", "cpu"))
+                               kind=placement.get("kind", "cpu"),
+                               eval_every=run.config.run.eval_every if evals_on_actors else 0)
 
     def overrides(self) -> list[str]:
         """The config lines (`--set` values) of this setting."""
@@ -147,6 +152,7 @@ class Costs:
     publish_bg: float = 0.0
     other: float = 0.0
     eval: float = 0.0
+    actor_eval: float = 0.0
     publish_growth: float = 0.0
     apply_growth: float = 0.0
     learner_scaling: float = 0.85
@@ -197,113 +203,6 @@ class Prediction:
         return "actors" if self.learner.get("wait", 0.0) >= 0.15 else "learner"
 
 
-_Group = namedtuple("_Group", "policy_version index")  # what the buffer needs of a group
-
-
-class _System:
-    """The learner, the actors and (optionally) a publisher thread in simulated time."""
-
-    def __init__(self, costs: Costs, s: Setting):
-        from rapid_async.learner.buffer import RolloutBuffer
-        from rapid_async.learner.scheduler import WorkScheduler
-
-        self.c, self.s = costs, s
-        self.sync = s.mode != "rapid-async"
-        self.h = max(1, s.batch_groups // s.minibatch_groups)
-        self.span = self.h if self.sync else s.sync_every  # optimizer steps per publication
-        bound = self.h - 1 if self.sync else s.max_staleness
-        self.buffer = RolloutBuffer(max_staleness=bound)
-        self.scheduler = WorkScheduler(s.mode, s.batch_groups, s.buffer_groups, bound,
-                                       actor_timeout=math.inf)
-        self.version = 0
-        self.published = [0]
-        self.pending: int | None = None
-        self.stale: Counter[int] = Counter()
-        self.generated = 0
-        self.update_times: list[float] = []
-        self.on_update = lambda: None
-        self.speedup = 1.0 + (max(1, s.learner_devices) - 1) * costs.learner_scaling
-
-    def _publish(self, version: int) -> None:
-        self.published.append(version)
-
-    def learner(self):
-        s, c = self.s, self.c
-        while True:
-            need = s.batch_groups if self.sync else s.minibatch_groups
-            if self.sync:
-                self.scheduler.open_round(self.version)
-            box: list = []
-
-            def ready() -> bool:
-                got = self.buffer.take(need, self.version, timeout=0)
-                return got is not None and not box.append(got)
-
-            yield Wait("wait", ready)
-            groups = box[0]
-            for j in range(0, need, s.minibatch_groups):
-                for g in groups[j:j + s.minibatch_groups]:
-                    self.stale[self.version - g.policy_version] += 1
-                yield Work("train", c.train(s.minibatch_groups) / self.speedup)
-                self.version += 1
-                self.update_times.append(self.sim.now)
-                self.on_update()
-                due = j + s.minibatch_groups >= need if self.sync \
-                    else self.version % s.sync_every == 0
-                if due:
-                    yield Work("publish", c.publish_cost(self.span))
-                    if c.publish_bg > 0:
-                        self.pending = version = self.version
-                        if self.sync:  # the next round needs these weights out
-                            yield Wait("publish", lambda: self.published[-1] >= version)
-                    else:
-                        self._publish(self.version)
-                yield Work("other", c.other)
-                if s.eval_every and self.version % s.eval_every == 0:
-                    yield Work("eval", c.eval)
-
-    def publisher(self):
-        while True:
-            yield Wait("idle", lambda: self.pending is not None)
-            version, self.pending = self.pending, None
-            yield Work("encode", self.c.publish_bg)
-            self._publish(version)
-
-    def actor(self, actor_id: str):
-        s, c = self.s, self.c
-        held = self.published[-1]
-        while True:
-            new = sum(1 for v in self.published if v > held)
-            if new:
-                target = self.published[-1]
-                yield Work("apply", new * c.apply_cost(self.span))
-                held = target
-            box: list = []
-
-            def granted() -> bool:
-                if self.published[-1] > held:
-                    return True  # as the actor loop: apply new weights before asking
-                idx, min_version = self.scheduler.grant(actor_id, s.chunk_groups,
-                                                        len(self.buffer), self.published[-1])
-                return bool(idx) and not box.append((idx, min_version))
-
-            yield Wait("idle", granted)
-            if not box:
-                continue
-            idx, min_version = box[0]
-            if held < min_version:
-                yield Wait("wait_version", lambda: self.published[-1] >= min_version)
-                target = self.published[-1]
-                yield Work("apply", sum(1 for v in self.published if v > held)
-                           * c.apply_cost(self.span))
-                held = target
-            yield Work("gen", c.gen(len(idx)))
-            for i in idx:
-                self.scheduler.delivered(actor_id, i)
-                self.buffer.put(_Group(held, i))
-            self.generated += len(idx)
-
-
 def predict(costs: Costs, setting: Setting, updates: int = 0) -> Prediction:
     """Simulate `setting` with `costs` for `updates` optimizer steps (0: enough for a
     steady state) and return the steady-window statistics."""
@@ -311,7 +210,7 @@ def predict(costs: Costs, setting: Setting, updates: int = 0) -> Prediction:
     h = max(1, s.batch_groups // s.minibatch_groups)
     updates = updates or max(80, 6 * h, 3 * (s.max_staleness + 1) * s.sync_every)
     start = max(h, updates // 5)
-    system = _System(costs, s)
+    system = System(costs, s)
     sim = Simulation()
     system.sim = sim
     mark: dict[str, Any] = {}
@@ -348,7 +247,7 @@ def _fractions(now: dict[str, float], then: dict[str, float]) -> dict[str, float
     return {k: v / total for k, v in delta.items()} if total > 0 else {}
 
 
-def _summarise(system: _System, sim: Simulation, mark: dict, s: Setting) -> Prediction:
+def _summarise(system: System, sim: Simulation, mark: dict, s: Setting) -> Prediction:
     c = system.c
     if "snap" not in mark or len(system.update_times) <= mark["n0"]:
         # never reached a steady window: starved (e.g. every group dropped) or stuck

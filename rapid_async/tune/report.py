@@ -161,7 +161,9 @@ def report_text(run_dir: str | Path, top: int = 5) -> str:
         lines.append(f"  {a.actor_id}: generation {_ms(a.gen_per_group, 2)} ms/group "
                      f"({per_call} groups per call), weight apply "
                      f"{_ms(a.apply_per_update)} ms/update ({a.applies:.0f} updates), busy "
-                     f"{a.busy_frac:.0%}, blocked sending {a.send_wait_s:.1f} s")
+                     f"{a.busy_frac:.0%}, blocked sending {a.send_wait_s:.1f} s"
+                     + (f", evaluating {a.eval_s:.1f} s ({a.evals:.0f} evaluations)"
+                        if a.evals else ""))
     lines += [f"Staleness of consumed groups: mean {run.staleness_mean:.2f}, max "
               f"{run.staleness_max}; {_fmt_hist(run.staleness_hist)}",
               f"Loss: truncated-weight fraction {run.truncated_frac:.4f}, ESS per group "
