@@ -138,3 +138,13 @@ def test_rapid_tune_report_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rapid_async.cli", "tune", "report",
                            str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "run directory" in proc.stderr
+
+
+def test_diagnosis_explains_drops_and_synchronous_modes():
+    small = diagnose(measure_run(fixture_run("cal-small")))
+    # buffer 32 = 4 updates of data, weights 3 versions behind (sync_every 4) > 4
+    assert any("lower learner.buffer_groups to 8" in d and "sync_every = 4" in d for d in small)
+    stale0 = " ".join(diagnose(measure_run(fixture_run("stale0"))))
+    assert "raise learner.max_staleness" in stale0 and "buffer_groups to" not in stale0
+    sync = diagnose(measure_run(fixture_run("sync-mode")))
+    assert sync[0].startswith("The roles take turns (run.mode = rapid-sync)")

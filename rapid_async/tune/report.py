@@ -79,7 +79,12 @@ def diagnose(run: Any) -> list[str]:
     busy = [a.busy_frac for a in run.actors]
     actor_busy = sum(busy) / len(busy) if busy else float("nan")
     out = []
-    if wait >= WAIT_LIMIT:
+    mode = run.config.run.mode
+    if mode != "rapid-async":
+        out.append(f"The roles take turns (run.mode = {mode}): the learner waits for each round "
+                   f"{wait:.0%} of the time and the actors are busy {actor_busy:.0%}; more actors "
+                   "shorten the rounds, rapid-async overlaps generation with training.")
+    elif wait >= WAIT_LIMIT:
         out.append(f"The actors limit this run: the learner waits for data {wait:.0%} of the "
                    f"time while the actors are busy {actor_busy:.0%}.")
     else:
@@ -100,11 +105,8 @@ def diagnose(run: Any) -> list[str]:
         out.append(f"Held-out evaluation takes {fr['eval_s']:.0%} of the learner's time: "
                    "evaluate less often (run.eval_every).")
     if run.drop_frac >= DROP_LIMIT:
-        cfg = run.config.learner
-        out.append(f"{run.drop_frac:.0%} of generated groups were dropped as stale: a full "
-                   f"buffer of {cfg.buffer_groups} groups holds {cfg.buffer_groups / cfg.minibatch_groups:.1f} "
-                   f"updates of data, more than max_staleness = {cfg.max_staleness} allows; lower "
-                   "learner.buffer_groups or raise learner.max_staleness.")
+        out.append(f"{run.drop_frac:.0%} of generated groups were dropped as stale: "
+                   f"{_why_dropped(run.config)}.")
     if run.truncated_frac >= TRUNCATED_LIMIT:
         out.append(f"{run.truncated_frac:.1%} of importance weights are truncated (ESS per group "
                    f"{run.ess_per_group:.2f}): the data is too stale for this learning rate; "
@@ -114,6 +116,22 @@ def diagnose(run: Any) -> list[str]:
         out.append(f"Actors spend up to {max(applying):.0%} of their time applying weights: "
                    "a larger learner.sync_every sends fewer updates.")
     return out
+
+
+def _why_dropped(cfg: Any) -> str:
+    """Why groups outlive max_staleness, and what to change."""
+    lc = cfg.learner
+    depth, lag = lc.buffer_groups / lc.minibatch_groups, lc.sync_every - 1
+    if cfg.run.mode == "rapid-async" and depth + lag > lc.max_staleness:
+        fits = lc.minibatch_groups * max(1, lc.max_staleness - lag)
+        fixes = ([f"lower learner.buffer_groups to {fits}"] if fits < lc.buffer_groups else []) \
+            + (["lower learner.sync_every"] if lag else []) + ["raise learner.max_staleness"]
+        weights = (f" and the actors' weights lag up to {lag} version(s) (sync_every = "
+                   f"{lc.sync_every})" if lag else "")
+        return (f"a full buffer holds {depth:.1f} updates of data{weights}, more than "
+                f"max_staleness = {lc.max_staleness} allows; " + " or ".join(fixes))
+    return (f"groups generated while the learner trains are older than max_staleness = "
+            f"{lc.max_staleness} allows by the time they are used; raise learner.max_staleness")
 
 
 def ranked_changes(costs: Costs, s: Setting) -> tuple[Prediction, list[tuple[str, Prediction]]]:
