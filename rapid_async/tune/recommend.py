@@ -83,11 +83,20 @@ def search_space(base: Setting, rules: Rules) -> list[Setting]:
     floor = rules.min_minibatch_groups or max(1, base.minibatch_groups // 4)
     mbs = sorted({m for m in (1, 2, 4, 8, 16, 32, 64, 128, 256) if floor <= m
                   <= 2 * base.minibatch_groups} | {base.minibatch_groups})
-    max_actors = rules.max_actors or base.devices + 1
-    splits = range(1, base.devices) if base.kind == "cuda" and base.devices > 2 \
-        and _gpu_split_supported() else [base.learner_devices]
+    gpus = base.kind == "cuda"
+    max_actors = rules.max_actors or (2 * base.devices if gpus else base.devices + 1)
+    splits = range(1, base.devices) if gpus and base.devices > 2 and _gpu_split_supported() \
+        else [base.learner_devices]
+
+    def actor_counts(m: int) -> list[int]:
+        if not gpus:  # cores: every count up to the limit
+            return list(range(1, max_actors + 1))
+        free = max(1, base.devices - m)  # GPUs: one or two actors per actor GPU
+        return sorted({n for n in (free, 2 * free) if n <= max_actors} or {max_actors})
+
     out = {base}
-    for mb, actors, m in itertools.product(mbs, range(1, max_actors + 1), splits):
+    combos = [(mb, actors, m) for mb in mbs for m in splits for actors in actor_counts(m)]
+    for mb, actors, m in combos:
         if base.mode != "rapid-async":
             h = max(1, base.batch_groups // base.minibatch_groups)
             for hh, chunk in itertools.product({h, 2 * h, max(1, h // 2)}, {mb, 2 * mb}):
@@ -95,8 +104,10 @@ def search_space(base: Setting, rules: Rules) -> list[Setting]:
                                             chunk_groups=chunk, actors=actors,
                                             learner_devices=m))
             continue
+        # a coarser grid on GPU nodes, where the splits and actor counts multiply it
+        grid = ((1, 2, 4), (1, 2, 4)) if gpus else ((1, 2, 3, 4, 6), (1, 2, 3, 4, 6))
         for stale, depth, sync, chunk in itertools.product(
-                (1, 2, 3, 4, 6), (1, 2, 3, 4, 6), (1, 2, 4), {mb, 2 * mb, base.chunk_groups}):
+                *grid, (1, 2, 4), {mb, 2 * mb} if gpus else {mb, 2 * mb, base.chunk_groups}):
             if sync > stale + 1:  # every group would be stale on arrival
                 continue
             out.add(dataclasses.replace(base, minibatch_groups=mb, batch_groups=mb,
