@@ -197,3 +197,43 @@ def test_an_evaluation_of_an_actor_that_leaves_goes_to_the_next(network):
     finally:
         a0.close()
         a1.close()
+
+
+# ---------------------------------------------------------------- the training loop's side
+
+
+def test_learner_evaluations_ask_record_and_give_up_clearly(tmp_path, monkeypatch):
+    from rapid_async.config import load_config
+    from rapid_async.learner import evaluation
+    from rapid_async.learner.evaluation import LearnerEvaluations, task_settings
+    from rapid_async.metrics import MetricsWriter, read_metrics
+
+    cfg = load_config(None, ["run.eval_every=10", "run.eval_size=20", "run.eval_samples=4",
+                             "run.eval_timeout_s=5"])
+    board = EvalBoard(task_settings(cfg))
+    assert board.settings == {"problems": 20, "samples": 4, "temperature": 1.0,
+                              "max_new_tokens": cfg.algo.max_new_tokens, "seed": 0}
+    evals = LearnerEvaluations(cfg, board, MetricsWriter(tmp_path, "learner"), start_version=0)
+    evals.start(time.time())
+    for version in range(1, 13):
+        evals.note_version(version, eval_s=0.0)
+        evals.after_step(published_version=version - version % 2, version=version)
+    jobs = [board.take("a0", False)[0] for _ in range(2)]
+    assert [(j.kind, j.min_version) for j in jobs] == [("start", 0), ("periodic", 10)]
+    assert board.take("a0", False) is None, "one periodic job: v10 (published at step 10)"
+    board.answer(_result(jobs[1].job_id, 11, success=0.75))
+    evals.after_step(published_version=12, version=13)
+    rec = [r for r in read_metrics(tmp_path) if r.get("event") == "eval"][0]
+    assert rec["eval/version"] == 11 and rec["eval/success"] == 0.75 and rec["version"] == 13
+    assert rec["eval/time"] == evals.version_clock[11]["time"], "placed at v11's time"
+    # shut-down: the start job's actor left and no actor is connected
+    assert board.release("a0", "the actor left") == [jobs[0].job_id]
+    monkeypatch.setattr(evaluation, "NO_ACTOR_GRACE_S", 0.1)
+    final = evals.final_job(13)
+    assert final.kind == "final" and evals.final_job(13) is final
+    waited = evals.wait(final, 13, check=lambda: None, actors_connected=lambda: False)
+    assert 0.1 <= waited < 2
+    missing = [r for r in read_metrics(tmp_path) if r.get("event") == "eval_missing"]
+    assert [(r["eval/kind"], r["reason"]) for r in missing] == [
+        ("start", "no actor is connected"), ("final", "no actor is connected")]
+    assert evals.results(final) == ({}, {})

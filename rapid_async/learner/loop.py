@@ -40,8 +40,6 @@ from typing import Any
 from rapid_async.config import Config, dumps_toml
 
 log = logging.getLogger("rapid.learner")
-NO_ACTOR_GRACE_S = 2.0
-"""At shut-down, how long to wait for an evaluation when no actor is connected."""
 
 
 class Learner:
@@ -56,7 +54,7 @@ class Learner:
     def __init__(self, cfg: Config, resume: bool = False, model_dir: str | None = None):
         from rapid_async.learner.buffer import RolloutBuffer
         from rapid_async.learner.checkpoint import Checkpointer
-        from rapid_async.learner.evaluation import EvalBoard
+        from rapid_async.learner.evaluation import EvalBoard, LearnerEvaluations, task_settings
         from rapid_async.learner.network import LearnerNetwork
         from rapid_async.learner.scheduler import WorkScheduler
         from rapid_async.learner.trainer import Trainer
@@ -91,7 +89,7 @@ class Learner:
         self.taken: list[Any] = []  # groups taken from the buffer, not yet trained
         settings = {"config": cfg.to_dict(), "model_dir": str(Path(self.model_dir).resolve()),
                     "run_dir": str(self.run_dir.resolve())}
-        self.evals = EvalBoard(eval_task_settings(cfg), timeout_s=cfg.learner.actor_timeout_s)
+        self.evals = EvalBoard(task_settings(cfg), timeout_s=cfg.learner.actor_timeout_s)
         self.net = LearnerNetwork(cfg, self.buffer, self.scheduler, settings, evals=self.evals)
         self.metrics = MetricsWriter(self.run_dir, "learner",
                                      backends=open_backends(cfg, self.run_dir, "learner", "learner"))
@@ -99,9 +97,7 @@ class Learner:
         self.start_version = self.trainer.version
         self.clock = {"busy": 0.0, "wait": 0.0, "publish": 0.0, "eval": 0.0, "checkpoint": 0.0,
                       "tokens": 0.0}
-        self.version_clock: dict[int, dict[str, float]] = {}  # version -> when it was made
-        self.next_eval = self._next_eval_version(self.start_version)
-        self.eval_records: dict[int, dict[str, Any]] = {}  # job id -> its result record
+        self.evaluations = LearnerEvaluations(cfg, self.evals, self.metrics, self.start_version)
         self.stop_reason = "done"
         self.stop_requested: str | None = None  # set by SIGINT / SIGTERM
         self._previous_handlers: dict[int, Any] = {}
@@ -173,8 +169,7 @@ class Learner:
             {"control": self.net.sockets.control_endpoint, "pid": os.getpid()}))
         log.info("learner listening on %s (mode %s)", self.net.sockets.control_endpoint, self.mode)
         self.t_start = time.time()
-        self._note_version_time(self.start_version)
-        self.start_job = self.evals.request(self.start_version, "start")
+        self.evaluations.start(self.t_start)
         if self.resumed:
             self.metrics.write({"step": self.trainer.version, "version": self.trainer.version,
                                 "event": "resume", "resume/path": self.resumed["path"],
@@ -262,7 +257,7 @@ class Learner:
         version = self.trainer.version
         stepped = not metrics.get("guard/skipped")
         if stepped:
-            self._note_version_time(version)
+            self.evaluations.note_version(version, self.clock["eval"])
         self.checkpointer.check()
         if stepped and self.checkpointer.due(version):
             self.clock["checkpoint"] += self.checkpoint(background=True)
@@ -271,8 +266,7 @@ class Learner:
                      **self.checkpointer.stats})
         self.metrics.write(rec)
         print("[learner] " + progress_line(rec), flush=True)
-        self.request_due_evaluation()
-        self.record_evaluations()
+        self.evaluations.after_step(self.published_version, version)
 
     def _clock_stats(self) -> dict[str, float]:
         elapsed = time.time() - self.t_start
@@ -294,92 +288,20 @@ class Learner:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _next_eval_version(self, version: int) -> int | None:
-        every = self.cfg.run.eval_every
-        return (version // every + 1) * every if every else None
-
-    def _note_version_time(self, version: int) -> None:
-        """Remember when `version` was made, so that its evaluation is plotted there."""
-        elapsed = time.time() - self.t_start
-        self.version_clock[version] = {"time": time.time(), "elapsed_s": elapsed,
-                                       "train_s": elapsed - self.clock["eval"]}
-
-    def request_due_evaluation(self) -> None:
-        """Ask for a periodic evaluation once a version at or past the next
-        `eval_every` boundary is published (actors can only evaluate what
-        they were sent)."""
-        if self.next_eval is not None and self.published_version >= self.next_eval:
-            self.evals.request(self.published_version, "periodic")
-            self.next_eval = self._next_eval_version(self.published_version)
-
-    def record_evaluations(self) -> None:
-        """Write a metrics record for every evaluation result that has arrived."""
-        from rapid_async.learner.evaluation import result_record
-        from rapid_async.metrics import clean
-
-        for job in self.evals.take_results():
-            rec = clean(result_record(job, self.version_clock, self.trainer.version))
-            self.metrics.write(rec)
-            self.eval_records[job.job_id] = rec
-            print(f"[learner] {describe_evaluation(rec)}", flush=True)
-        oldest = self.evals.oldest_open_version()
-        keep_from = self.trainer.version if oldest is None else min(oldest, self.trainer.version)
-        for version in [v for v in self.version_clock if v < keep_from]:
-            del self.version_clock[version]
-
-    def wait_for_evaluations(self, jobs: list[Any]) -> None:
-        """Shut-down only: wait for `jobs` up to `run.eval_timeout_s` (2 s when
-        no actor is connected); write a clear record for each job that gets no
-        answer."""
-        t0 = time.monotonic()
-        limit = self.cfg.run.eval_timeout_s
-        while True:
-            self.net.check()
-            self.record_evaluations()
-            states = [self.evals.status(job) for job in jobs]
-            if all(state == "answered" for state in states):
-                break
-            waited = time.monotonic() - t0
-            alone = not self.scheduler.actors() and "running" not in states
-            if waited > limit or (alone and waited > NO_ACTOR_GRACE_S):
-                for job, state in zip(jobs, states):
-                    if state != "answered":
-                        self._record_missing(job, state, waited, alone)
-                break
-            time.sleep(0.05)
-        self.clock["eval"] += time.monotonic() - t0  # not training time
-
-    def _record_missing(self, job: Any, state: str, waited: float, alone: bool) -> None:
-        if alone:
-            reason = "no actor is connected"
-        elif state == "waiting":
-            reason = f"no actor took it in {waited:.0f} s (run.eval_timeout_s)"
-        else:
-            reason = f"actor {job.actor_id} did not answer in {waited:.0f} s (run.eval_timeout_s)"
-        msg = f"no {job.kind} evaluation of version {job.min_version}: {reason}"
-        log.warning(msg)
-        print(f"[learner] {msg}", flush=True)
-        self.metrics.write({"event": "eval_missing", "eval/kind": job.kind,
-                            "eval/requested_version": job.min_version, "reason": reason,
-                            "elapsed_s": time.time() - self.t_start})
-
     def final_evaluation(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Publish the last version if it is not yet, ask an actor to evaluate
-        it (unless a job already does) and wait for it and the start
-        evaluation; returns their result records ({} where none came)."""
+        """Publish the last version if it is not yet, have an actor evaluate it
+        and wait for that and the start evaluation (learner/evaluation.py);
+        returns their result records ({} where none came)."""
         version = self.trainer.version
         self.net.check()
         if self.published_version != version:
             self.publish({}, end_of_round=True, force=True)
         self._finish_publishing()  # the actors must hold the last version to evaluate it
-        final_job = self.evals.find(version) or self.evals.request(version, "final")
-        jobs = list({id(j): j for j in (self.start_job, final_job)}.values())
-        if any(self.evals.status(job) != "answered" for job in jobs):
-            print(f"[learner] waiting for the final evaluation of version {version} "
-                  f"(at most {self.cfg.run.eval_timeout_s:.0f} s)", flush=True)
-        self.wait_for_evaluations(jobs)
-        return (self.eval_records.get(self.start_job.job_id, {}),
-                self.eval_records.get(final_job.job_id, {}))
+        final_job = self.evaluations.final_job(version)
+        self.clock["eval"] += self.evaluations.wait(
+            final_job, version, check=self.net.check,
+            actors_connected=lambda: bool(self.scheduler.actors()))
+        return self.evaluations.results(final_job)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -497,25 +419,6 @@ def _download(name: str) -> str:
 
 def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.3f}"
-
-
-def eval_task_settings(cfg: Config) -> dict[str, Any]:
-    """The EvalTask fields that every held-out evaluation of a run shares."""
-    return {"problems": cfg.run.eval_size, "samples": cfg.run.eval_samples,
-            "temperature": cfg.algo.temperature, "max_new_tokens": cfg.algo.max_new_tokens,
-            "seed": cfg.run.seed}
-
-
-def describe_evaluation(rec: dict[str, Any]) -> str:
-    """One line about an evaluation result record."""
-    if rec.get("eval/error"):
-        return (f"{rec.get('eval/kind')} evaluation of version {rec.get('eval/version')} "
-                f"failed on {rec.get('eval/actor')}: {rec['eval/error']}")
-    extra = " ".join(f"{k[5:]} {v:.3f}" for k, v in rec.items()
-                     if k.startswith("eval/pass@") and isinstance(v, float))
-    return (f"held-out success {rec.get('eval/success', float('nan')):.3f} at version "
-            f"{rec.get('eval/version')} ({rec.get('eval/kind')}, by {rec.get('eval/actor')}, "
-            f"{rec.get('eval/seconds', 0.0):.1f}s) {extra}").rstrip()
 
 
 def endpoint_file(run_dir: Path) -> Path:
