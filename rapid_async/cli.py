@@ -1,5 +1,5 @@
 """Command-line entry points: rapid-learner, rapid-actor, rapid-run, rapid-eval, rapid-plot,
-rapid-tune.
+rapid-tune, rapid-keys.
 
 `rapid-tune` has subcommands: report RUN_DIR, recommend, sweep.
 
@@ -76,12 +76,18 @@ def actor(learner: str = typer.Option("127.0.0.1:5555", "--learner", "-l", help=
           actor_id: Optional[str] = typer.Option(None, "--actor-id", help="Unique actor name (default: host-pid)."),
           engine: Optional[str] = typer.Option(None, "--engine", help="hf or vllm (default: the run config's actor.engine)."),
           evaluator: bool = typer.Option(False, "--evaluator", help="Only run the learner's held-out evaluations (no generation work); while one is connected, the other actors do not evaluate."),
+          curve_secret_key: Optional[str] = typer.Option(None, "--curve-secret-key", help="This actor's CURVE secret key file (NAME.key_secret from rapid-keys; its NAME.key must be in the learner's transport.authorized_keys)."),
+          curve_public_key: Optional[str] = typer.Option(None, "--curve-public-key", help="The learner's CURVE public key file (its transport.curve_public_key)."),
           ) -> None:
     """Connect to a learner, generate and send rollouts (rapid-actor)."""
     from rapid_async.launch import apply_affinity_from_env
 
     apply_affinity_from_env()
     _setup_logging()
+    try:
+        keys, server_key = _actor_curve(curve_secret_key, curve_public_key)
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc))
     import torch
 
     if os.environ.get("RAPID_CPU_AFFINITY"):
@@ -92,7 +98,8 @@ def actor(learner: str = typer.Option("127.0.0.1:5555", "--learner", "-l", help=
     # SIGTERM like Ctrl-C: leave cleanly (the learner hands our work to others).
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        a = Actor(endpoint, actor_id=actor_id, engine=engine, evaluator=evaluator)
+        a = Actor(endpoint, actor_id=actor_id, engine=engine, evaluator=evaluator,
+                  curve_keys=keys, server_key=server_key)
         if os.environ.get("RAPID_DEVICE") == "cuda":
             a.cfg.actor.device = "cuda"
         a.setup()
@@ -103,6 +110,35 @@ def actor(learner: str = typer.Option("127.0.0.1:5555", "--learner", "-l", help=
         typer.echo("[actor] interrupted: left the learner")
         return
     typer.echo(f"[actor {a.actor_id}] stopped: {reason}")
+
+
+def _actor_curve(secret: str | None, public: str | None) -> tuple:
+    """(key pair, learner's public key) from rapid-actor's flags, or (None, None)."""
+    if bool(secret) != bool(public):
+        raise ValueError("CURVE needs both --curve-secret-key (this actor's) and "
+                         "--curve-public-key (the learner's)")
+    if not secret:
+        return None, None
+    from rapid_async.wire.security import load_public_key, load_secret_key
+
+    return (load_secret_key(secret, "--curve-secret-key"),
+            load_public_key(public, "--curve-public-key"))
+
+
+def keys(directory: str = typer.Argument(..., help="Where to write NAME.key and NAME.key_secret."),
+         name: str = typer.Option("learner", "--name", help="File name of the pair, e.g. learner or actor-gpu3."),
+         ) -> None:
+    """Make a CURVE key pair for the learner or an actor (rapid-keys)."""
+    from rapid_async.wire.security import write_key_pair
+
+    try:
+        public, secret = write_key_pair(directory, name)
+    except (ValueError, RuntimeError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(f"public key: {public}\nsecret key: {secret} (mode 0600; keep it private)")
+    typer.echo("learner: transport.curve_secret_key / curve_public_key = these files, "
+               "transport.authorized_keys = the actors' .key files (a file or a directory); "
+               "actor: rapid-actor --curve-secret-key ITS.key_secret --curve-public-key LEARNER.key")
 
 
 def run(config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
@@ -262,9 +298,10 @@ actor_main = _single(actor)
 run_main = _single(run)
 plot_main = _single(plot)
 eval_main = _single(eval_)
+keys_main = _single(keys)
 
 _COMMANDS = {"learner": learner_main, "actor": actor_main, "run": run_main, "plot": plot_main,
-             "tune": tune_main, "eval": eval_main}
+             "tune": tune_main, "eval": eval_main, "keys": keys_main}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:

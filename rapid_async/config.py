@@ -238,6 +238,16 @@ class ActorConfig:
     """GPUs for the actors on this node, one actor each, e.g. "2,3" (empty:
     every GPU the learner does not use). Used by rapid-run."""
 
+    learner_timeout_s: float = 30.0
+    """An actor whose request gets no answer for this long (or that is
+    blocked this long sending, and then gets no answer to a ping) takes the
+    learner for gone: it says Hello again (the learner may have restarted)
+    and resynchronises by snapshot."""
+
+    rejoin_timeout_s: float = 600.0
+    """How long an actor keeps trying to reach a learner that went away before
+    it gives up and exits with an error."""
+
 
 @dataclass
 class TransportConfig:
@@ -259,6 +269,22 @@ class TransportConfig:
     delta_chain_mb: int = 512
     """Megabytes of recent weight deltas the learner keeps for actors that
     missed some (0: keep none, such actors take a snapshot)."""
+
+    curve_secret_key: str = ""
+    """Path of the learner's CURVE secret key file (NAME.key_secret, made by
+    `rapid-keys`). Set: every socket is encrypted and only actors whose keys are
+    in `authorized_keys` may connect, on loopback too. Needed for any host
+    other than loopback."""
+
+    curve_public_key: str = ""
+    """Path of the learner's CURVE public key file (NAME.key): the server key
+    actors connect with (`rapid-actor --curve-public-key`; rapid-run passes it
+    to its actors). Required with `curve_secret_key`."""
+
+    authorized_keys: str = ""
+    """Path of an actor's public key file, or of a directory whose *.key files
+    are the actors allowed to connect. Required with `curve_secret_key`; any
+    other client is refused: it receives nothing and its messages are dropped."""
 
 
 @dataclass
@@ -333,6 +359,7 @@ class Config:
                      "run.eval_size", "learner.batch_groups",
                      "learner.minibatch_groups", "learner.sync_every",
                      "learner.buffer_groups", "actor.chunk_groups", "run.keep_checkpoints",
+                     "actor.learner_timeout_s",
                      "transport.rollout_hwm", "transport.weights_hwm",
                      "learner.logprob_chunk_tokens", "learner.devices"):
             _check_positive(name, self._get(name))
@@ -340,7 +367,8 @@ class Config:
                      "run.max_seconds", "run.eval_samples", "run.eval_timeout_s",
                      "learner.max_staleness", "learner.weight_decay",
                      "learner.grad_clip", "algo.beta", "transport.port",
-                     "learner.actor_timeout_s", "learner.micro_batch_tokens",
+                     "learner.actor_timeout_s", "actor.rejoin_timeout_s",
+                     "learner.micro_batch_tokens",
                      "learner.max_skipped_steps", "transport.delta_chain_mb"):
             if self._get(name) < 0:
                 raise ValueError(f"{name} = {self._get(name)} must be >= 0")
@@ -371,11 +399,28 @@ class Config:
                 f"learner.buffer_groups = {lb.buffer_groups} must be >= "
                 f"learner.minibatch_groups = {lb.minibatch_groups}")
         self._validate_metrics()
-        if self.transport.host not in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError(
-                f"transport.host = {self.transport.host!r}: only loopback is supported "
-                "without CURVE keys; bind 127.0.0.1 and tunnel, or add CURVE keys")
+        self._validate_transport()
         return self
+
+    def _validate_transport(self) -> None:
+        from rapid_async.wire.security import is_loopback
+
+        t = self.transport
+        curve = bool(t.curve_secret_key)
+        if curve and not (t.curve_public_key and t.authorized_keys):
+            raise ValueError(
+                "transport.curve_secret_key is set: also set transport.curve_public_key (the "
+                "learner's public key file) and transport.authorized_keys (the actors' public "
+                "key file or directory); rapid-keys makes key pairs")
+        if not curve and (t.curve_public_key or t.authorized_keys):
+            raise ValueError(
+                "transport.curve_public_key / transport.authorized_keys need "
+                "transport.curve_secret_key (the learner's secret key file) to turn CURVE on")
+        if not is_loopback(t.host) and not curve:
+            raise ValueError(
+                f"transport.host = {t.host!r} is not loopback: set transport.curve_secret_key, "
+                "curve_public_key and authorized_keys (rapid-keys makes key pairs) so that only "
+                "your actors can connect, or bind 127.0.0.1 and tunnel")
 
     def _validate_metrics(self) -> None:
         from rapid_async.metrics_backends import missing_package, parse_backends

@@ -137,29 +137,41 @@ class Launcher:
 
     def start(self, model_dir: str) -> str:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        endpoint_file = self.run_dir / "learner.json"
-        endpoint_file.unlink(missing_ok=True)
         lc = self.cfg.learner
         plan = device_plan(self.n_actors, lc.devices, lc.gpus, self.cfg.actor.gpus)
         (self.run_dir / "placement.json").write_text(json.dumps(placement_record(plan)))
-        args = ["learner", *self._config_args(), "--model-dir", model_dir]
+        learner_curve, actor_curve = local_actor_keys(self.cfg, self.run_dir)
+        args = ["learner", *self._config_args(), *learner_curve, "--model-dir", model_dir]
         if self.resume:
             args.append("--resume")
+        previous = _learner_id(self.run_dir)
         self._spawn("learner", args, plan[0])
-        deadline = time.monotonic() + 300
-        while not endpoint_file.is_file():
-            self._check_children()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the learner wrote no {endpoint_file} in 300 s; "
-                                   f"see {self.run_dir / 'learner.log'}")
-            time.sleep(0.2)
-        endpoint = json.loads(endpoint_file.read_text())["control"]
+        endpoint = self._wait_for_endpoint(previous)
         for i in range(self.n_actors):
             self._spawn(f"actor-{i}", ["actor", "--learner", endpoint, "--actor-id",
-                                       f"actor-{i}"], plan[i + 1])
+                                       f"actor-{i}", *actor_curve], plan[i + 1])
         (self.run_dir / "children.json").write_text(json.dumps(
             {name: proc.pid for name, proc in self.children.items()}))
         return endpoint
+
+    def _wait_for_endpoint(self, previous: str | None, timeout_s: float = 300.0) -> str:
+        """The control endpoint from RUN_DIR/learner.json once the new learner
+        wrote it (its learner_id differs from `previous`; the file is kept, for
+        a resumed learner reads the ports of the previous one from it)."""
+        endpoint_file = self.run_dir / "learner.json"
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._check_children()
+            try:
+                info = json.loads(endpoint_file.read_text())
+            except (OSError, ValueError):
+                info = {}
+            if info.get("control") and info.get("learner_id") != previous:
+                return info["control"]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the learner wrote no {endpoint_file} in {timeout_s:.0f} s; "
+                                   f"see {self.run_dir / 'learner.log'}")
+            time.sleep(0.2)
 
     def _check_children(self) -> None:
         for name, proc in self.children.items():
@@ -341,6 +353,43 @@ def run_node(config_path: str | None, overrides: list[str], n_actors: int | None
         signal.signal(signal.SIGTERM, previous)
     _print_summary(launcher.run_dir)
     return code
+
+
+def _learner_id(run_dir: Path) -> str | None:
+    """The learner_id in RUN_DIR/learner.json (None: no file or none in it)."""
+    try:
+        return json.loads((run_dir / "learner.json").read_text()).get("learner_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def local_actor_keys(cfg: Config, run_dir: Path) -> tuple[list[str], list[str]]:
+    """With CURVE on, a key pair for the actors rapid-run starts itself
+    (RUN_DIR/keys/local-actors.*, made once), authorized beside the configured
+    keys. Returns (extra learner arguments, extra actor arguments)."""
+    import shutil
+
+    from rapid_async.wire.security import learner_curve, write_key_pair
+
+    t = cfg.transport
+    if not t.curve_secret_key:
+        return [], []
+    learner_curve(t)  # every configured key file readable, or a ValueError naming it
+    keys = run_dir / "keys"
+    if not (keys / "local-actors.key_secret").is_file():
+        for stale in keys.glob("local-actors.key*"):
+            stale.unlink()
+        write_key_pair(keys, "local-actors")
+    authorized = keys / "authorized"  # the configured keys and ours, rebuilt every start
+    shutil.rmtree(authorized, ignore_errors=True)
+    authorized.mkdir(parents=True)
+    source = Path(t.authorized_keys)
+    files = sorted(source.glob("*.key")) if source.is_dir() else [source]
+    for i, path in enumerate([*files, keys / "local-actors.key"]):
+        shutil.copyfile(path, authorized / f"{i:03d}-{path.name}")
+    return (["--set", f"transport.authorized_keys={authorized}"],
+            ["--curve-secret-key", str(keys / "local-actors.key_secret"),
+             "--curve-public-key", t.curve_public_key])
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

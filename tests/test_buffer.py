@@ -115,3 +115,18 @@ def test_staleness_histogram_from_record_consumed():
     buf.record_consumed(mb[2:], version=6)  # next update, one version later
     assert buf.stats()["staleness/hist"] == {"1": 1, "2": 3}
     assert list(buf.stats()["staleness/hist"]) == ["1", "2"]  # sorted by staleness
+
+
+def test_the_prompts_of_stale_and_waiting_groups_are_known():
+    @dataclass
+    class Named:
+        prompt_id: str
+        policy_version: int
+
+    buf = RolloutBuffer(max_staleness=1)
+    for i, v in enumerate([0, 2, 1, 3]):
+        buf.put(Named(str(i), v))
+    assert buf.prompt_ids() == ["0", "1", "2", "3"]
+    assert [g.prompt_id for g in buf.take(1, version=3, timeout=0)] == ["1"]
+    assert buf.pop_dropped() == ["0", "2"] and buf.pop_dropped() == []
+    assert buf.prompt_ids() == ["3"]

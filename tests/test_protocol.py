@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from rapid_async.wire import protocol
 from rapid_async.wire.protocol import (
     PROTOCOL_VERSION,
+    Rejoin,
     ActorStats,
     DeltaRequest,
     ErrorReply,
@@ -99,6 +100,7 @@ simple_messages = st.one_of(
     st.builds(ActorStats, actor_id=text, stats=flat_dicts),
     st.builds(Stop, reason=text),
     st.builds(ErrorReply, message=text),
+    st.builds(Rejoin, reason=text),
     st.builds(WorkRequest, actor_id=text, max_groups=st.integers(0, 1000)),
     st.builds(WorkGrant, prompt_indices=st.lists(st.integers(0, 2**40), max_size=20), min_version=versions),
     weight_updates,
@@ -154,7 +156,7 @@ def test_rollout_group_round_trips(group):
 def test_registry_covers_every_message_type():
     assert set(protocol.message_types().values()) == {
         Hello, Welcome, SnapshotRequest, DeltaRequest, WeightUpdate, ActorStats, Stop, ErrorReply,
-        RolloutGroup, WorkRequest, WorkGrant, EvalTask, EvalResult,
+        RolloutGroup, WorkRequest, WorkGrant, EvalTask, EvalResult, Rejoin,
     }
 
 
@@ -404,3 +406,11 @@ def test_invalid_eval_results_are_refused(metrics, match):
 def test_failed_eval_result_carries_its_error_and_no_metrics():
     out = decode(encode(EvalResult("a0", 3, 25, {}, "engine ran out of memory")))
     assert out.error == "engine ran out of memory" and out.metrics == {}
+
+
+def test_rejoin_reason_must_be_a_string():
+    frames = encode(Rejoin(reason="restarted"))
+    header = msgpack.unpackb(frames[0])
+    header["fields"]["reason"] = 7
+    with pytest.raises(ProtocolError, match="field 'reason' must be a str"):
+        decode([msgpack.packb(header)])

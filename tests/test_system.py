@@ -407,3 +407,80 @@ def test_rapid_run_stops_gracefully_on_a_signal(sig, tmp_path, random_model_dir)
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert "Traceback" not in read_log(run_dir / "learner.log")
+
+
+@pytest.mark.skipif(not __import__("zmq").has("curve"), reason="libzmq without CURVE")
+def test_rapid_run_with_curve_keys_from_config(tmp_path, random_model_dir):
+    """rapid-keys makes the pairs; rapid-run binds with CURVE from the config and
+    authorizes its own actors' key beside the configured ones."""
+    import subprocess
+
+    def rapid(*args):
+        return subprocess.run([sys.executable, "-m", "rapid_async.cli", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+
+    made = rapid("keys", str(tmp_path / "keys"), "--name", "learner")
+    assert made.returncode == 0 and "learner.key_secret" in made.stdout, made.stderr
+    assert rapid("keys", str(tmp_path / "keys"), "--name", "learner").returncode == 2
+    assert rapid("keys", str(tmp_path / "actors"), "--name", "remote-0").returncode == 0
+    run_dir = tmp_path / "run"
+    out = rapid("run", "--config", str(CONFIG), "--actors", "1",
+                "--set", f"run.run_dir={run_dir}", "--set", f"model.path={random_model_dir}",
+                "--set", "run.max_steps=3", "--set", "run.eval_every=0",
+                "--set", "run.eval_size=10", "--set", "algo.group_size=2",
+                "--set", "learner.minibatch_groups=2", "--set", "learner.batch_groups=2",
+                "--set", f"transport.curve_secret_key={tmp_path / 'keys' / 'learner.key_secret'}",
+                "--set", f"transport.curve_public_key={tmp_path / 'keys' / 'learner.key'}",
+                "--set", f"transport.authorized_keys={tmp_path / 'actors'}")
+    assert out.returncode == 0, out.stdout[-3000:] + read_log(run_dir / "learner.log")[-3000:]
+    steps = [r for r in _records(run_dir) if r["role"] == "learner" and "loss/policy" in r]
+    assert [r["version"] for r in steps] == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "keys" / "authorized").iterdir()) == \
+        ["000-remote-0.key", "001-local-actors.key"]
+
+
+def test_a_restarted_learner_is_found_again_and_no_prompt_is_lost_or_trained_twice(
+        tmp_path, random_model_dir):
+    """SIGKILL the learner mid-run, resume it: the running actor finds it on the
+    same ports, resynchronises by snapshot (it is ahead of the checkpoint), and
+    the final lineage trains every prompt at most once, losing none."""
+    from rapid_async.audit import audit_run
+
+    run_dir = tmp_path / "run"
+    overrides = ["run.mode=rapid-async", "run.max_steps=14", "run.checkpoint_every=4",
+                 "run.checkpoint_minutes=0", "run.eval_every=0", "run.eval_size=10",
+                 "algo.group_size=2", "learner.minibatch_groups=2", "learner.buffer_groups=6",
+                 "actor.chunk_groups=2", "actor.learner_timeout_s=3"]
+    args = ["learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
+            "--set", f"run.run_dir={run_dir}", *sum((["--set", o] for o in overrides), [])]
+    first = cli(*args, log=tmp_path / "learner1.log")
+    procs = [first]
+    try:
+        info = wait_for_file(run_dir / "learner.json", first)
+        actor = cli("actor", "--learner", info["control"], "--actor-id", "survivor",
+                    log=tmp_path / "actor.log")
+        procs.append(actor)
+        _wait_for_step(run_dir, 6, procs)
+        first.kill()  # SIGKILL, a child we started, by pid
+        first.wait()
+        second = cli(*args, "--resume", log=tmp_path / "learner2.log")
+        procs.append(second)
+        assert second.wait(timeout=240) == 0, read_log(tmp_path / "learner2.log")[-3000:]
+        assert actor.wait(timeout=60) == 0, read_log(tmp_path / "actor.log")[-3000:]
+    finally:
+        for p in procs:
+            stop(p)
+    again = json.loads((run_dir / "learner.json").read_text())
+    assert again["pid"] == second.pid and again["learner_id"] != info["learner_id"]
+    for name in ("control", "rollouts", "weights"):
+        assert again[name] == info[name], "the resumed learner binds the same ports"
+    records = _records(run_dir)
+    resume = [r for r in records if r.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["version"] in (4, 8)
+    survivor = [r for r in records if r.get("actor_id") == "survivor"]
+    assert survivor[-1]["actor/rejoins"] >= 1 and survivor[-1]["version"] == 14
+    assert "rejoined the learner" in read_log(tmp_path / "actor.log")
+    report = audit_run(run_dir)
+    assert report.problems == [], report.problems
+    assert report.resumes == 1 and sorted(report.versions) == list(range(1, 15))
+    assert len(report.trained) == 14 * 2

@@ -325,3 +325,36 @@ def test_curve_encrypted_loopback_accepts_only_allowed_actors():
         for a in actors:
             a.close()
         learner.close()
+
+
+def test_a_learner_asks_actors_it_has_not_welcomed_to_rejoin():
+    """After a restart the learner knows no actor: requests get Rejoin (raised as
+    LearnerRestarted), rollouts are dropped and counted, until the actor says Hello."""
+    from rapid_async.config import load_config
+    from rapid_async.learner.buffer import RolloutBuffer
+    from rapid_async.learner.network import LearnerNetwork
+    from rapid_async.learner.scheduler import WorkScheduler
+    from rapid_async.wire.transport import LearnerRestarted
+
+    cfg = load_config(overrides=["algo.group_size=2"])
+    buffer = RolloutBuffer(max_staleness=4)
+    scheduler = WorkScheduler("rapid-async", 8, 8, 4)
+    net = LearnerNetwork(cfg, buffer, scheduler, {"learner_id": "new"})
+    net.start()
+    actor = ActorSockets(net.sockets.control_endpoint, "outlived")
+    try:
+        with pytest.raises(LearnerRestarted, match="not known to this learner"):
+            actor.request_work(2, timeout_ms=5000)
+        # As if the actor's PUSH had reconnected to the restarted learner by itself.
+        actor._rollouts = actor._connect(zmq.PUSH, net.sockets.rollout_endpoint)
+        assert actor.send_rollout(_group("outlived"), timeout_ms=2000)
+        deadline = time.monotonic() + 5
+        while net.counters["rollouts/unwelcomed"] == 0:
+            assert time.monotonic() < deadline, "the group was not counted"
+            time.sleep(0.02)
+        assert len(buffer) == 0 and net.counters["control/rejoin_asked"] == 1
+        assert actor.hello(pid=1, engine="hf", timeout_ms=5000).settings == {"learner_id": "new"}
+        assert actor.request_work(2, timeout_ms=5000).prompt_indices == [0, 1]
+    finally:
+        actor.close()
+        net.shutdown()

@@ -16,6 +16,12 @@ The loop, as in DESIGN.md section 3:
                                                     the learner is full)
     until the learner says Stop
 
+If the learner stops answering (a request times out, or a send stays blocked
+and a ping gets no answer) or answers Rejoin (it restarted and does not know
+this actor), the actor says Hello again, to the endpoint in RUN_DIR/learner.json
+when it can read it, drops what it generated for the old learner, and takes a
+snapshot: its weights may be ahead of or behind the restored version.
+
 The actor never generates with weights it cannot vouch for: every update is
 checked and verified before it is written into the engine's weights
 (`rapid_async.weights.receiver`); deltas it missed because its queue was
@@ -29,10 +35,12 @@ evaluates, and while one is connected the generating actors do not.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("rapid.actor")
@@ -59,18 +67,25 @@ class Actor:
         actor_id: unique name of this actor.
         engine: override of the config's actor.engine (None: use the config).
         evaluator: only evaluate (ask for no generation work).
+        curve_keys: this actor's CURVE key pair (with `server_key`, the
+            learner's public key): needed when the learner uses CURVE.
     """
 
     def __init__(self, control_endpoint: str, actor_id: str | None = None,
                  engine: str | None = None, hello_timeout_s: float = 60.0,
-                 evaluator: bool = False):
+                 evaluator: bool = False, curve_keys: Any = None,
+                 server_key: bytes | None = None):
         from rapid_async.config import config_from_dict
         from rapid_async.wire.transport import ActorSockets
 
         self.actor_id = actor_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.sockets = ActorSockets(control_endpoint, self.actor_id)
+        self.control_endpoint = control_endpoint
+        self._curve = {"curve_keys": curve_keys, "server_key": server_key}
+        self.sockets = ActorSockets(control_endpoint, self.actor_id, **self._curve)
         welcome = self.sockets.hello(os.getpid(), engine or "config",
                                      timeout_ms=int(hello_timeout_s * 1000))
+        self.learner_id = welcome.settings.get("learner_id")
+        self._grant_learner = self.learner_id
         self.cfg = config_from_dict(welcome.settings["config"])
         self.engine_name = engine or self.cfg.actor.engine
         self.model_dir = welcome.settings["model_dir"]
@@ -84,7 +99,8 @@ class Actor:
                                         "update_s": 0.0, "update_bytes": 0, "chunks": 0,
                                         "send_wait_s": 0.0, "chain_fetches": 0,
                                         "rejected_updates": 0, "truncated": 0,
-                                        "verifier_failures": 0, "eval_s": 0.0, "evals": 0}
+                                        "verifier_failures": 0, "eval_s": 0.0, "evals": 0,
+                                        "rejoins": 0, "dropped_on_rejoin": 0}
 
     @property
     def version(self) -> int | None:
@@ -138,13 +154,17 @@ class Actor:
         learner has none to give or sends one that fails its checks); return
         early if the learner says stop."""
         from rapid_async.weights import NeedSnapshot
+        from rapid_async.wire.transport import LearnerRestarted
 
         for _ in range(100):
             if self._check_stop():
                 return
             try:
-                update = self.sockets.request_snapshot(reason, timeout_ms=60_000)
+                update = self.sockets.request_snapshot(reason, timeout_ms=self._timeout_ms(60))
                 self._install([update])
+                return
+            except (LearnerRestarted, TimeoutError) as exc:
+                self.rejoin(str(exc))  # ends with a snapshot of the learner it finds
                 return
             except RuntimeError as exc:  # an ErrorReply, e.g. no weights yet
                 log.warning("actor %s: %s", self.actor_id, exc)
@@ -222,8 +242,9 @@ class Actor:
                 self.poll_weights()
                 if self._check_stop():
                     break
-                grant = self.sockets.request_work(
-                    0 if self.evaluator else self.cfg.actor.chunk_groups)
+                grant = self._request_work(0 if self.evaluator else self.cfg.actor.chunk_groups)
+                if grant is None:
+                    continue  # the learner had to be found again
                 if self._check_stop():
                     break
                 if self.eval_tasks:
@@ -261,9 +282,103 @@ class Actor:
             self.poll_weights(timeout_ms=50)
         return self.stopped is None
 
+    # -- finding the learner again
+    def _timeout_ms(self, at_least_s: float = 0.0) -> int:
+        return int(max(self.cfg.actor.learner_timeout_s, at_least_s) * 1000)
+
+    def _request_work(self, max_groups: int) -> Any:
+        """A WorkGrant, or None if the learner did not answer or asked us to
+        rejoin (then we have said Hello again and hold its current weights)."""
+        from rapid_async.wire.transport import LearnerRestarted
+
+        try:
+            grant = self.sockets.request_work(max_groups, timeout_ms=self._timeout_ms())
+            self._grant_learner = self.learner_id  # whose grant it is
+            return grant
+        except (LearnerRestarted, TimeoutError) as exc:
+            self.rejoin(str(exc))
+            return None
+
+    def _learner_endpoint(self) -> str:
+        """The control endpoint in RUN_DIR/learner.json (a restarted learner may
+        have moved), else the one we used last."""
+        try:
+            info = json.loads((Path(self.run_dir) / "learner.json").read_text())
+            return str(info["control"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return self.control_endpoint
+
+    def rejoin(self, reason: str) -> None:
+        """Say Hello again (new sockets) until a learner answers, then take its
+        snapshot. Raises TimeoutError after `actor.rejoin_timeout_s`."""
+        from rapid_async.config import config_from_dict
+        from rapid_async.wire.transport import ActorSockets
+
+        log.warning("actor %s: %s; saying Hello again", self.actor_id, reason)
+        self.stats["rejoins"] += 1
+        deadline = time.monotonic() + self.cfg.actor.rejoin_timeout_s
+        while True:
+            self.sockets.close()
+            self.control_endpoint = self._learner_endpoint()
+            self.sockets = ActorSockets(self.control_endpoint, self.actor_id, **self._curve)
+            try:
+                welcome = self.sockets.hello(os.getpid(), self.engine_name, timeout_ms=5000)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"no learner answered at {self.control_endpoint} for "
+                        f"{self.cfg.actor.rejoin_timeout_s:.0f} s (actor.rejoin_timeout_s)") from None
+        self.cfg = config_from_dict(welcome.settings["config"])  # a resumed run may change it
+        self.learner_id = welcome.settings.get("learner_id")
+        self.eval_tasks.clear()  # jobs of the learner that has gone
+        log.info("actor %s: rejoined the learner at %s (version %d)", self.actor_id,
+                 self.control_endpoint, welcome.policy_version)
+        self._snapshot("rejoin")
+
+    def _same_learner(self) -> bool:
+        """A ping (Hello on the same sockets): True if the learner we know
+        answers; else rejoin whichever answers now and return False."""
+        try:
+            welcome = self.sockets.hello(os.getpid(), self.engine_name,
+                                         timeout_ms=self._timeout_ms())
+        except (TimeoutError, RuntimeError) as exc:
+            self.rejoin(str(exc))
+            return False
+        if welcome.settings.get("learner_id") != self.learner_id:
+            self.rejoin("the learner restarted")
+            return False
+        return True
+
+    def _send(self, group: Any) -> bool:
+        """Send one group, waiting while the learner's queue is full (keeping
+        weights fresh, noticing a stop). False if the learner stopped, or went
+        away and was found again: the group was for the old one, drop it."""
+        t_send = time.perf_counter()
+        last_ping = t_send
+        while not self.sockets.send_rollout(group, timeout_ms=500):
+            # The learner's queue is full: backpressure. Keep weights fresh
+            # and notice a stop while we wait; never drop the group.
+            self.poll_weights()
+            if self._check_stop():
+                return False
+            if time.perf_counter() - last_ping > self.cfg.actor.learner_timeout_s:
+                if not self._same_learner():
+                    return False
+                last_ping = time.perf_counter()
+        self.stats["send_wait_s"] += time.perf_counter() - t_send
+        return True
+
     def _generate_and_send(self, indices: list[int]) -> None:
+        """Generate a granted chunk and send it. Each group records the
+        verified checksum of the weights it came from (the learner checks it
+        against what it served for that version)."""
         from rapid_async.actor.rollout import generate_groups
 
+        learner, checksum = self._grant_learner, self.receiver.checksum
+        if self.learner_id != learner:  # granted by a learner that has since gone
+            self.stats["dropped_on_rejoin"] += len(indices)
+            return
         groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
                                  self.version, self.actor_id, scorer=self.scorer,
                                  prompt_settings=self.prompt_settings)
@@ -271,16 +386,15 @@ class Actor:
         self.stats["chunks"] += 1
         self.stats["verifier_failures"] = sum(self.scorer.failures.values())
         for group in groups:
+            if checksum is not None:
+                group.info["weights_checksum"] = checksum
+        for i, group in enumerate(groups):
             self.stats["tokens"] += int(group.completion_lengths.sum())
             self.stats["truncated"] += int(group.info.get("truncated", 0))
-            t_send = time.perf_counter()
-            while not self.sockets.send_rollout(group, timeout_ms=500):
-                # The learner's queue is full: backpressure. Keep weights fresh
-                # and notice a stop while we wait; never drop the group.
-                self.poll_weights()
-                if self._check_stop():
-                    return
-            self.stats["send_wait_s"] += time.perf_counter() - t_send
+            if self.learner_id != learner or not self._send(group):
+                if self.stopped is None:
+                    self.stats["dropped_on_rejoin"] += len(groups) - i
+                return
             self.stats["groups"] += 1
 
     def _evaluate(self, task: Any) -> None:

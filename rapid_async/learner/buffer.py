@@ -37,6 +37,7 @@ class RolloutBuffer:
         self.dropped_stale = 0
         self.consumed = 0
         self.consumed_staleness: Counter[int] = Counter()
+        self._dropped_ids: list[str] = []
 
     def __len__(self) -> int:
         with self._cond:
@@ -58,9 +59,20 @@ class RolloutBuffer:
         keep = deque(g for g in self._groups
                      if version - g.policy_version <= self.max_staleness)
         dropped = len(self._groups) - len(keep)
+        if dropped:
+            kept = set(map(id, keep))
+            self._dropped_ids.extend(getattr(g, "prompt_id", None) for g in self._groups
+                                     if id(g) not in kept)
         self._groups = keep
         self.dropped_stale += dropped
         return dropped
+
+    def pop_dropped(self) -> list[str]:
+        """Prompt ids of the groups dropped as stale since the last call (the
+        learner records them with the step, so that every prompt is accounted for)."""
+        with self._cond:
+            out, self._dropped_ids = self._dropped_ids, []
+            return out
 
     def take(self, n: int, version: int, timeout: float | None = None) -> list[Any] | None:
         """Take the `n` oldest fresh groups for an update at policy `version`.
@@ -92,7 +104,7 @@ class RolloutBuffer:
     def prompt_ids(self) -> list[str]:
         """The prompt ids of the groups waiting in the buffer."""
         with self._cond:
-            return [g.prompt_id for g in self._groups]
+            return [getattr(g, "prompt_id", None) for g in self._groups]
 
     def stats(self) -> dict[str, Any]:
         """Counters for metrics.jsonl."""

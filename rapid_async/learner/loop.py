@@ -34,6 +34,7 @@ import re
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -87,10 +88,13 @@ class Learner:
                                          cfg.run.checkpoint_minutes, cfg.run.keep_checkpoints,
                                          start_version=self.trainer.version)
         self.taken: list[Any] = []  # groups taken from the buffer, not yet trained
+        self.learner_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"  # this incarnation
         settings = {"config": cfg.to_dict(), "model_dir": str(Path(self.model_dir).resolve()),
-                    "run_dir": str(self.run_dir.resolve())}
+                    "run_dir": str(self.run_dir.resolve()), "learner_id": self.learner_id}
         self.evals = EvalBoard(task_settings(cfg), timeout_s=cfg.learner.actor_timeout_s)
-        self.net = LearnerNetwork(cfg, self.buffer, self.scheduler, settings, evals=self.evals)
+        ports = previous_ports(self.run_dir) if resume else None
+        self.net = LearnerNetwork(cfg, self.buffer, self.scheduler, settings, evals=self.evals,
+                                  ports=ports)
         self.metrics = MetricsWriter(self.run_dir, "learner",
                                      backends=open_backends(cfg, self.run_dir, "learner", "learner"))
         self.publisher = self._start_publisher()
@@ -165,8 +169,11 @@ class Learner:
         """Open the sockets, announce the endpoint, ask for the start evaluation."""
         self._install_signal_handlers()
         self.net.start()
+        sockets = self.net.sockets
         endpoint_file(self.run_dir).write_text(json.dumps(
-            {"control": self.net.sockets.control_endpoint, "pid": os.getpid()}))
+            {"control": sockets.control_endpoint, "rollouts": sockets.rollout_endpoint,
+             "weights": sockets.weights_endpoint, "pid": os.getpid(),
+             "learner_id": self.learner_id}))
         log.info("learner listening on %s (mode %s)", self.net.sockets.control_endpoint, self.mode)
         self.t_start = time.time()
         self.evaluations.start(self.t_start)
@@ -219,7 +226,12 @@ class Learner:
         t0 = time.perf_counter()
         metrics = self.trainer.update(minibatch)
         self.taken = [g for g in self.taken if all(g is not m for m in minibatch)]
-        metrics["trained/prompts"] = [g.prompt_id for g in minibatch]
+        # Which prompts this version trained (or a non-finite step skipped),
+        # and how many of its groups came from weights not verified as served.
+        ids = [g.prompt_id for g in minibatch]
+        metrics["skipped/prompts" if metrics.get("guard/skipped") else "trained/prompts"] = ids
+        metrics["trained/unverified"] = sum(not self.net.verified(g) for g in minibatch)
+        metrics["dropped/prompts"] = self.buffer.pop_dropped()
         self.trainer.data_position = self.scheduler.next_index
         self.clock["busy"] += time.perf_counter() - t0
         self.clock["tokens"] += metrics["batch/tokens"]
@@ -250,7 +262,8 @@ class Learner:
         metrics.update(self.weight_stats)  # the newest version the publisher finished
 
     def record(self, metrics: dict[str, Any]) -> None:
-        """Checkpoint when due; write the step's metrics record; request an
+        """Write the step's metrics record; checkpoint when due (after the
+        record: a checkpoint at version v implies its record); request an
         evaluation when one is due and record the results that arrived."""
         from rapid_async.metrics import clean, progress_line
 
@@ -259,13 +272,13 @@ class Learner:
         if stepped:
             self.evaluations.note_version(version, self.clock["eval"])
         self.checkpointer.check()
-        if stepped and self.checkpointer.due(version):
-            self.clock["checkpoint"] += self.checkpoint(background=True)
         rec = clean({"step": version, "version": version, "mode": self.mode, **metrics,
                      **self.buffer.stats(), **self._clock_stats(), **self._net_stats(),
                      **self.checkpointer.stats})
         self.metrics.write(rec)
         print("[learner] " + progress_line(rec), flush=True)
+        if stepped and self.checkpointer.due(version):
+            self.clock["checkpoint"] += self.checkpoint(background=True)
         self.evaluations.after_step(self.published_version, version)
 
     def _clock_stats(self) -> dict[str, float]:
@@ -305,22 +318,28 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def pending_prompts(self) -> list[int]:
-        """Prompts granted but not yet trained: at actors, in the buffer, or
-        taken and not yet trained. Read on the network thread, which moves
-        groups from "at an actor" to "in the buffer", so none is missed."""
-        def held() -> list[str]:
-            return [*map(str, self.scheduler.pending()), *self.buffer.prompt_ids()]
+    def work_state(self) -> tuple[list[int], int]:
+        """(prompts granted but not yet trained, the next new prompt index).
 
-        ids = [*self.net.call(held), *(g.prompt_id for g in self.taken)]
-        return sorted({int(i) for i in ids if str(i).isdigit()})
+        Pending prompts are at actors, in the buffer, or taken and not yet
+        trained. Both are read on the network thread, which hands out work and
+        moves groups from "at an actor" to "in the buffer", so together they
+        account for every prompt: on resume the pending ones are handed out
+        again and new ones start at the index, none skipped, none twice."""
+        def held() -> tuple[int, list[str]]:
+            return self.scheduler.next_index, [*map(str, self.scheduler.pending()),
+                                               *self.buffer.prompt_ids()]
+
+        next_index, ids = self.net.call(held)
+        ids += [g.prompt_id for g in self.taken]
+        return sorted({int(i) for i in ids if str(i).isdigit()}), next_index
 
     def checkpoint(self, background: bool, extra: dict[str, Any] | None = None) -> float:
         """Checkpoint now (in the background unless told otherwise); return the
         seconds the training loop was blocked."""
+        pending, self.trainer.data_position = self.work_state()
         meta = {"config": self.cfg.to_dict(), "extra": extra or {}}
-        return self.checkpointer.save(self.trainer, self.pending_prompts(), meta,
-                                      background=background)
+        return self.checkpointer.save(self.trainer, pending, meta, background=background)
 
     # ------------------------------------------------------------------ signals
 
@@ -422,8 +441,21 @@ def _fmt(value: float | None) -> str:
 
 
 def endpoint_file(run_dir: Path) -> Path:
-    """RUN_DIR/learner.json: where actors and the launcher find the control endpoint."""
+    """RUN_DIR/learner.json: where actors and the launcher find the control
+    endpoint (and a resumed learner the ports to bind again)."""
     return run_dir / "learner.json"
+
+
+def previous_ports(run_dir: Path) -> dict[str, int] | None:
+    """The ports of the learner that last ran in `run_dir` (from learner.json),
+    so that a resumed learner binds them again and running actors, which
+    reconnect by themselves, find it; None when there is no record."""
+    try:
+        info = json.loads(endpoint_file(run_dir).read_text())
+        return {name: int(str(info[name]).rsplit(":", 1)[1])
+                for name in ("control", "rollouts", "weights")}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def run_learner(cfg: Config, resume: bool = False, model_dir: str | None = None) -> dict[str, Any]:

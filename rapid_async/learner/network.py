@@ -14,6 +14,10 @@ on the PUB socket and keeps the most recent ones (up to
 with DeltaRequests instead of a snapshot. A SnapshotRequest is answered from
 the snapshot the publisher built for the current version; when there is none
 yet, the request waits while the publisher builds it (`weights_source`).
+
+Restarts: work, snapshot and delta requests are served only to actors that
+said Hello to this learner; any other gets a Rejoin reply, so that actors
+that outlived a learner restart say Hello again and resynchronise by snapshot.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any
@@ -30,6 +34,8 @@ from typing import Any
 from rapid_async.config import Config
 
 log = logging.getLogger("rapid.learner")
+
+MAX_WELCOMED = 4096  # actor ids remembered as welcomed (least recent dropped first)
 
 
 class LearnerNetwork(threading.Thread):
@@ -44,18 +50,14 @@ class LearnerNetwork(threading.Thread):
     """
 
     def __init__(self, cfg: Config, buffer: Any, scheduler: Any, welcome_settings: dict,
-                 evals: Any = None):
+                 evals: Any = None, ports: dict[str, int] | None = None):
         super().__init__(name="learner-network", daemon=True)
-        from rapid_async.wire.transport import LearnerSockets
-
         self.cfg = cfg
         self.buffer = buffer
         self.scheduler = scheduler
         self.evals = evals
         self.welcome_settings = welcome_settings
-        self.sockets = LearnerSockets(host=cfg.transport.host, control_port=cfg.transport.port,
-                                      rollout_hwm=cfg.transport.rollout_hwm,
-                                      weights_hwm=cfg.transport.weights_hwm)
+        self.sockets = self._bind(ports)
         self.outbox: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self._halt = threading.Event()
@@ -68,6 +70,32 @@ class LearnerNetwork(threading.Thread):
         self.bad_messages: Counter[str] = Counter()
         self.actor_stats: dict[str, dict] = {}
         self.counters: Counter[str] = Counter()
+        self.welcomed: OrderedDict[str, None] = OrderedDict()  # actors that said Hello
+        self.served_checksums: OrderedDict[int, set] = OrderedDict()  # version -> checksums
+
+    def _bind(self, ports: dict[str, int] | None) -> Any:
+        """The learner's sockets, on `ports` (a resumed learner's previous
+        ones, so running actors find it again) if they are still free, else
+        on `transport.port` and free ports."""
+        import zmq
+
+        from rapid_async.wire.security import learner_curve
+        from rapid_async.wire.transport import LearnerSockets
+
+        t = self.cfg.transport
+        curve_keys, allowed = learner_curve(t)  # (None, None) without CURVE
+        common = dict(host=t.host, rollout_hwm=t.rollout_hwm, weights_hwm=t.weights_hwm,
+                      curve_keys=curve_keys, allowed_client_keys=allowed)
+        if ports:
+            try:
+                return LearnerSockets(control_port=t.port or ports["control"],
+                                      rollout_port=ports["rollouts"],
+                                      weights_port=ports["weights"], **common)
+            except (zmq.ZMQError, ValueError) as exc:
+                log.warning("could not bind the previous ports %s again (%s); binding new "
+                            "ones: actors on this node find them in RUN_DIR/learner.json",
+                            ports, exc)
+        return LearnerSockets(control_port=t.port, **common)
 
     # -- called from the training loop and the weight publisher
     def set_published(self, version: int) -> None:
@@ -145,11 +173,13 @@ class LearnerNetwork(threading.Thread):
                 return
             if kind == "publish":
                 self.sockets.publish(item)
+                self._served(item)
                 self._keep_in_chain(item)
                 self._published_version = max(self._published_version, item.version)
                 self.counters["weights/published"] += 1
                 self.counters["weights/published_bytes"] += len(item.payload)
             elif kind == "snapshot":
+                self._served(item)
                 self._snapshot_cache = item
                 self._answer_snapshot_requests(built_for_them=True)
             elif kind == "stop":
@@ -186,6 +216,11 @@ class LearnerNetwork(threading.Thread):
                 self._bad("rollouts", f"group {msg.prompt_id} from {msg.actor_id} has "
                           f"{msg.completion_ids.shape[0]} completions, expected K = {k}")
                 continue
+            if msg.actor_id not in self.welcomed:
+                # From an actor that has not said Hello to this learner: work
+                # granted before a restart. Never trained; counted.
+                self.counters["rollouts/unwelcomed"] += 1
+                continue
             try:
                 index = int(msg.prompt_id)
             except ValueError:
@@ -197,7 +232,7 @@ class LearnerNetwork(threading.Thread):
 
     def _serve_control(self, timeout_ms: int) -> None:
         from rapid_async.wire.protocol import (ActorStats, DeltaRequest, ErrorReply, EvalResult,
-                                               Hello, SnapshotRequest, WorkRequest)
+                                               Hello, Rejoin, SnapshotRequest, WorkRequest)
         from rapid_async.wire.transport import BadMessage
 
         got = self.sockets.poll_control(timeout_ms=timeout_ms)
@@ -209,7 +244,16 @@ class LearnerNetwork(threading.Thread):
             if identity is not None:
                 self.sockets.reply(identity, ErrorReply(message=msg.reason))
             return
+        if isinstance(msg, (WorkRequest, SnapshotRequest, DeltaRequest)) \
+                and msg.actor_id not in self.welcomed:
+            # Not welcomed by this learner (it restarted): the actor must say
+            # Hello again and resynchronise by snapshot before it works.
+            self.counters["control/rejoin_asked"] += 1
+            self.sockets.reply(identity, Rejoin(
+                reason=f"actor {msg.actor_id!r} is not known to this learner; say Hello"))
+            return
         if isinstance(msg, Hello):
+            self._welcome(msg.actor_id)
             self.scheduler.seen(msg.actor_id)
             version = self._published_version
             log.info("actor %s (pid %d, engine %s) joined", msg.actor_id, msg.pid, msg.engine)
@@ -241,6 +285,27 @@ class LearnerNetwork(threading.Thread):
             self._bad("control", f"unexpected {type(msg).__name__} on the control socket")
             self.sockets.reply(identity, ErrorReply(
                 message=f"the learner does not accept {type(msg).__name__} messages"))
+
+    def _served(self, update: Any) -> None:
+        """Remember the checksums of the updates served as each version (a
+        delta's and a snapshot's differ: each certifies its own header)."""
+        self.served_checksums.setdefault(update.version, set()).add(update.checksum)
+        while len(self.served_checksums) > MAX_WELCOMED:
+            self.served_checksums.popitem(last=False)
+
+    def verified(self, group: Any) -> bool:
+        """True if `group` says it came from weights certified by a checksum
+        this learner served for its policy version (which the actor verified
+        before it generated)."""
+        claimed = group.info.get("weights_checksum")
+        return claimed in self.served_checksums.get(group.policy_version, ())
+
+    def _welcome(self, actor_id: str) -> None:
+        """Remember an actor that said Hello (bounded: the least recent go first)."""
+        self.welcomed[actor_id] = None
+        self.welcomed.move_to_end(actor_id)
+        while len(self.welcomed) > MAX_WELCOMED:
+            self.welcomed.popitem(last=False)
 
     def _keep_in_chain(self, update: Any) -> None:
         """Keep a published delta; drop the oldest beyond transport.delta_chain_mb."""

@@ -154,6 +154,16 @@ class WorkGrant:
 
 
 @dataclass
+class Rejoin:
+    """Learner -> actor (control): the reply to a request from an actor this
+    learner has not welcomed, e.g. after the learner restarted from a
+    checkpoint. The actor says Hello again and takes a snapshot before it
+    generates: its weights may be ahead of or behind the restored version."""
+
+    reason: str
+
+
+@dataclass
 class ErrorReply:
     """Learner -> actor (control): the request could not be served."""
 
@@ -239,7 +249,7 @@ FINISH_REASONS = ("stop", "length")
 
 
 Message = (Hello | Welcome | SnapshotRequest | DeltaRequest | WeightUpdate | ActorStats | Stop
-           | ErrorReply | RolloutGroup | WorkRequest | WorkGrant | EvalTask | EvalResult)
+           | ErrorReply | RolloutGroup | WorkRequest | WorkGrant | EvalTask | EvalResult | Rejoin)
 
 # ---------------------------------------------------------------- field checkers
 # Each checker takes (field name, value) and returns the value to store, or raises.
@@ -452,6 +462,7 @@ _SPECS = [
     _Spec("work_request", WorkRequest, {"actor_id": _str, "max_groups": _nonneg_int}, {}),
     _Spec("work_grant", WorkGrant, {"prompt_indices": _index_list, "min_version": _nonneg_int}, {}),
     _Spec("error", ErrorReply, {"message": _str}, {}),
+    _Spec("rejoin", Rejoin, {"reason": _str}, {}),
     _Spec(
         "eval_task",
         EvalTask,

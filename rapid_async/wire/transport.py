@@ -33,6 +33,7 @@ learner lists `allowed_client_keys`), or an explicit `allow_insecure=True`.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from rapid_async.wire.protocol import (
     Hello,
     Message,
     ProtocolError,
+    Rejoin,
     RolloutGroup,
     SnapshotRequest,
     WeightUpdate,
@@ -59,10 +61,15 @@ from rapid_async.wire.protocol import (
 )
 from rapid_async.wire.security import CurveCredentials, CurveKeys, check_secure, is_loopback, new_curve_keys, require_curve
 
-__all__ = ["ActorSockets", "BadMessage", "CurveKeys", "LearnerSockets", "is_loopback", "new_curve_keys"]
+__all__ = ["ActorSockets", "BadMessage", "CurveKeys", "LearnerRestarted", "LearnerSockets", "is_loopback", "new_curve_keys"]
 
 DEFAULT_HOST = "127.0.0.1"
 MAX_INBOUND_BYTES = 256 * 1024 * 1024  # learner side: larger messages from an actor drop its connection
+
+
+class LearnerRestarted(RuntimeError):
+    """The learner answered a request with Rejoin: it does not know this actor
+    (it restarted from a checkpoint). Say Hello again and take a snapshot."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,16 @@ def _expect(msg, cls: type, name: str):
     if isinstance(msg, (cls, BadMessage)):
         return msg
     return BadMessage(f"expected {cls.__name__} on the {name} socket, got {type(msg).__name__}", name)
+
+
+def _reachable(endpoint: str, control_endpoint: str) -> str:
+    """A learner bound to a wildcard (0.0.0.0, ::, *) advertises it; connect to
+    the host we reached its control socket on instead."""
+    match = re.fullmatch(r"tcp://(.*):(\d+)", endpoint)
+    if not match or match.group(1).strip("[]") not in ("0.0.0.0", "::", "*"):
+        return endpoint
+    host = re.fullmatch(r"tcp://(.*):\d+", control_endpoint)
+    return f"tcp://{host.group(1)}:{match.group(2)}" if host else endpoint
 
 
 class LearnerSockets:
@@ -167,7 +184,11 @@ class LearnerSockets:
         if self._curve_keys is not None:
             sock.curve_server = True
             sock.curve_publickey, sock.curve_secretkey = self._curve_keys
-        sock.bind(f"tcp://{host}:{port or '*'}")
+        try:
+            sock.bind(f"tcp://{host}:{port or '*'}")
+        except zmq.ZMQError:
+            sock.close(linger=0)  # an unclosed socket would hang Context.term
+            raise
         return sock
 
     def _endpoint(self, sock: zmq.Socket) -> str:
@@ -304,6 +325,8 @@ class ActorSockets:
                 return msg
             if isinstance(msg, ErrorReply):
                 raise RuntimeError(f"learner at {self.control_endpoint} refused the {what}: {msg.message}")
+            if isinstance(msg, Rejoin):
+                raise LearnerRestarted(f"learner at {self.control_endpoint} asks to rejoin: {msg.reason}")
             self._pending.append(msg)
         if what == "hello":
             raise TimeoutError(
@@ -320,6 +343,8 @@ class ActorSockets:
         """
         self._send_control(Hello(self.actor_id, pid, engine))
         welcome = self._await_reply(Welcome, timeout_ms, "hello")
+        welcome.rollout_endpoint = _reachable(welcome.rollout_endpoint, self.control_endpoint)
+        welcome.weights_endpoint = _reachable(welcome.weights_endpoint, self.control_endpoint)
         if self._rollouts is None:
             rollout_hwm, weights_hwm = self._hwms
             # rollouts: PUSH, connects to the learner's PULL. SNDHWM messages
