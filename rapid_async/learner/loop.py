@@ -230,6 +230,8 @@ class Learner:
         # and how many of its groups came from weights not verified as served.
         ids = [g.prompt_id for g in minibatch]
         metrics["skipped/prompts" if metrics.get("guard/skipped") else "trained/prompts"] = ids
+        if not metrics.get("guard/skipped") and hasattr(minibatch[0], "grant_id"):
+            metrics["trained/grants"] = [g.grant_id for g in minibatch]
         metrics["trained/unverified"] = sum(not self.net.verified(g) for g in minibatch)
         metrics["dropped/prompts"] = self.buffer.pop_dropped()
         self.trainer.data_position = self.scheduler.next_index
