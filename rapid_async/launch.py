@@ -120,6 +120,16 @@ class Launcher:
         self.run_dir = Path(cfg.run.run_dir)
         self.children: dict[str, subprocess.Popen] = {}
         self._logs: list[Any] = []
+        self.signals = 0  # SIGINT / SIGTERM received (counted by `on_signal`)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        """SIGINT / SIGTERM: only counted here; the loops look at the count
+        (raising inside subprocess or rich code could leave a lock held)."""
+        self.signals += 1
+
+    def _check_signals(self) -> None:
+        if self.signals:
+            raise Interrupted()
 
     def _spawn(self, name: str, args: list[str], env_extra: dict[str, str]) -> None:
         env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
@@ -161,6 +171,7 @@ class Launcher:
         endpoint_file = self.run_dir / "learner.json"
         deadline = time.monotonic() + timeout_s
         while True:
+            self._check_signals()
             self._check_children()
             try:
                 info = json.loads(endpoint_file.read_text())
@@ -190,6 +201,7 @@ class Launcher:
         learner = self.children["learner"]
         with ProgressDisplay("[rapid-run]", total=total, every_s=progress_every) as display:
             while learner.poll() is None:
+                self._check_signals()
                 self._check_children()
                 rec = _last_learner_record(self.run_dir)
                 if rec:
@@ -214,14 +226,19 @@ class Launcher:
             return 0
         if learner.poll() is None:
             os.kill(learner.pid, signal.SIGTERM)  # the learner only, by pid
-        try:
-            learner.wait(timeout=learner_grace_s)
-        except subprocess.TimeoutExpired:
-            print(f"[rapid-run] the learner did not stop in {learner_grace_s:.0f} s", flush=True)
-            return 1
+        seen = self.signals
+        deadline = time.monotonic() + learner_grace_s
+        while learner.poll() is None:
+            if self.signals > seen:
+                raise Interrupted()  # the second one: stop at once
+            if time.monotonic() > deadline:
+                print(f"[rapid-run] the learner did not stop in {learner_grace_s:.0f} s",
+                      flush=True)
+                return 1
+            time.sleep(0.2)
         deadline = time.monotonic() + actor_grace_s
         for name, proc in self.children.items():
-            while proc.poll() is None and time.monotonic() < deadline:
+            while proc.poll() is None and time.monotonic() < deadline and self.signals == seen:
                 time.sleep(0.2)
         # Killed by this SIGTERM before it could install its handler (still
         # loading): nothing was trained, nothing lost.
@@ -247,6 +264,10 @@ class Launcher:
                 proc.wait(timeout=10)
         for log in self._logs:
             log.close()
+
+
+class Interrupted(Exception):
+    """rapid-run got SIGINT or SIGTERM (raised by the loops, not the handler)."""
 
 
 class ChildFailed(RuntimeError):
@@ -329,8 +350,8 @@ def run_node(config_path: str | None, overrides: list[str], n_actors: int | None
         n_actors = max(1, free - cfg.learner.devices)
     model_dir = resolve_model_dir(cfg)
     launcher = Launcher(config_path, overrides, cfg, n_actors, resume)
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {sig: signal.signal(sig, launcher.on_signal)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
         try:
@@ -338,11 +359,11 @@ def run_node(config_path: str | None, overrides: list[str], n_actors: int | None
             print(f"[rapid-run] learner at {endpoint}, {n_actors} actor(s), mode {cfg.run.mode}, "
                   f"run dir {launcher.run_dir}", flush=True)
             launcher.watch()
-        except KeyboardInterrupt:
+        except Interrupted:
             print("[rapid-run] interrupted: the learner checkpoints and stops the actors "
                   "(interrupt again to stop at once)", flush=True)
             code = launcher.stop_gracefully()
-    except KeyboardInterrupt:
+    except Interrupted:
         print("[rapid-run] interrupted again: stopping every child now", flush=True)
         code = 130
     except ChildFailed as exc:
@@ -350,7 +371,8 @@ def run_node(config_path: str | None, overrides: list[str], n_actors: int | None
         code = 1
     finally:
         launcher.stop_all()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     _print_summary(launcher.run_dir)
     return code
 
@@ -390,11 +412,6 @@ def local_actor_keys(cfg: Config, run_dir: Path) -> tuple[list[str], list[str]]:
     return (["--set", f"transport.authorized_keys={authorized}"],
             ["--curve-secret-key", str(keys / "local-actors.key_secret"),
              "--curve-public-key", t.curve_public_key])
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM handler of rapid-run: the same as Ctrl-C."""
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def _print_summary(run_dir: Path) -> None:
