@@ -93,9 +93,15 @@ def build_model_dir(out: Path, tiny: bool) -> Path:
 # ---------------------------------------------------------------- helpers
 
 
+def _pythonpath() -> str:
+    """The repository first, then whatever bin/gpu-check put on the path (the
+    folder of packages it installed from wheels: pyzmq, zstandard, ...)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def _python(*args: str, timeout: float, env: dict | None = None, log: Path | None = None) -> int:
     """Run `python ARGS` from the repository; output to `log`; return code (124 on timeout)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": _pythonpath(), **(env or {})}
     out = open(log, "ab") if log else None
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=full_env, stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -318,7 +324,7 @@ def section_learner(ctx: dict) -> dict:
         args += ["--shape", "cpu-small", "--device", "cpu", "--groups", "1", "--completion", "16",
                  "--prompt", "8", "--repeats", "1"]
     env = {"PYTHON": sys.executable}
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    full_env = {**os.environ, "PYTHONPATH": _pythonpath(), **env}
     with open(ctx["work"] / "learner.log", "ab") as log:
         proc = subprocess.run(["bash", str(REPO / "bin" / "gpu-check-learner"), *args], cwd=REPO,
                               env=full_env, stdout=log, stderr=subprocess.STDOUT,
