@@ -180,7 +180,13 @@ class LearnerConfig:
     """Capacity of the rollout buffer plus work handed out (backpressure)."""
 
     actor_timeout_s: float = 30.0
-    """An actor silent this long loses its unfinished work to the others."""
+    """An actor silent this long (no message, no heartbeat) loses its unfinished
+    work to the others. Actors send heartbeats while they generate, so a slow
+    chunk is not silence; must be >= 3 x actor.heartbeat_s."""
+
+    max_actors: int = 256
+    """Most actors the learner keeps state for at once (bounds its memory); a
+    Hello beyond that is refused unless a silent, idle actor can be forgotten."""
 
     device: str = "auto"
     """Torch device of the learner: auto (the GPU this process was given,
@@ -247,6 +253,10 @@ class ActorConfig:
     rejoin_timeout_s: float = 600.0
     """How long an actor keeps trying to reach a learner that went away before
     it gives up and exits with an error."""
+
+    heartbeat_s: float = 1.0
+    """Seconds between an actor's heartbeats, sent from a thread of their own,
+    also while the engine generates."""
 
 
 @dataclass
@@ -361,13 +371,14 @@ class Config:
                      "learner.buffer_groups", "actor.chunk_groups", "run.keep_checkpoints",
                      "actor.learner_timeout_s",
                      "transport.rollout_hwm", "transport.weights_hwm",
-                     "learner.logprob_chunk_tokens", "learner.devices"):
+                     "learner.logprob_chunk_tokens", "learner.devices", "learner.max_actors",
+                     "actor.heartbeat_s", "learner.actor_timeout_s"):
             _check_positive(name, self._get(name))
         for name in ("run.eval_every", "run.checkpoint_every", "run.checkpoint_minutes",
                      "run.max_seconds", "run.eval_samples", "run.eval_timeout_s",
                      "learner.max_staleness", "learner.weight_decay",
                      "learner.grad_clip", "algo.beta", "transport.port",
-                     "learner.actor_timeout_s", "actor.rejoin_timeout_s",
+                     "actor.rejoin_timeout_s",
                      "learner.micro_batch_tokens",
                      "learner.max_skipped_steps", "transport.delta_chain_mb"):
             if self._get(name) < 0:
@@ -400,6 +411,7 @@ class Config:
                 f"learner.minibatch_groups = {lb.minibatch_groups}")
         self._validate_metrics()
         self._validate_transport()
+        self._check_progress()
         return self
 
     def _validate_transport(self) -> None:
@@ -433,6 +445,26 @@ class Config:
                                  f"{name} out")
         _check_choice("metrics.wandb_mode", self.metrics.wandb_mode,
                       ("", "online", "offline", "disabled"))
+
+    def _check_progress(self) -> None:
+        """Refuse settings under which training can never take a step."""
+        lb = self.learner
+        if lb.actor_timeout_s < 3 * self.actor.heartbeat_s:
+            raise ValueError(
+                f"learner.actor_timeout_s = {lb.actor_timeout_s} is less than 3 heartbeats "
+                f"(actor.heartbeat_s = {self.actor.heartbeat_s}): live actors would be taken "
+                f"for gone and their work handed out again. Raise learner.actor_timeout_s to "
+                f">= {3 * self.actor.heartbeat_s:g} or lower actor.heartbeat_s")
+        if self.run.mode == "rapid-async" and lb.sync_every > lb.max_staleness + 1:
+            # Actors only ever hold published versions p (multiples of
+            # sync_every); the learner at version p + sync_every - 1 still needs
+            # data of staleness sync_every - 1, so every group would arrive stale.
+            raise ValueError(
+                f"learner.sync_every = {lb.sync_every} with learner.max_staleness = "
+                f"{lb.max_staleness} cannot make progress in rapid-async: between two "
+                f"publishes every group becomes up to sync_every - 1 = {lb.sync_every - 1} "
+                "versions stale and is dropped. Set learner.max_staleness >= "
+                f"{lb.sync_every - 1} or learner.sync_every <= {lb.max_staleness + 1}")
 
     def _get(self, dotted: str) -> Any:
         section, key = dotted.split(".")

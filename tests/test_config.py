@@ -134,6 +134,7 @@ def test_parse_overrides_rejects_malformed():
     (["learner.gpus=0;1"], "learner.gpus"),
     (["actor.gpus=a"], "actor.gpus"),
     (["learner.max_skipped_steps=-1"], "learner.max_skipped_steps"),
+    (["learner.sync_every=4", "learner.max_staleness=2"], "learner.sync_every"),
 ])
 def test_invalid_values_name_the_field(overrides, field):
     with pytest.raises(ValueError) as info:
@@ -221,3 +222,19 @@ def test_auto_device_is_the_cpu_without_a_gpu():
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cuda:1") == "cuda:1"
+
+
+def test_settings_that_cannot_make_progress_are_refused_with_the_fix():
+    # rapid-async publishes every sync_every steps, so data is up to
+    # sync_every - 1 versions old when it is used: with a tighter staleness
+    # bound every group would be dropped and training would never step.
+    with pytest.raises(ValueError) as info:
+        load_config(overrides=["run.mode=rapid-async", "learner.sync_every=8",
+                               "learner.max_staleness=4"])
+    text = str(info.value)
+    assert "learner.sync_every = 8" in text and "learner.max_staleness = 4" in text
+    assert "learner.max_staleness >= 7" in text and "learner.sync_every <= 5" in text
+    # the boundary makes progress, and the sync modes do not use sync_every
+    load_config(overrides=["learner.sync_every=5", "learner.max_staleness=4"])
+    load_config(overrides=["run.mode=rapid-sync", "learner.sync_every=8",
+                           "learner.max_staleness=0"])

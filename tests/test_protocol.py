@@ -19,6 +19,7 @@ from rapid_async.wire.protocol import (
     ErrorReply,
     EvalResult,
     EvalTask,
+    Heartbeat,
     Hello,
     ProtocolError,
     RolloutGroup,
@@ -71,6 +72,7 @@ def rollout_groups(draw) -> RolloutGroup:
         gen_seconds=draw(st.floats(0, 1e6)),
         created_at=draw(st.floats(0, 2e9)),
         info=draw(flat_dicts),
+        grant_id=draw(st.integers(0, 2**62)),
     )
 
 
@@ -102,7 +104,9 @@ simple_messages = st.one_of(
     st.builds(ErrorReply, message=text),
     st.builds(Rejoin, reason=text),
     st.builds(WorkRequest, actor_id=text, max_groups=st.integers(0, 1000)),
-    st.builds(WorkGrant, prompt_indices=st.lists(st.integers(0, 2**40), max_size=20), min_version=versions),
+    st.builds(WorkGrant, prompt_indices=st.lists(st.integers(0, 2**40), max_size=20), min_version=versions,
+              grant_id=st.integers(0, 2**62)),
+    st.builds(Heartbeat, actor_id=text, session=text),
     weight_updates,
 )
 
@@ -129,7 +133,7 @@ def _valid_group(**overrides) -> RolloutGroup:
 
 def _assert_groups_equal(a: RolloutGroup, b: RolloutGroup) -> None:
     for name in ("actor_id", "prompt_id", "policy_version", "finish_reasons", "gen_seconds",
-                 "created_at", "info"):
+                 "created_at", "info", "grant_id"):
         assert getattr(a, name) == getattr(b, name), name
     for name in ("prompt_ids", "completion_ids", "completion_lengths", "logprobs", "rewards"):
         x, y = getattr(a, name), getattr(b, name)
@@ -156,7 +160,7 @@ def test_rollout_group_round_trips(group):
 def test_registry_covers_every_message_type():
     assert set(protocol.message_types().values()) == {
         Hello, Welcome, SnapshotRequest, DeltaRequest, WeightUpdate, ActorStats, Stop, ErrorReply,
-        RolloutGroup, WorkRequest, WorkGrant, EvalTask, EvalResult, Rejoin,
+        RolloutGroup, WorkRequest, WorkGrant, EvalTask, EvalResult, Rejoin, Heartbeat,
     }
 
 
@@ -209,7 +213,8 @@ def test_deeply_nested_settings_are_refused():
     for _ in range(900):
         nested = [nested]
     header = {"protocol": PROTOCOL_VERSION, "type": "welcome", "tensors": {}, "fields": {
-        "rollout_endpoint": "a", "weights_endpoint": "b", "policy_version": 0, "settings": {"x": nested}}}
+        "rollout_endpoint": "a", "weights_endpoint": "b", "policy_version": 0, "settings": {"x": nested},
+        "session": ""}}
     with pytest.raises(ProtocolError, match="nested more than 16 levels"):
         decode([msgpack.packb(header)])
 
@@ -321,7 +326,7 @@ def _unchecked_encode(group: RolloutGroup) -> list[bytes]:
     good = _valid_group()
     spec_tensors = ["prompt_ids", "completion_ids", "completion_lengths", "logprobs", "rewards"]
     names = ["actor_id", "prompt_id", "policy_version", "finish_reasons", "gen_seconds",
-             "created_at", "info"]
+             "created_at", "info", "grant_id"]
     header = {
         "protocol": PROTOCOL_VERSION,
         "type": "rollout_group",
@@ -414,3 +419,21 @@ def test_rejoin_reason_must_be_a_string():
     header["fields"]["reason"] = 7
     with pytest.raises(ProtocolError, match="field 'reason' must be a str"):
         decode([msgpack.packb(header)])
+def test_ints_must_fit_in_64_bit_signed():
+    # msgpack carries uint64; 2**64 - 1 as a policy version overflowed the
+    # learner's int64 collate before this check.
+    frames = _reheader(encode(_valid_group()), lambda h: h["fields"].update(policy_version=2**64 - 1))
+    with pytest.raises(ProtocolError, match="'policy_version'.*64-bit"):
+        decode(frames)
+    assert decode(encode(_valid_group(policy_version=2**63 - 1))).policy_version == 2**63 - 1
+
+
+def test_grant_id_and_session_travel_and_are_checked():
+    assert decode(encode(_valid_group(grant_id=2**62))).grant_id == 2**62
+    assert decode(encode(WorkGrant([3, 4], 1, grant_id=99))) == WorkGrant([3, 4], 1, 99)
+    assert decode(encode(Heartbeat("a0", "s3cret"))) == Heartbeat("a0", "s3cret")
+    with pytest.raises(ProtocolError, match="'grant_id' must be >= 0"):
+        encode(_valid_group(grant_id=-1))
+    frames = _reheader(encode(Heartbeat("a0", "s")), lambda h: h["fields"].pop("session"))
+    with pytest.raises(ProtocolError, match="missing \\['session'\\]"):
+        decode(frames)

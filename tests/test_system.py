@@ -151,7 +151,7 @@ def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_d
         assert control.poll(10_000)
         assert b"99" in b"".join(control.recv_multipart())
         # a proper hello gives the rollout endpoint
-        from rapid_async.wire.protocol import Hello, decode
+        from rapid_async.wire.protocol import Hello, WorkRequest, decode
 
         control.send_multipart(encode(Hello("tester", os.getpid(), "none")))
         assert control.poll(10_000)
@@ -159,16 +159,40 @@ def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_d
         push = ctx.socket(zmq.PUSH)
         push.linger = 1000
         push.connect(welcome.rollout_endpoint)
-        good = RolloutGroup(actor_id="tester", prompt_id="0", policy_version=0,
-                            prompt_ids=torch.tensor([1, 5, 6], dtype=torch.int32),
-                            completion_ids=torch.tensor([[7, 2], [8, 2]], dtype=torch.int32),
-                            completion_lengths=torch.tensor([2, 2], dtype=torch.int32),
-                            logprobs=torch.tensor([[-1.0, -0.5], [-2.0, -0.1]]),
-                            rewards=torch.tensor([1.0, 0.0]), finish_reasons=["stop", "stop"],
-                            gen_seconds=0.1,
-                            created_at=time.time(), info={})
-        frames = encode(good)
-        # 3. a tensor of the wrong shape: logprobs frame cut to one row
+
+        def grant():
+            control.send_multipart(encode(WorkRequest("tester", 1)))
+            assert control.poll(10_000)
+            return decode(control.recv_multipart())
+
+        def group(work, **overrides):
+            index = work.prompt_indices[0]
+            fields = dict(actor_id="tester", prompt_id=str(index), policy_version=0,
+                          prompt_ids=torch.tensor(_prompt(random_model_dir, index), dtype=torch.int32),
+                          completion_ids=torch.tensor([[7, 2], [8, 2]], dtype=torch.int32),
+                          completion_lengths=torch.tensor([2, 2], dtype=torch.int32),
+                          logprobs=torch.tensor([[-1.0, -0.5], [-2.0, -0.1]]),
+                          rewards=torch.tensor([1.0, 0.0]), finish_reasons=["stop", "stop"],
+                          gen_seconds=0.1,
+                          created_at=time.time(), info={}, grant_id=work.grant_id)
+            fields.update(overrides)
+            return RolloutGroup(**fields)
+
+        # 3. groups that pass the wire checks but would have crashed or
+        # poisoned the learner (issue 9 item 3), each answering a real grant
+        poison = [
+            dict(completion_ids=torch.tensor([[7, 2], [0, 0]], dtype=torch.int32),
+                 completion_lengths=torch.tensor([2, 0], dtype=torch.int32),
+                 logprobs=torch.tensor([[-1.0, -0.5], [0.0, 0.0]])),
+            dict(completion_ids=torch.tensor([[7, 2], [10**6, 2]], dtype=torch.int32)),
+            dict(logprobs=torch.tensor([[-1.0, -1e4], [-2.0, -0.1]])),
+        ]
+        for overrides in poison:
+            push.send_multipart(encode(group(grant(), **overrides)))
+        work = grant()
+        push.send_multipart(encode(group(work, prompt_id="7")))  # not what was granted
+        frames = encode(group(work))
+        # 4. a tensor of the wrong shape: logprobs frame cut to one row
         header = msgpack.unpackb(frames[0])
         header["tensors"]["logprobs"]["shape"] = [1, 2]
         bad = list(frames)
@@ -194,6 +218,27 @@ def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_d
     assert recs[0]["buffer/accepted"] == 1 and recs[0]["buffer/consumed"] == 1
     assert recs[0]["net/bad_messages"] == 4
     assert recs[0]["reward/mean"] == pytest.approx(0.5)
+    for reason in ("completion_empty", "token_range", "logprob_range"):
+        assert recs[0][f"net/rollouts/rejected_{reason}"] == 1, reason
+    assert recs[0]["net/rollouts/dropped_ungranted"] == 1
+    assert recs[0]["trained/prompts"] == [str(work.prompt_indices[0])]
+    assert recs[0]["trained/grants"] == [work.grant_id]
+    assert "rejected" in log and "Traceback" not in log
+
+
+def _prompt(model_dir: Path, index: int) -> list[int]:
+    """Prompt `index` of the quickstart task, as an actor would send it."""
+    from transformers import AutoTokenizer
+
+    from rapid_async.actor.rollout import prompt_tokens
+    from rapid_async.config import load_config
+    from rapid_async.tasks.base import task_from_config
+    from rapid_async.tasks.prompts import PromptSettings
+
+    cfg = load_config(CONFIG)
+    task = task_from_config(cfg)
+    return prompt_tokens(task, AutoTokenizer.from_pretrained(model_dir), index,
+                         PromptSettings.from_config(cfg, task))
 
 
 def test_checkpoint_and_resume(tmp_path, random_model_dir):
@@ -289,7 +334,8 @@ def test_actors_join_and_leave_while_learner_runs(tmp_path, random_model_dir):
     run_dir = tmp_path / "run"
     overrides = ["run.mode=rapid-sync", "learner.batch_groups=8", "learner.minibatch_groups=4",
                  "algo.group_size=2", "run.max_steps=12", "run.eval_every=0",
-                 "run.eval_size=10", "learner.actor_timeout_s=2", "actor.chunk_groups=2"]
+                 "run.eval_size=10", "learner.actor_timeout_s=2", "actor.heartbeat_s=0.5",
+                 "actor.chunk_groups=2"]
     learner = cli("learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
                   "--set", f"run.run_dir={run_dir}", *sum((["--set", o] for o in overrides), []),
                   log=tmp_path / "learner.log")
@@ -484,3 +530,81 @@ def test_a_restarted_learner_is_found_again_and_no_prompt_is_lost_or_trained_twi
     assert report.problems == [], report.problems
     assert report.resumes == 1 and sorted(report.versions) == list(range(1, 15))
     assert len(report.trained) == 14 * 2
+def test_max_seconds_is_honoured_while_the_learner_waits_for_data(tmp_path, random_model_dir):
+    """No actor ever comes: the learner stops at run.max_seconds, with its end record."""
+    run_dir = tmp_path / "run"
+    learner = cli("learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
+                  "--set", f"run.run_dir={run_dir}", "--set", "run.max_seconds=2",
+                  "--set", "run.eval_size=5", log=tmp_path / "learner.log")
+    try:
+        wait_for_file(run_dir / "learner.json", learner)
+        learner.wait(timeout=60)
+    finally:
+        stop(learner)
+    assert learner.returncode == 0, read_log(tmp_path / "learner.log")[-3000:]
+    end = [r for r in read_metrics(run_dir) if r.get("event") == "end"]
+    assert end and end[0]["stop_reason"] == "max_seconds" and end[0]["step"] == 0
+
+
+def test_a_failed_bind_exits_with_a_clear_error(tmp_path, random_model_dir):
+    import zmq
+
+    ctx = zmq.Context()
+    holder = ctx.socket(zmq.ROUTER)
+    holder.linger = 0
+    port = holder.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        learner = cli("learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
+                      "--set", f"run.run_dir={tmp_path / 'run'}", "--set", f"transport.port={port}",
+                      log=tmp_path / "learner.log")
+        try:
+            learner.wait(timeout=90)
+        finally:
+            stop(learner)
+    finally:
+        holder.close()
+        ctx.term()
+    log = read_log(tmp_path / "learner.log")
+    assert learner.returncode == 2, log[-3000:]
+    assert f"error: cannot bind tcp://127.0.0.1:{port}" in log and "transport.port" in log
+    assert "Traceback" not in log
+
+
+def test_a_slow_actor_keeps_its_work_and_no_prompt_is_trained_twice(tmp_path, random_model_dir,
+                                                                      one_thread):
+    """issue 9 item 1: each chunk takes 2.5 s to generate, longer than
+    learner.actor_timeout_s = 1 s. The actor's heartbeat thread keeps it alive:
+    nothing is reissued, nothing arrives late, every prompt is trained once."""
+    from rapid_async.actor.loop import Actor
+
+    run_dir = tmp_path / "run"
+    overrides = ["run.mode=rapid-sync", "learner.batch_groups=4", "learner.minibatch_groups=2",
+                 "algo.group_size=2", "run.max_steps=4", "run.eval_every=0", "run.eval_size=5",
+                 "learner.actor_timeout_s=1", "actor.heartbeat_s=0.2", "actor.chunk_groups=2"]
+    learner = cli("learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
+                  "--set", f"run.run_dir={run_dir}", *sum((["--set", o] for o in overrides), []),
+                  log=tmp_path / "learner.log")
+    try:
+        info = wait_for_file(run_dir / "learner.json", learner)
+        actor = Actor(info["control"], actor_id="slow")
+        actor.setup()
+        generate = actor.engine.generate
+
+        def slow_generate(request):  # a real generation that takes as long as a big model's
+            time.sleep(2.5)
+            return generate(request)
+
+        actor.engine.generate = slow_generate
+        assert actor.run() == "done"
+        learner.wait(timeout=120)
+    finally:
+        stop(learner)
+    assert learner.returncode == 0, read_log(tmp_path / "learner.log")[-3000:]
+    steps = [r for r in read_metrics(run_dir) if r["role"] == "learner" and "loss/policy" in r]
+    assert [r["version"] for r in steps] == [1, 2, 3, 4]
+    last = steps[-1]
+    assert last["scheduler/reissued"] == 0 and last.get("net/actors/expired", 0) == 0
+    assert last["net/control/heartbeats"] >= 10
+    assert not any(k.startswith(("net/rollouts/dropped", "net/rollouts/rejected")) for k in last)
+    trained = [p for r in steps for p in r["trained/prompts"]]
+    assert sorted(trained, key=int) == [str(i) for i in range(8)], trained

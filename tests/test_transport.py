@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -25,7 +27,7 @@ from rapid_async.wire.protocol import (
     WorkRequest,
     encode,
 )
-from rapid_async.wire.transport import ActorSockets, BadMessage, LearnerSockets, new_curve_keys
+from rapid_async.wire.transport import ActorSockets, BadMessage, BindError, LearnerSockets, new_curve_keys
 from rapid_async.weights import apply_update, make_delta, make_snapshot
 
 SETTINGS = {"group_size": 4, "temperature": 1.0, "task": {"name": "arithmetic"}}
@@ -329,7 +331,8 @@ def test_curve_encrypted_loopback_accepts_only_allowed_actors():
 
 def test_a_learner_asks_actors_it_has_not_welcomed_to_rejoin():
     """After a restart the learner knows no actor: requests get Rejoin (raised as
-    LearnerRestarted), rollouts are dropped and counted, until the actor says Hello."""
+    LearnerRestarted), rollouts answer no grant and are dropped and counted,
+    until the actor says Hello."""
     from rapid_async.config import load_config
     from rapid_async.learner.buffer import RolloutBuffer
     from rapid_async.learner.network import LearnerNetwork
@@ -349,7 +352,7 @@ def test_a_learner_asks_actors_it_has_not_welcomed_to_rejoin():
         actor._rollouts = actor._connect(zmq.PUSH, net.sockets.rollout_endpoint)
         assert actor.send_rollout(_group("outlived"), timeout_ms=2000)
         deadline = time.monotonic() + 5
-        while net.counters["rollouts/unwelcomed"] == 0:
+        while net.counters["rollouts/dropped_ungranted"] == 0:
             assert time.monotonic() < deadline, "the group was not counted"
             time.sleep(0.02)
         assert len(buffer) == 0 and net.counters["control/rejoin_asked"] == 1
@@ -358,3 +361,36 @@ def test_a_learner_asks_actors_it_has_not_welcomed_to_rejoin():
     finally:
         actor.close()
         net.shutdown()
+
+
+def test_a_port_in_use_gives_a_clear_error_instead_of_a_hang():
+    taken = LearnerSockets()
+    port = int(taken.control_endpoint.rsplit(":", 1)[1])
+    try:
+        start = time.monotonic()
+        with pytest.raises(BindError, match=f"cannot bind tcp://127.0.0.1:{port}.*port {port} is in use"
+                           ".*transport.port"):
+            LearnerSockets(control_port=port)
+        assert time.monotonic() - start < 5.0
+    finally:
+        taken.close()
+
+
+def test_ipv6_loopback_binds_and_serves_or_fails_clearly():
+    # Run in a child: before the fix a failed bind hung forever in Context.term.
+    code = (
+        "from rapid_async.wire.transport import ActorSockets, BindError, LearnerSockets\n"
+        "try:\n"
+        "    learner = LearnerSockets(host='::1')\n"
+        "except BindError as exc:\n"
+        "    print('CLEAR', exc); raise SystemExit(0)\n"
+        "assert learner.control_endpoint.startswith('tcp://[::1]:'), learner.control_endpoint\n"
+        "actor = ActorSockets(learner.control_endpoint, 'a')\n"
+        "actor.send_stats({'x': 1})\n"
+        "got = learner.poll_control(timeout_ms=5000)\n"
+        "assert got is not None and got[1].actor_id == 'a', got\n"
+        "actor.close(); learner.close(); print('SERVED')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "SERVED" in out.stdout or "CLEAR cannot bind tcp://[::1]" in out.stdout

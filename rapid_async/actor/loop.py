@@ -3,6 +3,7 @@
 The loop, as in DESIGN.md section 3:
 
     hello -> welcome (run settings, endpoints)      control DEALER
+    start the heartbeat thread                      its own DEALER (heartbeat.py)
     snapshot -> the engine's weight buffer          (checksum verified)
     repeat:
         apply every queued delta, in order;         weights SUB (+ DeltaRequest
@@ -75,6 +76,7 @@ class Actor:
                  engine: str | None = None, hello_timeout_s: float = 60.0,
                  evaluator: bool = False, curve_keys: Any = None,
                  server_key: bytes | None = None):
+        from rapid_async.actor.heartbeat import Heartbeat
         from rapid_async.config import config_from_dict
         from rapid_async.wire.transport import ActorSockets
 
@@ -91,6 +93,10 @@ class Actor:
         self.model_dir = welcome.settings["model_dir"]
         self.run_dir = welcome.settings["run_dir"]
         self.receiver: Any = None
+        self.session = welcome.session
+        # From here on the learner hears from us while we load and generate.
+        self.heartbeat = Heartbeat(self, self.cfg.actor.heartbeat_s)
+        self.heartbeat.start()
         self.stopped: str | None = None
         self.evaluator = evaluator
         self.eval_tasks: list[Any] = []  # EvalTasks received, not yet done
@@ -100,7 +106,7 @@ class Actor:
                                         "send_wait_s": 0.0, "chain_fetches": 0,
                                         "rejected_updates": 0, "truncated": 0,
                                         "verifier_failures": 0, "eval_s": 0.0, "evals": 0,
-                                        "rejoins": 0, "dropped_on_rejoin": 0}
+                                        "rejoins": 0, "dropped_on_rejoin": 0, "bad_control": 0}
 
     @property
     def version(self) -> int | None:
@@ -254,7 +260,7 @@ class Actor:
                     self.poll_weights(timeout_ms=200 if self.evaluator else 20)
                     self.stats["idle_s"] += time.perf_counter() - t0
                 elif self._wait_version(grant.min_version):
-                    self._generate_and_send(grant.prompt_indices)
+                    self._generate_and_send(grant.prompt_indices, grant.grant_id)
                     self.stats["busy_s"] += time.perf_counter() - t0
                 if time.monotonic() - last_stats > 2.0:
                     self._report(metrics, time.monotonic() - t_start)
@@ -265,6 +271,18 @@ class Actor:
             metrics.close()
             self.close()
         return self.stopped or "stopped"
+
+    def _request_work(self) -> Any:
+        """Ask for a chunk; a grant larger than asked for is cut (and counted):
+        no reply makes the actor take on unbounded work."""
+        asked = 0 if self.evaluator else self.cfg.actor.chunk_groups
+        grant = self.sockets.request_work(asked)
+        if len(grant.prompt_indices) > asked:
+            self.stats["bad_control"] += 1
+            log.warning("actor %s: grant of %d prompts for %d asked; keeping %d", self.actor_id,
+                        len(grant.prompt_indices), asked, asked)
+            grant.prompt_indices = grant.prompt_indices[:asked]
+        return grant
 
     def _wait_version(self, min_version: int, timeout_s: float = 5.0) -> bool:
         """Wait for weights of at least `min_version` (a snapshot if they do
@@ -288,16 +306,23 @@ class Actor:
 
     def _request_work(self, max_groups: int) -> Any:
         """A WorkGrant, or None if the learner did not answer or asked us to
-        rejoin (then we have said Hello again and hold its current weights)."""
+        rejoin (then we have said Hello again and hold its current weights).
+        A grant larger than asked for is cut (and counted): no reply makes
+        the actor take on unbounded work."""
         from rapid_async.wire.transport import LearnerRestarted
 
         try:
             grant = self.sockets.request_work(max_groups, timeout_ms=self._timeout_ms())
-            self._grant_learner = self.learner_id  # whose grant it is
-            return grant
         except (LearnerRestarted, TimeoutError) as exc:
             self.rejoin(str(exc))
             return None
+        self._grant_learner = self.learner_id  # whose grant it is
+        if len(grant.prompt_indices) > max_groups:
+            self.stats["bad_control"] += 1
+            log.warning("actor %s: grant of %d prompts for %d asked; keeping %d", self.actor_id,
+                        len(grant.prompt_indices), max_groups, max_groups)
+            grant.prompt_indices = grant.prompt_indices[:max_groups]
+        return grant
 
     def _learner_endpoint(self) -> str:
         """The control endpoint in RUN_DIR/learner.json (a restarted learner may
@@ -322,7 +347,8 @@ class Actor:
             self.control_endpoint = self._learner_endpoint()
             self.sockets = ActorSockets(self.control_endpoint, self.actor_id, **self._curve)
             try:
-                welcome = self.sockets.hello(os.getpid(), self.engine_name, timeout_ms=5000)
+                welcome = self.sockets.hello(os.getpid(), self.engine_name, timeout_ms=5000,
+                                             session=self.session)
                 break
             except TimeoutError:
                 if time.monotonic() > deadline:
@@ -331,6 +357,7 @@ class Actor:
                         f"{self.cfg.actor.rejoin_timeout_s:.0f} s (actor.rejoin_timeout_s)") from None
         self.cfg = config_from_dict(welcome.settings["config"])  # a resumed run may change it
         self.learner_id = welcome.settings.get("learner_id")
+        self.session = welcome.session  # the heartbeat thread reads it at each beat
         self.eval_tasks.clear()  # jobs of the learner that has gone
         log.info("actor %s: rejoined the learner at %s (version %d)", self.actor_id,
                  self.control_endpoint, welcome.policy_version)
@@ -369,7 +396,7 @@ class Actor:
         self.stats["send_wait_s"] += time.perf_counter() - t_send
         return True
 
-    def _generate_and_send(self, indices: list[int]) -> None:
+    def _generate_and_send(self, indices: list[int], grant_id: int = 0) -> None:
         """Generate a granted chunk and send it. Each group records the
         verified checksum of the weights it came from (the learner checks it
         against what it served for that version)."""
@@ -381,7 +408,8 @@ class Actor:
             return
         groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
                                  self.version, self.actor_id, scorer=self.scorer,
-                                 prompt_settings=self.prompt_settings)
+                                 prompt_settings=self.prompt_settings,
+                                 grant_id=grant_id)
         self.stats["gen_s"] += sum(group.gen_seconds for group in groups)
         self.stats["chunks"] += 1
         self.stats["verifier_failures"] = sum(self.scorer.failures.values())
@@ -421,9 +449,12 @@ class Actor:
                 self.stopped = msg.reason
             elif isinstance(msg, EvalTask):
                 self.eval_tasks.append(msg)
-            else:
-                log.warning("actor %s: ignoring unexpected control message %s",
-                            self.actor_id, type(msg).__name__)
+            else:  # garbage, or a reply nobody waits for: counted, never fatal
+                self.stats["bad_control"] += 1
+                n = self.stats["bad_control"]
+                if n <= 20 or n & (n - 1) == 0:
+                    log.warning("actor %s: ignoring unexpected control message %s (%d so far)",
+                                self.actor_id, getattr(msg, "reason", type(msg).__name__), n)
         return self.stopped is not None
 
     def _report(self, metrics: Any, elapsed: float, final: bool = False) -> None:
@@ -445,6 +476,7 @@ class Actor:
             log.warning("could not send stats: %s", exc)
 
     def close(self) -> None:
+        self.heartbeat.stop()
         try:
             self.sockets.send_stats({"leaving": 1})
         except Exception:

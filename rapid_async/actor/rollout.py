@@ -23,9 +23,16 @@ from rapid_async.tasks.scoring import Scorer
 from rapid_async.wire.protocol import RolloutGroup
 
 
+def prompt_tokens(task: Any, tokenizer: Any, index: int, settings: PromptSettings) -> list[int]:
+    """The token ids of training prompt `index`, exactly as the actor sends
+    them (the learner checks arriving groups against this)."""
+    return encode_prompt(tokenizer, task.train_problem(index).prompt, settings)
+
+
 def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices: list[int],
                     version: int, actor_id: str, scorer: Scorer | None = None,
-                    prompt_settings: PromptSettings | None = None) -> list[RolloutGroup]:
+                    prompt_settings: PromptSettings | None = None,
+                    grant_id: int = 0) -> list[RolloutGroup]:
     """Generate and score the training prompts at `indices` with weights `version`.
 
     Args:
@@ -35,6 +42,7 @@ def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices
         actor_id: this actor's name.
         scorer: reuse one Scorer to keep its failure counts (default: a new one).
         prompt_settings: default `PromptSettings.from_config(cfg, task)`.
+        grant_id: the WorkGrant the indices came from, echoed in every group.
 
     Returns:
         One group per index, in the same order.
@@ -42,7 +50,7 @@ def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices
     scorer = scorer or Scorer(task, cfg.task.failure_reward)
     settings = prompt_settings or PromptSettings.from_config(cfg, task)
     problems = [task.train_problem(i) for i in indices]
-    prompts = [encode_prompt(tokenizer, p.prompt, settings) for p in problems]
+    prompts = [prompt_tokens(task, tokenizer, i, settings) for i in indices]
     t0 = time.perf_counter()
     outs = engine.generate(GenerateRequest(
         prompts=prompts, n=cfg.algo.group_size, temperature=cfg.algo.temperature,
@@ -54,13 +62,13 @@ def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices
     groups, k = [], cfg.algo.group_size
     for j, (index, prompt, comps) in enumerate(zip(indices, prompts, outs)):
         groups.append(pack_group(actor_id, str(index), version, prompt, comps,
-                                 rewards[j * k:(j + 1) * k], gen_s))
+                                 rewards[j * k:(j + 1) * k], gen_s, grant_id=grant_id))
     return groups
 
 
 def pack_group(actor_id: str, prompt_id: str, version: int, prompt: list[int],
                completions: list[Completion], rewards: list[float],
-               gen_seconds: float) -> RolloutGroup:
+               gen_seconds: float, grant_id: int = 0) -> RolloutGroup:
     """K completions of one prompt as padded tensors (K, T), 0 in the padding."""
     k = len(completions)
     t = max(1, max(len(c.token_ids) for c in completions))
@@ -79,4 +87,4 @@ def pack_group(actor_id: str, prompt_id: str, version: int, prompt: list[int],
         completion_lengths=lengths, logprobs=lps,
         rewards=torch.tensor(rewards, dtype=torch.float32), finish_reasons=reasons,
         gen_seconds=gen_seconds, created_at=time.time(),
-        info={"truncated": sum(r == "length" for r in reasons)})
+        info={"truncated": sum(r == "length" for r in reasons)}, grant_id=grant_id)

@@ -94,7 +94,7 @@ class Learner:
         self.evals = EvalBoard(task_settings(cfg), timeout_s=cfg.learner.actor_timeout_s)
         ports = previous_ports(self.run_dir) if resume else None
         self.net = LearnerNetwork(cfg, self.buffer, self.scheduler, settings, evals=self.evals,
-                                  ports=ports)
+                                  validator=self._validator(), ports=ports)
         self.metrics = MetricsWriter(self.run_dir, "learner",
                                      backends=open_backends(cfg, self.run_dir, "learner", "learner"))
         self.publisher = self._start_publisher()
@@ -105,6 +105,24 @@ class Learner:
         self.stop_reason = "done"
         self.stop_requested: str | None = None  # set by SIGINT / SIGTERM
         self._previous_handlers: dict[int, Any] = {}
+
+    def _validator(self) -> Any:
+        """The checks every arriving group must pass (vocabulary, lengths, prompt...)."""
+        from transformers import AutoTokenizer
+
+        from rapid_async.actor.rollout import prompt_tokens
+        from rapid_async.learner.validate import GroupValidator
+        from rapid_async.tasks.prompts import PromptSettings
+
+        embedding = self.trainer.model.get_input_embeddings()
+        vocab = getattr(embedding, "num_embeddings", None) or self.trainer.model.config.vocab_size
+        # The network thread gets its own tokenizer: a fast tokenizer is not
+        # safe to use from two threads at once (evaluation uses the trainer's).
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        settings = PromptSettings.from_config(self.cfg, self.task)
+        return GroupValidator(self.cfg.algo.group_size, int(vocab), self.cfg.algo.max_new_tokens,
+                              expected_prompt=lambda i: prompt_tokens(self.task, tokenizer, i,
+                                                                      settings))
 
     def _start_publisher(self) -> Any:
         """The weight publisher thread, with the current weights as its base."""
@@ -200,7 +218,8 @@ class Learner:
         return False
 
     def take(self) -> list[Any]:
-        """Wait for the next round (sync modes) or mini-batch (rapid-async) of groups."""
+        """Wait for the next round (sync modes) or mini-batch (rapid-async) of
+        groups; [] when the step or time budget runs out while waiting."""
         need = self.cfg.learner.minibatch_groups
         if self.sync:
             self.scheduler.open_round(self.trainer.version)
@@ -210,6 +229,9 @@ class Learner:
         while groups is None and not self.stop_requested:
             self.net.check()
             self.publisher.check()
+            if self.done():  # the time budget also runs out while waiting for data
+                groups = []
+                break
             groups = self.buffer.take(need, self.trainer.version, timeout=0.5)
         self.clock["wait"] += time.perf_counter() - t0
         self.taken = list(groups or [])
@@ -227,10 +249,11 @@ class Learner:
         metrics = self.trainer.update(minibatch)
         self.taken = [g for g in self.taken if all(g is not m for m in minibatch)]
         # Which prompts this version trained (or a non-finite step skipped),
-        # and how many of its groups came from weights not verified as served.
+        # with their grant ids (audits: no work twice), and how many of its
+        # groups came from weights not verified as served.
         ids = [g.prompt_id for g in minibatch]
         metrics["skipped/prompts" if metrics.get("guard/skipped") else "trained/prompts"] = ids
-        if not metrics.get("guard/skipped") and hasattr(minibatch[0], "grant_id"):
+        if not metrics.get("guard/skipped"):
             metrics["trained/grants"] = [g.grant_id for g in minibatch]
         metrics["trained/unverified"] = sum(not self.net.verified(g) for g in minibatch)
         metrics["dropped/prompts"] = self.buffer.pop_dropped()
@@ -297,9 +320,11 @@ class Learner:
     def _net_stats(self) -> dict[str, Any]:
         net = self.net
         return {"net/bad_messages": sum(net.bad_messages.values()),
-                **{f"net/{k}": v for k, v in net.counters.items()},
+                **{f"net/bad_{where}": n for where, n in list(net.bad_messages.items())},
+                **{f"net/{k}": v for k, v in list(net.counters.items())},
                 "scheduler/reissued": self.scheduler.reissued,
-                "actors": len(self.scheduler.actors())}
+                "scheduler/revoked_at_round": self.scheduler.revoked_at_round,
+                "actors": len(net.sessions), "net/actors/evicted": net.sessions.evicted}
 
     # ------------------------------------------------------------------ evaluation
 
@@ -391,7 +416,8 @@ class Learner:
                 "eval/version": final.get("eval/version"), "eval/time": final.get("eval/time"),
                 "eval/start_success": start.get("eval/success"),
                 "elapsed_s": elapsed, "stop_reason": self.stop_reason,
-                "learner/checkpoint_s": self.clock["checkpoint"], **self.checkpointer.stats}))
+                "learner/checkpoint_s": self.clock["checkpoint"], **self.checkpointer.stats,
+                **self.buffer.stats(), **self._net_stats()}))
             time.sleep(0.3)
             self.net.shutdown()
             self.publisher.close()

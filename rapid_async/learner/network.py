@@ -15,9 +15,22 @@ with DeltaRequests instead of a snapshot. A SnapshotRequest is answered from
 the snapshot the publisher built for the current version; when there is none
 yet, the request waits while the publisher builds it (`weights_source`).
 
-Restarts: work, snapshot and delta requests are served only to actors that
-said Hello to this learner; any other gets a Rejoin reply, so that actors
-that outlived a learner restart say Hello again and resynchronise by snapshot.
+Nothing an actor sends is trusted:
+- An actor id is bound to the control connection that said Hello with it
+  (and to a session secret for its heartbeats, which come from another
+  socket). Requests naming an actor from any other connection are refused, so
+  one actor cannot give up or take another's work. At most
+  `learner.max_actors` sessions exist; silent ones are forgotten.
+- A rollout group is accepted only if it answers a live grant (scheduler) and
+  passes `GroupValidator` (vocabulary, lengths, versions, log-probs, prompt).
+  Everything refused is counted by reason (`rollouts/dropped_*`,
+  `rollouts/rejected_*`) and logged; a refused but granted prompt is handed
+  out again.
+
+Restarts: control requests from an actor id that has no session here (the
+learner restarted, or forgot a silent actor) get a Rejoin reply, so that
+actors that outlived a learner say Hello again and resynchronise by snapshot;
+their groups answer no live grant and are dropped.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ from rapid_async.config import Config
 
 log = logging.getLogger("rapid.learner")
 
-MAX_WELCOMED = 4096  # actor ids remembered as welcomed (least recent dropped first)
+MAX_VERSIONS = 4096  # versions whose served checksums are remembered (oldest dropped first)
 
 
 class LearnerNetwork(threading.Thread):
@@ -47,15 +60,20 @@ class LearnerNetwork(threading.Thread):
         scheduler: hands out work to actors.
         welcome_settings: sent to each actor in Welcome (config, model dir).
         evals: the EvalBoard of held-out evaluation jobs (None: no evaluations).
+        validator: checks groups before they enter the buffer (None: grants only).
     """
 
     def __init__(self, cfg: Config, buffer: Any, scheduler: Any, welcome_settings: dict,
-                 evals: Any = None, ports: dict[str, int] | None = None):
+                 evals: Any = None, validator: Any = None,
+                 ports: dict[str, int] | None = None):
         super().__init__(name="learner-network", daemon=True)
+        from rapid_async.learner.sessions import Sessions
+
         self.cfg = cfg
         self.buffer = buffer
         self.scheduler = scheduler
         self.evals = evals
+        self.validator = validator
         self.welcome_settings = welcome_settings
         self.sockets = self._bind(ports)
         self.outbox: queue.Queue = queue.Queue()
@@ -67,10 +85,9 @@ class LearnerNetwork(threading.Thread):
         self._chain: deque = deque()  # recent deltas, oldest first
         self._chain_bytes = 0
         self.weights_source: Any = None  # has request_snapshot(); set by the learner
+        self.sessions = Sessions(cfg.learner.max_actors, cfg.learner.actor_timeout_s, scheduler)
         self.bad_messages: Counter[str] = Counter()
-        self.actor_stats: dict[str, dict] = {}
         self.counters: Counter[str] = Counter()
-        self.welcomed: OrderedDict[str, None] = OrderedDict()  # actors that said Hello
         self.served_checksums: OrderedDict[int, set] = OrderedDict()  # version -> checksums
 
     def _bind(self, ports: dict[str, int] | None) -> Any:
@@ -151,11 +168,7 @@ class LearnerNetwork(threading.Thread):
                 got = self._pump_rollouts()
                 self._serve_control(timeout_ms=0 if got else 5)
                 if time.monotonic() - last_expire > 1.0:
-                    for actor_id in self.scheduler.expire_silent():
-                        log.warning("actor %s went silent; its work is handed to others", actor_id)
-                    for actor_id in self.evals.expire_silent() if self.evals else []:
-                        log.warning("actor %s went silent during an evaluation; it goes to "
-                                    "the next actor", actor_id)
+                    self._expire()
                     last_expire = time.monotonic()
             self._drain_outbox()
         except BaseException as exc:  # re-raised by check() in the main loop
@@ -183,7 +196,8 @@ class LearnerNetwork(threading.Thread):
                 self._snapshot_cache = item
                 self._answer_snapshot_requests(built_for_them=True)
             elif kind == "stop":
-                self.sockets.broadcast(Stop(reason=item))
+                for identity in self.sessions.identities():
+                    self.sockets.reply(identity, Stop(reason=item))
             elif kind == "call":
                 fn, future = item
                 try:
@@ -191,10 +205,29 @@ class LearnerNetwork(threading.Thread):
                 except Exception as exc:
                     future.set_exception(exc)
 
+    def _expire(self) -> None:
+        for actor_id in self.scheduler.expire_silent():
+            self.counters["actors/expired"] += 1
+            log.warning("actor %s went silent; its work is handed to others", actor_id)
+        for actor_id in self.evals.expire_silent() if self.evals else []:
+            log.warning("actor %s went silent during an evaluation; it goes to the next actor",
+                        actor_id)
+        for actor_id in self.scheduler.prune():
+            self.sessions.drop(actor_id)
+            self.counters["actors/forgotten"] += 1
+
+    def _count(self, key: str, text: str) -> None:
+        """Count a refused message; log the first 20 of each kind, then every power of 2."""
+        self.counters[key] += 1
+        if (n := self.counters[key]) <= 20 or n & (n - 1) == 0:
+            log.warning("%s (%s, %d so far)", text, key, n)
+
     def _bad(self, where: str, reason: str) -> None:
         self.bad_messages[where] += 1
-        log.warning("bad message on %s socket: %s", where, reason)
+        if (n := self.bad_messages[where]) <= 20 or n & (n - 1) == 0:
+            log.warning("bad message on %s socket: %s (%d so far)", where, reason, n)
 
+    # -- rollouts
     def _pump_rollouts(self, limit: int = 64) -> int:
         from rapid_async.wire.protocol import RolloutGroup
         from rapid_async.wire.transport import BadMessage
@@ -207,80 +240,84 @@ class LearnerNetwork(threading.Thread):
             n += 1
             if isinstance(msg, BadMessage):
                 self._bad("rollouts", msg.reason)
-                continue
-            if not isinstance(msg, RolloutGroup):
+            elif not isinstance(msg, RolloutGroup):
                 self._bad("rollouts", f"expected a rollout group, got {type(msg).__name__}")
-                continue
-            k = self.cfg.algo.group_size
-            if msg.completion_ids.shape[0] != k:
-                self._bad("rollouts", f"group {msg.prompt_id} from {msg.actor_id} has "
-                          f"{msg.completion_ids.shape[0]} completions, expected K = {k}")
-                continue
-            if msg.actor_id not in self.welcomed:
-                # From an actor that has not said Hello to this learner: work
-                # granted before a restart. Never trained; counted.
-                self.counters["rollouts/unwelcomed"] += 1
-                continue
-            try:
-                index = int(msg.prompt_id)
-            except ValueError:
-                index = -1
-            self.scheduler.delivered(msg.actor_id, index)
-            self.buffer.put(msg)
-            self.counters["rollouts/groups"] += 1
+            else:
+                self._intake(msg)
         return n
 
-    def _serve_control(self, timeout_ms: int) -> None:
+    def _intake(self, group: Any) -> None:
+        """Grant check, field checks, then into the buffer; or count why not."""
+        from rapid_async.learner.scheduler import ACCEPTED
+        from rapid_async.learner.validate import prompt_index
+
+        where = f"group {group.prompt_id[:40]!r} (grant {group.grant_id}) from {group.actor_id[:40]!r}"
+        index = prompt_index(group.prompt_id)
+        verdict, min_version = (self.scheduler.check(group.actor_id, index, group.grant_id)
+                                if index is not None else ("ungranted", 0))
+        if verdict != ACCEPTED:
+            self._count(f"rollouts/dropped_{verdict}", f"{where} dropped")
+            return
+        problem = self._validate(group, index, min_version)
+        if problem is not None:
+            self.scheduler.revoke(index, group.grant_id)  # the prompt goes out again
+            reason, text = problem
+            self._count(f"rollouts/rejected_{reason}", f"{where} rejected: {text}")
+            return
+        verdict = self.scheduler.delivered(group.actor_id, index, group.grant_id)
+        if verdict != ACCEPTED:  # withdrawn meanwhile (a new round opened)
+            self._count(f"rollouts/dropped_{verdict}", f"{where} dropped")
+            return
+        self.buffer.put(group)
+        self.counters["rollouts/groups"] += 1
+
+    def _validate(self, group: Any, index: int, min_version: int) -> tuple[str, str] | None:
+        if self.validator is None:
+            return None
+        try:
+            return self.validator.check(group, index, min_version, self._published_version)
+        except Exception as exc:  # a check that cannot run refuses the group
+            return "invalid", f"could not be checked ({type(exc).__name__}: {exc})"
+
+    # -- control
+    def _serve_control(self, timeout_ms: int, limit: int = 64) -> int:
+        """Answer up to `limit` waiting control messages (waiting up to
+        timeout_ms for the first); returns how many."""
+        n = 0
+        while n < limit:
+            got = self.sockets.poll_control(timeout_ms=timeout_ms if n == 0 else 0)
+            if got is None:
+                return n
+            n += 1
+            self._handle_control(*got)
+        return n
+
+    def _handle_control(self, identity: bytes, msg: Any) -> None:
         from rapid_async.wire.protocol import (ActorStats, DeltaRequest, ErrorReply, EvalResult,
-                                               Hello, Rejoin, SnapshotRequest, WorkRequest)
+                                               Heartbeat, Hello, Rejoin, SnapshotRequest,
+                                               WorkRequest)
         from rapid_async.wire.transport import BadMessage
 
-        got = self.sockets.poll_control(timeout_ms=timeout_ms)
-        if got is None:
-            return
-        identity, msg = got
         if isinstance(msg, BadMessage):
             self._bad("control", msg.reason)
             if identity is not None:
                 self.sockets.reply(identity, ErrorReply(message=msg.reason))
-            return
-        if isinstance(msg, (WorkRequest, SnapshotRequest, DeltaRequest)) \
-                and msg.actor_id not in self.welcomed:
-            # Not welcomed by this learner (it restarted): the actor must say
-            # Hello again and resynchronise by snapshot before it works.
-            self.counters["control/rejoin_asked"] += 1
-            self.sockets.reply(identity, Rejoin(
-                reason=f"actor {msg.actor_id!r} is not known to this learner; say Hello"))
-            return
-        if isinstance(msg, Hello):
-            self._welcome(msg.actor_id)
-            self.scheduler.seen(msg.actor_id)
-            version = self._published_version
-            log.info("actor %s (pid %d, engine %s) joined", msg.actor_id, msg.pid, msg.engine)
-            self.sockets.reply(identity, self.sockets.welcome(version, self.welcome_settings))
-        elif isinstance(msg, WorkRequest):
-            self._answer_work_request(identity, msg)
-        elif isinstance(msg, SnapshotRequest):
-            self.scheduler.seen(msg.actor_id)
-            self._snapshot_waiting.append(identity)
-            self._answer_snapshot_requests()
-        elif isinstance(msg, DeltaRequest):
-            self.scheduler.seen(msg.actor_id)
-            self.sockets.reply(identity, self._delta_from(msg.base_version))
-        elif isinstance(msg, ActorStats):
-            self.scheduler.seen(msg.actor_id)
-            self.actor_stats[msg.actor_id] = dict(msg.stats)
-            if self.evals is not None:
-                self.evals.heard(msg.actor_id)
-            if msg.stats.get("leaving"):
-                self.scheduler.forget(msg.actor_id)
-                if self.evals is not None:
-                    self.evals.release(msg.actor_id, "the actor left")
-        elif isinstance(msg, EvalResult) and self.evals is not None:
-            self.scheduler.seen(msg.actor_id)
-            if not self.evals.answer(msg):
-                log.info("late or unknown evaluation result (job %d from %s) ignored",
-                         msg.job_id, msg.actor_id)
+        elif isinstance(msg, Hello):
+            self._hello(identity, msg)
+        elif isinstance(msg, Heartbeat):
+            self._heartbeat(msg)
+        elif isinstance(msg, (WorkRequest, SnapshotRequest, DeltaRequest, ActorStats)) or (
+                isinstance(msg, EvalResult) and self.evals is not None):
+            if msg.actor_id not in self.sessions:
+                # No session here (this learner restarted, or forgot a silent
+                # actor): the actor must say Hello again and resynchronise by
+                # snapshot before it works.
+                self.counters["control/rejoin_asked"] += 1
+                self.sockets.reply(identity, Rejoin(
+                    reason=f"actor {msg.actor_id[:40]!r} is not known to this learner; "
+                           "say Hello"))
+            elif self._bound(identity, msg):
+                self._request(identity, msg)
         else:
             self._bad("control", f"unexpected {type(msg).__name__} on the control socket")
             self.sockets.reply(identity, ErrorReply(
@@ -290,7 +327,7 @@ class LearnerNetwork(threading.Thread):
         """Remember the checksums of the updates served as each version (a
         delta's and a snapshot's differ: each certifies its own header)."""
         self.served_checksums.setdefault(update.version, set()).add(update.checksum)
-        while len(self.served_checksums) > MAX_WELCOMED:
+        while len(self.served_checksums) > MAX_VERSIONS:
             self.served_checksums.popitem(last=False)
 
     def verified(self, group: Any) -> bool:
@@ -300,13 +337,6 @@ class LearnerNetwork(threading.Thread):
         claimed = group.info.get("weights_checksum")
         return claimed in self.served_checksums.get(group.policy_version, ())
 
-    def _welcome(self, actor_id: str) -> None:
-        """Remember an actor that said Hello (bounded: the least recent go first)."""
-        self.welcomed[actor_id] = None
-        self.welcomed.move_to_end(actor_id)
-        while len(self.welcomed) > MAX_WELCOMED:
-            self.welcomed.popitem(last=False)
-
     def _keep_in_chain(self, update: Any) -> None:
         """Keep a published delta; drop the oldest beyond transport.delta_chain_mb."""
         limit = self.cfg.transport.delta_chain_mb * (1 << 20)
@@ -314,6 +344,69 @@ class LearnerNetwork(threading.Thread):
         self._chain_bytes += len(update.payload)
         while self._chain and self._chain_bytes > limit:
             self._chain_bytes -= len(self._chain.popleft().payload)
+
+    def _hello(self, identity: bytes, msg: Any) -> None:
+        from rapid_async.wire.protocol import ErrorReply
+
+        known = msg.actor_id in self.sessions
+        session, refusal = self.sessions.hello(identity, msg.actor_id, msg.session)
+        if session is None:
+            self._bad("control", f"Hello from {msg.actor_id[:40]!r} refused: {refusal}")
+            self.sockets.reply(identity, ErrorReply(message=refusal))
+            return
+        if not known:
+            log.info("actor %s (pid %d, engine %s) joined", msg.actor_id, msg.pid, msg.engine)
+        self.sockets.reply(identity, self.sockets.welcome(
+            self._published_version, self.welcome_settings, session=session.token))
+
+    def _heartbeat(self, msg: Any) -> None:
+        if not self.sessions.heartbeat(msg.actor_id, msg.session):
+            self._bad("control", f"heartbeat for {msg.actor_id[:40]!r} without its session")
+            return
+        self.scheduler.seen(msg.actor_id)
+        if self.evals is not None:  # an actor evaluating for long is alive too
+            self.evals.heard(msg.actor_id)
+        self.counters["control/heartbeats"] += 1
+
+    def _bound(self, identity: bytes, msg: Any) -> bool:
+        """True if msg's actor said Hello on this connection; else refuse it."""
+        from rapid_async.wire.protocol import ErrorReply
+
+        if self.sessions.bound(identity, msg.actor_id):
+            return True
+        name = type(msg).__name__
+        self._bad("control", f"{name} for actor {msg.actor_id[:40]!r} from a connection "
+                             "that did not say Hello as that actor")
+        self.sockets.reply(identity, ErrorReply(
+            message=f"{name} refused: actor {msg.actor_id[:40]!r} is unknown on this "
+                    "connection; send Hello first"))
+        return False
+
+    def _request(self, identity: bytes, msg: Any) -> None:
+        """A request from an actor on its own connection."""
+        from rapid_async.wire.protocol import ActorStats, DeltaRequest, EvalResult, SnapshotRequest
+
+        self.scheduler.seen(msg.actor_id)
+        if isinstance(msg, SnapshotRequest):
+            self._snapshot_waiting.append(identity)
+            self._answer_snapshot_requests()
+        elif isinstance(msg, DeltaRequest):
+            self.sockets.reply(identity, self._delta_from(msg.base_version))
+        elif isinstance(msg, ActorStats):
+            self.sessions[msg.actor_id].stats = dict(msg.stats)
+            if self.evals is not None:
+                self.evals.heard(msg.actor_id)
+            if msg.stats.get("leaving"):
+                self.scheduler.forget(msg.actor_id)
+                self.sessions.drop(msg.actor_id)
+                if self.evals is not None:
+                    self.evals.release(msg.actor_id, "the actor left")
+        elif isinstance(msg, EvalResult):
+            if not self.evals.answer(msg):
+                log.info("late or unknown evaluation result (job %d from %s) ignored",
+                         msg.job_id, msg.actor_id)
+        else:  # WorkRequest
+            self._answer_work_request(identity, msg)
 
     def _answer_work_request(self, identity: bytes, msg: Any) -> None:
         """Grant generation work, or hand out an evaluation job first.
@@ -325,26 +418,33 @@ class LearnerNetwork(threading.Thread):
         zero groups is a dedicated evaluator. The EvalTask goes out first, then
         the (then empty) WorkGrant that the actor waits for.
         """
+        from rapid_async.learner.scheduler import Grant
         from rapid_async.wire.protocol import EvalTask, WorkGrant
 
         version = self._published_version
         evaluator = msg.max_groups == 0
-        indices: list[int] = []
-        min_version = version
-        job = None
+        grant, job = Grant([], version, 0), None
         if self.scheduler.sync and not evaluator:
-            indices, min_version = self.scheduler.grant(
-                msg.actor_id, msg.max_groups, len(self.buffer), version)
-        if not indices and self.evals is not None:
+            grant = self.scheduler.grant(msg.actor_id, msg.max_groups, len(self.buffer), version)
+        if not grant.indices and self.evals is not None:
             self.evals.heard(msg.actor_id, evaluator)
             job = self.evals.take(msg.actor_id, evaluator)
         if job is not None:
             self.sockets.reply(identity, EvalTask(**job[1]))
             self.counters["evals/handed_out"] += 1
         elif not self.scheduler.sync and not evaluator:
-            indices, min_version = self.scheduler.grant(
-                msg.actor_id, msg.max_groups, len(self.buffer), version)
-        self.sockets.reply(identity, WorkGrant(prompt_indices=indices, min_version=min_version))
+            grant = self.scheduler.grant(msg.actor_id, msg.max_groups, len(self.buffer), version)
+        self.sockets.reply(identity, WorkGrant(prompt_indices=grant.indices,
+                                               min_version=grant.min_version,
+                                               grant_id=grant.grant_id))
+
+    def _keep_in_chain(self, update: Any) -> None:
+        """Keep a published delta; drop the oldest beyond transport.delta_chain_mb."""
+        limit = self.cfg.transport.delta_chain_mb * (1 << 20)
+        self._chain.append(update)
+        self._chain_bytes += len(update.payload)
+        while self._chain and self._chain_bytes > limit:
+            self._chain_bytes -= len(self._chain.popleft().payload)
 
     def _delta_from(self, base_version: int) -> Any:
         """The kept delta whose base is `base_version`, or an ErrorReply."""
@@ -373,3 +473,4 @@ class LearnerNetwork(threading.Thread):
             self.counters["weights/snapshots_served"] += 1
             self.sockets.reply(identity, cache)
         self._snapshot_waiting.clear()
+

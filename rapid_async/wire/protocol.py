@@ -53,11 +53,15 @@ class ProtocolError(ValueError):
 
 @dataclass
 class Hello:
-    """Actor -> learner (control): the first message of an actor."""
+    """Actor -> learner (control): the first message of an actor. `session`
+    is empty, or the secret of the session this actor already holds with this
+    learner: it proves that a Hello from a new connection (an actor that
+    reconnected) comes from the same actor, not from one reusing its id."""
 
     actor_id: str
     pid: int
     engine: str
+    session: str = ""
 
 
 @dataclass
@@ -65,13 +69,25 @@ class Welcome:
     """Learner -> actor (control): the reply to Hello.
 
     `settings` is a msgpack-able dict of run settings (str keys; str, int,
-    float, bool, None, list and dict values).
+    float, bool, None, list and dict values). `session` is a secret the
+    learner gives this actor; the actor's heartbeats carry it (they come from
+    another socket, so the learner cannot tell the sender by its connection).
     """
 
     rollout_endpoint: str
     weights_endpoint: str
     policy_version: int
     settings: dict
+    session: str = ""
+
+
+@dataclass
+class Heartbeat:
+    """Actor -> learner (control, from the actor's heartbeat thread and socket):
+    still alive, also while generating. No reply."""
+
+    actor_id: str
+    session: str
 
 
 @dataclass
@@ -146,11 +162,12 @@ class WorkGrant:
 
     `prompt_indices` are indices into the task's training stream (possibly
     empty: no work right now); the actor must generate them with weights of
-    version >= `min_version`.
+    version >= `min_version` and put `grant_id` in each group it sends back.
     """
 
     prompt_indices: list
     min_version: int
+    grant_id: int = 0
 
 
 @dataclass
@@ -228,6 +245,7 @@ class RolloutGroup:
         gen_seconds: time spent generating the group.
         created_at: unix time when the group was finished.
         info: small flat dict of str -> scalar (e.g. finish reasons counts).
+        grant_id: the WorkGrant this group answers (0: none).
     """
 
     actor_id: str
@@ -242,14 +260,16 @@ class RolloutGroup:
     gen_seconds: float
     created_at: float
     info: dict
+    grant_id: int = 0
 
 
 FINISH_REASONS = ("stop", "length")
 """Why a completion ended: EOS or a stop string, or the max_new_tokens cap."""
 
 
-Message = (Hello | Welcome | SnapshotRequest | DeltaRequest | WeightUpdate | ActorStats | Stop
-           | ErrorReply | RolloutGroup | WorkRequest | WorkGrant | EvalTask | EvalResult | Rejoin)
+Message = (Hello | Welcome | Heartbeat | SnapshotRequest | DeltaRequest | WeightUpdate | ActorStats
+           | Stop | ErrorReply | RolloutGroup | WorkRequest | WorkGrant | EvalTask | EvalResult
+           | Rejoin)
 
 # ---------------------------------------------------------------- field checkers
 # Each checker takes (field name, value) and returns the value to store, or raises.
@@ -264,6 +284,8 @@ def _str(name: str, value: Any) -> str:
 def _int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"field {name!r} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise ProtocolError(f"field {name!r} = {value} does not fit in 64-bit signed int")
     return value
 
 
@@ -433,13 +455,15 @@ class _Spec:
 
 
 _SPECS = [
-    _Spec("hello", Hello, {"actor_id": _str, "pid": _int, "engine": _str}, {}),
+    _Spec("hello", Hello, {"actor_id": _str, "pid": _int, "engine": _str, "session": _str}, {}),
     _Spec(
         "welcome",
         Welcome,
-        {"rollout_endpoint": _str, "weights_endpoint": _str, "policy_version": _nonneg_int, "settings": _tree_dict},
+        {"rollout_endpoint": _str, "weights_endpoint": _str, "policy_version": _nonneg_int, "settings": _tree_dict,
+         "session": _str},
         {},
     ),
+    _Spec("heartbeat", Heartbeat, {"actor_id": _str, "session": _str}, {}),
     _Spec("snapshot_request", SnapshotRequest, {"actor_id": _str, "reason": _str}, {}),
     _Spec("delta_request", DeltaRequest, {"actor_id": _str, "base_version": _nonneg_int}, {}),
     _Spec(
@@ -460,7 +484,8 @@ _SPECS = [
     _Spec("actor_stats", ActorStats, {"actor_id": _str, "stats": _flat_dict}, {}),
     _Spec("stop", Stop, {"reason": _str}, {}),
     _Spec("work_request", WorkRequest, {"actor_id": _str, "max_groups": _nonneg_int}, {}),
-    _Spec("work_grant", WorkGrant, {"prompt_indices": _index_list, "min_version": _nonneg_int}, {}),
+    _Spec("work_grant", WorkGrant, {"prompt_indices": _index_list, "min_version": _nonneg_int,
+                                    "grant_id": _nonneg_int}, {}),
     _Spec("error", ErrorReply, {"message": _str}, {}),
     _Spec("rejoin", Rejoin, {"reason": _str}, {}),
     _Spec(
@@ -498,6 +523,7 @@ _SPECS = [
             "gen_seconds": _float,
             "created_at": _float,
             "info": _flat_dict,
+            "grant_id": _nonneg_int,
         },
         {
             "prompt_ids": torch.int32,

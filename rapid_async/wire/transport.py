@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import zmq
@@ -46,6 +46,7 @@ from rapid_async.wire.protocol import (
     DeltaRequest,
     ErrorReply,
     EvalResult,
+    Heartbeat,
     Hello,
     Message,
     ProtocolError,
@@ -61,10 +62,12 @@ from rapid_async.wire.protocol import (
 )
 from rapid_async.wire.security import CurveCredentials, CurveKeys, check_secure, is_loopback, new_curve_keys, require_curve
 
-__all__ = ["ActorSockets", "BadMessage", "CurveKeys", "LearnerRestarted", "LearnerSockets", "is_loopback", "new_curve_keys"]
+__all__ = ["ActorSockets", "BadMessage", "BindError", "CurveKeys", "LearnerRestarted",
+           "LearnerSockets", "is_loopback", "new_curve_keys"]
 
 DEFAULT_HOST = "127.0.0.1"
 MAX_INBOUND_BYTES = 256 * 1024 * 1024  # learner side: larger messages from an actor drop its connection
+MAX_PEERS = 4096  # control identities remembered for broadcast (least recently heard dropped first)
 
 
 class LearnerRestarted(RuntimeError):
@@ -83,6 +86,29 @@ class BadMessage:
 
     reason: str
     socket: str
+
+
+class BindError(ValueError):
+    """The learner could not bind a socket; the text names the address and the fix."""
+
+
+def tcp_endpoint(host: str, port: int | str) -> str:
+    """tcp://HOST:PORT, with an IPv6 host in brackets (tcp://[::1]:5555)."""
+    host = host.strip("[]")
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def bind_error_message(endpoint: str, host: str, port: int, exc: zmq.ZMQError) -> str:
+    """A bind failure explained: which address, why, and what to change."""
+    if exc.errno == zmq.EADDRINUSE:
+        hint = (f"port {port} is in use (another learner?): set transport.port to a free "
+                "port, or 0 to pick one")
+    elif exc.errno == zmq.EADDRNOTAVAIL or ":" in host:
+        hint = (f"{host!r} is not an address of this machine (is IPv6 enabled?): set "
+                "transport.host = \"127.0.0.1\"")
+    else:
+        hint = "check transport.host and transport.port"
+    return f"cannot bind {endpoint}: {exc.strerror}; {hint}"
 
 
 def _recv_decoded(sock: zmq.Socket, name: str, timeout_ms: int, routed: bool = False):
@@ -148,7 +174,9 @@ class LearnerSockets:
         self._auth = None
         self._curve_keys = curve_keys
         self._advertise = advertise_host or host
-        self.peers: set[bytes] = set()  # control identities that have sent anything
+        # Control identities that have sent anything, newest last; bounded (an
+        # LRU of MAX_PEERS) so that many short-lived connections cannot grow it.
+        self.peers: OrderedDict[bytes, None] = OrderedDict()
         try:
             if curve_keys is not None:
                 self._start_curve(allowed_client_keys)
@@ -184,16 +212,19 @@ class LearnerSockets:
         if self._curve_keys is not None:
             sock.curve_server = True
             sock.curve_publickey, sock.curve_secretkey = self._curve_keys
+        endpoint = tcp_endpoint(host, port or "*")
+        if ":" in host:
+            sock.ipv6 = True
         try:
-            sock.bind(f"tcp://{host}:{port or '*'}")
-        except zmq.ZMQError:
-            sock.close(linger=0)  # an unclosed socket would hang Context.term
-            raise
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)  # an unclosed socket would hang Context.term forever
+            raise BindError(bind_error_message(endpoint, host, port, exc)) from None
         return sock
 
     def _endpoint(self, sock: zmq.Socket) -> str:
         port = sock.last_endpoint.decode().rsplit(":", 1)[1]
-        return f"tcp://{self._advertise}:{port}"
+        return tcp_endpoint(self._advertise, port)
 
     @property
     def rollout_endpoint(self) -> str:
@@ -210,9 +241,11 @@ class LearnerSockets:
         """Where actors connect their DEALER: the one address an actor is given."""
         return self._endpoint(self._control)
 
-    def welcome(self, policy_version: int, settings: dict) -> Welcome:
-        """The Welcome reply to a Hello, carrying this learner's endpoints."""
-        return Welcome(self.rollout_endpoint, self.weights_endpoint, policy_version, settings)
+    def welcome(self, policy_version: int, settings: dict, session: str = "") -> Welcome:
+        """The Welcome reply to a Hello, carrying this learner's endpoints (and
+        the actor's session secret for its heartbeats)."""
+        return Welcome(self.rollout_endpoint, self.weights_endpoint, policy_version, settings,
+                       session)
 
     def poll(self, timeout_ms: int) -> set[str]:
         """Waits until rollouts or control has a message; returns the ready names."""
@@ -235,7 +268,10 @@ class LearnerSockets:
         """Next control request as (actor identity, message or BadMessage), or None after timeout_ms."""
         got = _recv_decoded(self._control, "control", timeout_ms, routed=True)
         if got is not None:
-            self.peers.add(got[0])
+            self.peers[got[0]] = None
+            self.peers.move_to_end(got[0])
+            while len(self.peers) > MAX_PEERS:
+                self.peers.popitem(last=False)
         return got
 
     def reply(self, identity: bytes, msg: Message) -> None:
@@ -305,6 +341,8 @@ class ActorSockets:
         if keys is not None:
             sock.curve_publickey, sock.curve_secretkey = keys
             sock.curve_serverkey = server_key
+        if "[" in endpoint:
+            sock.ipv6 = True  # tcp://[::1]:PORT
         sock.connect(endpoint)
         return sock
 
@@ -334,14 +372,17 @@ class ActorSockets:
             )
         raise TimeoutError(f"learner at {self.control_endpoint} did not answer the {what} in {timeout_ms} ms")
 
-    def hello(self, pid: int, engine: str, timeout_ms: int = 10_000) -> Welcome:
+    def hello(self, pid: int, engine: str, timeout_ms: int = 10_000,
+              session: str = "") -> Welcome:
         """Introduces this actor and connects the rollouts and weights sockets.
+        `session`: the secret of a session this actor already holds (when it
+        reconnects to the same learner), else empty.
 
         Raises:
             TimeoutError: "no learner at <endpoint>; is rapid-learner running?".
             RuntimeError: if the learner answers with an ErrorReply.
         """
-        self._send_control(Hello(self.actor_id, pid, engine))
+        self._send_control(Hello(self.actor_id, pid, engine, session))
         welcome = self._await_reply(Welcome, timeout_ms, "hello")
         welcome.rollout_endpoint = _reachable(welcome.rollout_endpoint, self.control_endpoint)
         welcome.weights_endpoint = _reachable(welcome.weights_endpoint, self.control_endpoint)
@@ -432,6 +473,17 @@ class ActorSockets:
         """
         self._send_control(result)
 
+    def open_heartbeat(self) -> "HeartbeatSocket":
+        """A second control connection for the actor's heartbeat thread.
+
+        ZeroMQ sockets are single-thread, and the main thread may be busy in the
+        engine for minutes, so heartbeats travel on a DEALER of their own, in a
+        context of their own (closing it never waits on this object's sockets,
+        nor the other way round). Create it in the thread that uses it.
+        """
+        keys, server_key = self._curve
+        return HeartbeatSocket(self.control_endpoint, self.actor_id, keys, server_key)
+
     def recv_control(self, timeout_ms: int = 0) -> Message | BadMessage | None:
         """Next unsolicited control message (e.g. Stop), a BadMessage, or None after timeout_ms."""
         if self._pending:
@@ -455,4 +507,42 @@ class ActorSockets:
         for sock in (self._rollouts, self._weights, self._control):
             if sock is not None:
                 sock.close(linger=0)
+        self._ctx.term()
+
+
+class HeartbeatSocket:
+    """An actor's heartbeat connection: a DEALER to the learner's control socket.
+
+    Sends `Heartbeat` messages and never waits: if the queue to the learner is
+    full (learner gone) a beat is dropped. The learner does not answer beats;
+    anything it sends here (e.g. a Stop broadcast) is read and discarded, since
+    the main control connection receives the same.
+    """
+
+    def __init__(self, endpoint: str, actor_id: str, curve_keys: CurveKeys | None = None,
+                 server_key: bytes | None = None):
+        self.actor_id = actor_id
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.linger = 0
+        self._sock.sndhwm = 4
+        if curve_keys is not None:
+            self._sock.curve_publickey, self._sock.curve_secretkey = curve_keys
+            self._sock.curve_serverkey = server_key
+        if "[" in endpoint:
+            self._sock.ipv6 = True
+        self._sock.connect(endpoint)
+
+    def beat(self, session: str) -> bool:
+        """Sends one heartbeat; False if it was dropped (queue full)."""
+        while self._sock.poll(0, zmq.POLLIN):
+            self._sock.recv_multipart()
+        try:
+            self._sock.send_multipart(encode(Heartbeat(self.actor_id, session)), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
         self._ctx.term()
