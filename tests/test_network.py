@@ -224,6 +224,25 @@ def test_a_second_actor_cannot_take_a_live_actors_id(net, tester):
     assert tester.sockets.request_work(1, timeout_ms=5000).prompt_indices == [0]
 
 
+def test_an_actor_that_reconnects_keeps_its_session_with_its_secret(net, tester):
+    # An actor that opens new sockets (it took the learner for gone) proves
+    # with its session secret that it is the same actor; a wrong secret is
+    # refused like any other use of a live actor's id.
+    wrong = ActorSockets(net.sockets.control_endpoint, "tester")
+    again = ActorSockets(net.sockets.control_endpoint, "tester")
+    try:
+        with pytest.raises(RuntimeError, match="in use by a live actor"):
+            wrong.hello(1, "none", timeout_ms=5000, session="0" * 32)
+        welcome = again.hello(1, "none", timeout_ms=5000, session=tester.session)
+        assert welcome.session == tester.session
+        assert again.request_work(1, timeout_ms=5000).prompt_indices == [0]
+        with pytest.raises(RuntimeError, match="unknown on this connection"):
+            tester.sockets.request_work(1, timeout_ms=5000)  # the old connection is unbound
+    finally:
+        wrong.close()
+        again.close()
+
+
 def test_heartbeats_keep_a_slow_actor_alive_and_need_its_session(net, tester):
     # issue 9, item 1: an actor generating for longer than actor_timeout_s
     # (0.6 s here) was taken for gone, its prompts reissued, and its late
