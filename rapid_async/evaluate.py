@@ -312,7 +312,7 @@ def evaluate_model(cfg: Any, model_dir: str | Path, settings: EvalSettings, out:
     """
     from transformers import AutoTokenizer
 
-    from rapid_async.actor.loop import make_engine
+    from rapid_async.engines import make_engine
     from rapid_async.config import resolve_device
     from rapid_async.progress import ProgressDisplay
     from rapid_async.tasks.base import task_from_config

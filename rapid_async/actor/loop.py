@@ -21,14 +21,15 @@ If the learner stops answering (a request times out, or a send stays blocked
 and a ping gets no answer) or answers Rejoin (it restarted and does not know
 this actor), the actor says Hello again, to the endpoint in RUN_DIR/learner.json
 when it can read it, drops what it generated for the old learner, and takes a
-snapshot: its weights may be ahead of or behind the restored version.
+snapshot: its weights may be ahead of or behind the restored version
+(`actor/rejoin.py`).
 
 The actor never generates with weights it cannot vouch for: every update is
 checked and verified before it is written into the engine's weights
 (`rapid_async.weights.receiver`); deltas it missed because its queue was
 full are fetched from the learner's chain of recent deltas, and an update
 that cannot be applied (not kept any more, malformed, checksum failure) makes
-it ask for a snapshot before it generates again.
+it ask for a snapshot before it generates again (`actor/intake.py`).
 
 A dedicated evaluator (`evaluator=True`) asks for zero groups: it only
 evaluates, and while one is connected the generating actors do not.
@@ -36,31 +37,22 @@ evaluates, and while one is connected the generating actors do not.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
+
+from rapid_async.actor.intake import WeightIntake
+from rapid_async.actor.rejoin import Rejoining
+from rapid_async.engines import make_engine
+
+__all__ = ["Actor", "make_engine"]
 
 log = logging.getLogger("rapid.actor")
 
 
-def make_engine(name: str, model_dir: str, dtype: str, device: str, seed: int) -> Any:
-    """Build the inference engine named in the config."""
-    if name == "hf":
-        from rapid_async.engines.hf import HFEngine
-
-        return HFEngine(model_dir, device=device, dtype=dtype, seed=seed)
-    if name == "vllm":
-        from rapid_async.engines.vllm import VLLMEngine
-
-        return VLLMEngine(model_dir, dtype=dtype, seed=seed)
-    raise ValueError(f"actor.engine = {name!r} is not one of hf, vllm")
-
-
-class Actor:
+class Actor(WeightIntake, Rejoining):
     """One actor: sockets, engine, task and the weights it holds.
 
     Args:
@@ -137,101 +129,6 @@ class Actor:
         self.receiver = WeightReceiver(self.engine)
         self._snapshot("join")
 
-    # -- weights
-    def _install(self, updates: list[Any]) -> None:
-        """Verify and write updates in order, then let the engine load them once.
-
-        Raises:
-            NeedSnapshot: at the first update that cannot be applied (those
-                before it stay applied).
-        """
-        t0 = time.perf_counter()
-        try:
-            for update in updates:
-                self.receiver.apply(update)
-                self.stats["update_bytes"] += len(update.payload)
-                self.stats["snapshots" if update.kind == "snapshot" else "deltas"] += 1
-        finally:
-            self.receiver.commit()
-            self.stats["update_s"] += time.perf_counter() - t0
-
-    def _snapshot(self, reason: str) -> None:
-        """Ask for the full weights and install them (retrying while the
-        learner has none to give or sends one that fails its checks); return
-        early if the learner says stop."""
-        from rapid_async.weights import NeedSnapshot
-        from rapid_async.wire.transport import LearnerRestarted
-
-        for _ in range(100):
-            if self._check_stop():
-                return
-            try:
-                update = self.sockets.request_snapshot(reason, timeout_ms=self._timeout_ms(60))
-                self._install([update])
-                return
-            except (LearnerRestarted, TimeoutError) as exc:
-                self.rejoin(str(exc))  # ends with a snapshot of the learner it finds
-                return
-            except RuntimeError as exc:  # an ErrorReply, e.g. no weights yet
-                log.warning("actor %s: %s", self.actor_id, exc)
-            except NeedSnapshot as exc:
-                self.stats["rejected_updates"] += 1
-                log.warning("actor %s: rejected a snapshot: %s", self.actor_id, exc.reason)
-            time.sleep(0.2)
-        raise RuntimeError("the learner did not send a usable weight snapshot after 100 tries")
-
-    def poll_weights(self, timeout_ms: int = 0) -> None:
-        """Apply every queued weight update in order (fetching missed deltas
-        from the learner), the engine loading once; a snapshot on any doubt."""
-        from rapid_async.weights import NeedSnapshot
-        from rapid_async.wire.transport import BadMessage
-
-        queued = []
-        while (update := self.sockets.recv_weights(timeout_ms=timeout_ms)) is not None:
-            timeout_ms = 0
-            if isinstance(update, BadMessage):
-                self.stats["rejected_updates"] += 1
-                log.warning("actor %s: bad weight update (%s)", self.actor_id, update.reason)
-                continue
-            queued.append(update)
-        if not queued:
-            return
-        try:
-            self._install(self._in_order(queued))
-        except NeedSnapshot as exc:
-            self.stats["rejected_updates"] += 1
-            log.info("actor %s: %s; asking for a snapshot", self.actor_id, exc.reason)
-            self._snapshot(exc.reason)
-
-    def _in_order(self, queued: list[Any]) -> list[Any]:
-        """The deltas that take our version to the newest queued one, in order;
-        gaps (deltas dropped by a full queue) filled from the learner's chain.
-
-        Raises:
-            NeedSnapshot: if a missed delta is no longer kept by the learner.
-        """
-        from rapid_async.weights import NeedSnapshot
-
-        chain, version = [], self.version
-        for update in sorted(queued, key=lambda u: u.version):
-            if version is None or update.version <= version or update.base_version is None:
-                continue  # old, or not a delta: PUB carries deltas only
-            while version < update.base_version:
-                try:
-                    missed = self.sockets.request_delta(version, timeout_ms=30_000)
-                except (RuntimeError, TimeoutError) as exc:
-                    raise NeedSnapshot(f"missed deltas after version {version}: {exc}") from exc
-                if missed.base_version != version or missed.version > update.base_version:
-                    raise NeedSnapshot(f"the learner's chain does not lead from {version} "
-                                       f"to {update.base_version}")
-                self.stats["chain_fetches"] += 1
-                chain.append(missed)
-                version = missed.version
-            if update.base_version == version:
-                chain.append(update)
-                version = update.version
-        return chain
-
     # -- the loop
     def run(self) -> str:
         """Generate until the learner says stop; return its reason."""
@@ -271,111 +168,6 @@ class Actor:
             metrics.close()
             self.close()
         return self.stopped or "stopped"
-
-    def _request_work(self) -> Any:
-        """Ask for a chunk; a grant larger than asked for is cut (and counted):
-        no reply makes the actor take on unbounded work."""
-        asked = 0 if self.evaluator else self.cfg.actor.chunk_groups
-        grant = self.sockets.request_work(asked)
-        if len(grant.prompt_indices) > asked:
-            self.stats["bad_control"] += 1
-            log.warning("actor %s: grant of %d prompts for %d asked; keeping %d", self.actor_id,
-                        len(grant.prompt_indices), asked, asked)
-            grant.prompt_indices = grant.prompt_indices[:asked]
-        return grant
-
-    def _wait_version(self, min_version: int, timeout_s: float = 5.0) -> bool:
-        """Wait for weights of at least `min_version` (a snapshot if they do
-        not come by PUB in time). Returns False only when the learner said
-        stop; the grant is never dropped silently: if the snapshot is still
-        older (the learner moved on meanwhile) the work is done anyway and
-        the learner's staleness bound decides whether it is used."""
-        deadline = time.monotonic() + timeout_s
-        while self.version is None or self.version < min_version:
-            if self._check_stop():
-                return False
-            if time.monotonic() > deadline:
-                self._snapshot(f"behind: have {self.version}, need {min_version}")
-                break
-            self.poll_weights(timeout_ms=50)
-        return self.stopped is None
-
-    # -- finding the learner again
-    def _timeout_ms(self, at_least_s: float = 0.0) -> int:
-        return int(max(self.cfg.actor.learner_timeout_s, at_least_s) * 1000)
-
-    def _request_work(self, max_groups: int) -> Any:
-        """A WorkGrant, or None if the learner did not answer or asked us to
-        rejoin (then we have said Hello again and hold its current weights).
-        A grant larger than asked for is cut (and counted): no reply makes
-        the actor take on unbounded work."""
-        from rapid_async.wire.transport import LearnerRestarted
-
-        try:
-            grant = self.sockets.request_work(max_groups, timeout_ms=self._timeout_ms())
-        except (LearnerRestarted, TimeoutError) as exc:
-            self.rejoin(str(exc))
-            return None
-        self._grant_learner = self.learner_id  # whose grant it is
-        if len(grant.prompt_indices) > max_groups:
-            self.stats["bad_control"] += 1
-            log.warning("actor %s: grant of %d prompts for %d asked; keeping %d", self.actor_id,
-                        len(grant.prompt_indices), max_groups, max_groups)
-            grant.prompt_indices = grant.prompt_indices[:max_groups]
-        return grant
-
-    def _learner_endpoint(self) -> str:
-        """The control endpoint in RUN_DIR/learner.json (a restarted learner may
-        have moved), else the one we used last."""
-        try:
-            info = json.loads((Path(self.run_dir) / "learner.json").read_text())
-            return str(info["control"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return self.control_endpoint
-
-    def rejoin(self, reason: str) -> None:
-        """Say Hello again (new sockets) until a learner answers, then take its
-        snapshot. Raises TimeoutError after `actor.rejoin_timeout_s`."""
-        from rapid_async.config import config_from_dict
-        from rapid_async.wire.transport import ActorSockets
-
-        log.warning("actor %s: %s; saying Hello again", self.actor_id, reason)
-        self.stats["rejoins"] += 1
-        deadline = time.monotonic() + self.cfg.actor.rejoin_timeout_s
-        while True:
-            self.sockets.close()
-            self.control_endpoint = self._learner_endpoint()
-            self.sockets = ActorSockets(self.control_endpoint, self.actor_id, **self._curve)
-            try:
-                welcome = self.sockets.hello(os.getpid(), self.engine_name, timeout_ms=5000,
-                                             session=self.session)
-                break
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"no learner answered at {self.control_endpoint} for "
-                        f"{self.cfg.actor.rejoin_timeout_s:.0f} s (actor.rejoin_timeout_s)") from None
-        self.cfg = config_from_dict(welcome.settings["config"])  # a resumed run may change it
-        self.learner_id = welcome.settings.get("learner_id")
-        self.session = welcome.session  # the heartbeat thread reads it at each beat
-        self.eval_tasks.clear()  # jobs of the learner that has gone
-        log.info("actor %s: rejoined the learner at %s (version %d)", self.actor_id,
-                 self.control_endpoint, welcome.policy_version)
-        self._snapshot("rejoin")
-
-    def _same_learner(self) -> bool:
-        """A ping (Hello on the same sockets): True if the learner we know
-        answers; else rejoin whichever answers now and return False."""
-        try:
-            welcome = self.sockets.hello(os.getpid(), self.engine_name,
-                                         timeout_ms=self._timeout_ms())
-        except (TimeoutError, RuntimeError) as exc:
-            self.rejoin(str(exc))
-            return False
-        if welcome.settings.get("learner_id") != self.learner_id:
-            self.rejoin("the learner restarted")
-            return False
-        return True
 
     def _send(self, group: Any) -> bool:
         """Send one group, waiting while the learner's queue is full (keeping
