@@ -83,3 +83,76 @@ def test_state_digest_ignores_order_but_not_names_or_values():
     assert digest.digest_named({"x": x, "z": y}, "bfloat16") != reference
     assert digest.digest_named({"x": x.reshape(3, 4), "y": y}, "bfloat16") != reference
     assert digest.digest_named({"x": x, "y": -y}, "bfloat16") != reference
+
+
+# ---------------------------------------------------------------- the two paths
+# On the CPU digest.py runs fused numba loops (kernels.py); on CUDA, and without
+# numba, tensor ops. Both must give the definition's numbers.
+
+
+def test_the_cpu_kernels_are_installed_and_used():
+    assert digest._kernels() is not None  # numba is a dependency; without it the CPU is slower
+
+
+def _layout_and_bits(dtype: str, seed: int) -> tuple[Layout, torch.Tensor]:
+    layout = Layout(dtype, [("a", (300, 7)), ("empty", (0,)), ("b", (140_000,)), ("c", (5,)),
+                            ("d", (65_536,))])
+    int_dtype = layout.int_dtype
+    info = torch.iinfo(int_dtype)
+    bits = torch.randint(info.min, info.max, (layout.numel,), dtype=int_dtype,
+                         generator=torch.Generator().manual_seed(seed))
+    return layout, bits
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_kernel_digests_equal_the_tensor_ops_and_the_definition(dtype):
+    layout, bits = _layout_and_bits(dtype, 3)
+    fused = digest.state_digests(bits.view(layout.torch_dtype), layout)
+    by_ops = [int(digest.tensor_digest(bits[o:o + n])) for o, n in zip(layout.offsets, layout.numels)]
+    assert fused.tolist() == by_ops
+    assert int(fused[3]) & MASK == reference_digest(bits[layout.offsets[3]:layout.offsets[3] + 5])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("density", [0.0, 0.01, 1.0])
+def test_check_changes_equals_the_tensor_ops_and_a_full_recompute(dtype, density):
+    layout, bits = _layout_and_bits(dtype, 4)
+    before = digest.state_digests(bits.view(layout.torch_dtype), layout)
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.nonzero(torch.rand(layout.numel, generator=gen) < density).squeeze(1)
+    info = torch.iinfo(layout.int_dtype)
+    old = bits[idx]
+    new = torch.randint(info.min, info.max, (idx.numel(),), dtype=layout.int_dtype, generator=gen)
+    new[:3] = old[:3] ^ info.min  # sign flips: differences beyond the width (no wrapping)
+    fused, nonfinite = digest.check_changes(before, layout, idx, old, new)
+    assert torch.equal(fused, digest.updated_digests(before, layout, idx, old, new))
+    bits[idx] = new
+    assert torch.equal(fused, digest.state_digests(bits.view(layout.torch_dtype), layout))
+    assert nonfinite == int((~torch.isfinite(new.view(layout.torch_dtype))).sum())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_non_finite_counts_agree_with_isfinite_on_every_16_bit_pattern(dtype, monkeypatch):
+    layout = Layout(dtype, [("x", (1 << 16,))])
+    bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    want = int((~torch.isfinite(bits.view(layout.torch_dtype))).sum())
+    assert want == (256 if dtype == "bfloat16" else 2048)  # +-inf and the NaNs: exponent all ones
+    assert digest.nonfinite(bits, layout) == want
+    monkeypatch.setattr(digest, "_kernels", lambda: None)
+    assert digest.nonfinite(bits, layout) == want
+
+
+def test_float32_non_finite_values_are_counted():
+    layout = Layout("float32", [("x", (7,))])
+    values = torch.tensor([0.0, -1.5, float("inf"), float("-inf"), float("nan"), 3e38, -1e-45])
+    assert digest.nonfinite(values.view(torch.int32), layout) == 3
+
+
+def test_check_changes_refuses_positions_outside_the_buffer_or_unsorted():
+    layout, bits = _layout_and_bits("bfloat16", 6)
+    before = digest.state_digests(bits.view(torch.bfloat16), layout)
+    for idx in ([5, layout.numel], [9, 9], [7, 3]):
+        idx = torch.tensor(idx)
+        with pytest.raises(ValueError, match="outside"):
+            digest.check_changes(before, layout, idx, torch.zeros(2, dtype=torch.int16),
+                                 torch.ones(2, dtype=torch.int16))

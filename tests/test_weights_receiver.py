@@ -223,3 +223,37 @@ def test_nan_weights_with_a_valid_checksum_never_reach_the_engine(engine, learne
     inf = {n: t.clone() for n, t in learner_state.items()}
     inf[name].view(-1)[-1] = float("inf")
     refused(receiver, engine, make_delta(learner_state, inf, 2, 1), "non-finite")
+
+
+def test_the_tensor_op_path_refuses_the_same_corruption(engine, learner_state, receiver, monkeypatch):
+    """Without the CPU kernels (as on CUDA) the same checks run as tensor ops."""
+    from rapid_async.weights import digest
+
+    monkeypatch.setattr(digest, "_kernels", lambda: None)
+    new = step(learner_state, 11)
+    delta = make_delta(learner_state, new, 2, 1)
+    flipped = bytearray(delta.payload)
+    flipped[-5] ^= 0x10
+    refused(receiver, engine, dataclasses.replace(delta, payload=bytes(flipped)))
+    refused(receiver, engine, make_delta(step(learner_state, 12), new, 2, 1), "checksum mismatch")
+    refused(receiver, engine, dataclasses.replace(delta, payload=delta.payload[:-9]))
+    bad = {n: t.clone() for n, t in new.items()}
+    next(iter(bad.values())).view(-1)[1] = float("nan")
+    refused(receiver, engine, make_delta(learner_state, bad, 2, 1), "non-finite")
+    receiver.apply(delta)
+    receiver.commit()
+    assert_engine_holds(engine, new)
+    assert receiver.buffer_digest() == receiver.state_digest
+
+
+def test_a_kernel_failure_on_bad_positions_asks_for_a_snapshot(engine, learner_state, receiver, monkeypatch):
+    """Defence in depth: positions the decoder let through unsorted are refused by the check."""
+    delta = make_delta(learner_state, step(learner_state, 13), 2, 1)
+    real = codec.unpack_delta
+
+    def unsorted(*args):
+        decoded = real(*args)
+        return codec.Delta(decoded.idx.flip(0), decoded.diff.flip(0))
+
+    monkeypatch.setattr(codec, "unpack_delta", unsorted)
+    refused(receiver, engine, delta, "unsorted or outside")

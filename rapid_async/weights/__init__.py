@@ -5,6 +5,7 @@ Used by both processes. Modules:
     layout.py     the weights as one flat buffer of one dtype; tied tensors once
     digest.py     per-tensor linear digests (O(changes) to update) and the
                   certificate that binds them to an update's version and header
+    kernels.py    the digests and finiteness checks as fused CPU loops (numba)
     codec.py      payloads: lossless deltas (positions + differences, zstd) and
                   snapshots, with sizes declared and checked before decompression
     publisher.py  learner: a thread that encodes staged versions off the

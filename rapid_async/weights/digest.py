@@ -21,8 +21,11 @@ seeds), so every a_i is odd. Properties used here:
   D(new) = D(old) + sum_{i in S} a_i * (new_i - old_i). The receiver computes
   this from the changes it decoded and the values it holds; the publisher
   computes D(new) from the full tensor, independently of the change it encoded.
-- It runs where the tensors live (one multiply and two sums per element in
-  chunks, in wrapping int64 arithmetic, identical on CPU and CUDA).
+- It runs where the tensors live: on CUDA as tensor ops (one multiply and two
+  sums per element in chunks, in wrapping int64 arithmetic), on the CPU as
+  fused numba loops (kernels.py) that give the same numbers in one pass, with
+  the finiteness check of the same values folded in. Without numba the CPU
+  uses the tensor ops too.
 
 It is an integrity check, not a cryptographic one: a full sha256 covers the
 bytes of every snapshot. `certificate` binds the digests to the update's
@@ -32,7 +35,9 @@ or sent for another version fails the check.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from types import ModuleType
 
 import msgpack
 import numpy as np
@@ -44,6 +49,42 @@ _LOW_BITS = 16
 _ROW = 1 << _LOW_BITS
 _CHUNK_ROWS = {"cpu": 16, "cuda": 512}
 _TABLES: dict[tuple[str, int], torch.Tensor] = {}
+EXPONENT_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00, torch.float32: 0x7F80_0000}
+"""Per inference dtype: the exponent bits, all set exactly in inf and NaN patterns."""
+
+
+@functools.cache
+def _kernels() -> ModuleType | None:
+    """rapid_async.weights.kernels, or None where numba is not installed."""
+    try:
+        from rapid_async.weights import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def _fused(t: torch.Tensor) -> ModuleType | None:
+    """The kernels module if `t` is on the CPU and numba is there, else None."""
+    return _kernels() if t.device.type == "cpu" else None
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+_NP_INT = {torch.int16: np.int16, torch.int32: np.int32}
+
+
+def _mask(layout: Layout) -> np.integer:
+    """EXPONENT_BITS of the layout's dtype as a numpy scalar of its integer width."""
+    return _NP_INT[layout.int_dtype](EXPONENT_BITS[layout.torch_dtype])
+
+
+def warm(layout: Layout) -> None:
+    """Compile or load the CPU kernels for this layout's width now, not on first use."""
+    kernels = _kernels()
+    if kernels is not None:
+        kernels.warm(np.dtype(_NP_INT[layout.int_dtype]))
 
 
 def _splitmix64(seed: int, n: int) -> np.ndarray:
@@ -99,15 +140,65 @@ def tensor_digest(bits: torch.Tensor) -> torch.Tensor:
 def state_digests(flat: torch.Tensor, layout: Layout) -> torch.Tensor:
     """(len(layout),) int64 digests of every tensor of a flat buffer, on its device."""
     bits = flat.view(layout.int_dtype)
+    kernels = _fused(bits)
+    if kernels is not None:
+        out = np.empty(len(layout), dtype=np.int64)
+        b = _table(1, (max(layout.numels, default=0) >> _LOW_BITS) + 1, bits.device)
+        kernels.full_sums(_np(bits), _np(layout.boundaries("cpu")), _np(_table(0, _ROW, bits.device)),
+                          _np(b), out)
+        return torch.from_numpy(out)
     out = torch.empty(len(layout), dtype=torch.int64, device=flat.device)
     for i, (off, n) in enumerate(zip(layout.offsets, layout.numels)):
         out[i] = tensor_digest(bits[off:off + n])
     return out
 
 
+def nonfinite(bits: torch.Tensor, layout: Layout) -> int:
+    """How many values of the (n,) integer view `bits` (of `layout.dtype`) are inf or NaN."""
+    mask = EXPONENT_BITS[layout.torch_dtype]
+    kernels = _fused(bits)
+    if kernels is not None:
+        return int(kernels.count_nonfinite(_np(bits), _mask(layout)))
+    return int(((bits & mask) == mask).sum())
+
+
+def check_changes(digests: torch.Tensor, layout: Layout, idx: torch.Tensor,
+                  old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The digests after elements `idx` change from `old` to `new`, and the non-finite count.
+
+    One pass over the changes on the CPU (kernels.py), tensor ops elsewhere.
+
+    Args:
+        digests: (len(layout),) int64, the digests before the change.
+        layout: the buffer's layout.
+        idx: (k,) int64 sorted unique flat positions, inside the buffer.
+        old, new: (k,) integer bit patterns (layout.int_dtype) at those positions.
+
+    Returns:
+        ((len(layout),) int64 digests, a new tensor; how many `new` values
+        are inf or NaN).
+
+    Raises:
+        ValueError: positions unsorted or outside the buffer (CPU path only;
+            the decoder never produces them).
+    """
+    kernels = _fused(idx)
+    if kernels is None:
+        return updated_digests(digests, layout, idx, old, new), nonfinite(new, layout)
+    sums = np.zeros(len(layout), dtype=np.int64)
+    b = _table(1, (max(layout.numels, default=0) >> _LOW_BITS) + 1, idx.device)
+    count = kernels.change_sums(_np(idx), _np(old), _np(new), _np(layout.boundaries("cpu")),
+                                _np(_table(0, _ROW, idx.device)), _np(b), _mask(layout), sums)
+    if count < 0:
+        raise ValueError(f"changes name positions that are unsorted or outside the {layout.numel} elements")
+    return digests + torch.from_numpy(sums), int(count)
+
+
 def updated_digests(digests: torch.Tensor, layout: Layout, idx: torch.Tensor,
                     old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    """The digests after elements `idx` change from `old` to `new` bit patterns.
+    """The digests after elements `idx` change from `old` to `new` bit patterns, as tensor ops.
+
+    The device-independent path of `check_changes` (used on CUDA).
 
     Args:
         digests: (len(layout),) int64, the digests before the change.
