@@ -278,7 +278,9 @@ class TransportConfig:
 
     delta_chain_mb: int = 512
     """Megabytes of recent weight deltas the learner keeps for actors that
-    missed some (0: keep none, such actors take a snapshot)."""
+    missed some (0: keep none, such actors take a snapshot). Never more than
+    one uncompressed copy of the inference weights: beyond that a snapshot
+    costs less."""
 
     curve_secret_key: str = ""
     """Path of the learner's CURVE secret key file (NAME.key_secret, made by

@@ -23,7 +23,7 @@ from rapid_async.tinymodel import build_model
 from rapid_async.weights import apply_update
 from rapid_async.weights.publisher import WeightPublisher
 from rapid_async.learner.buffer import RolloutBuffer
-from rapid_async.learner.network import LearnerNetwork
+from rapid_async.learner.network import LearnerNetwork, chain_budget
 from rapid_async.learner.scheduler import WorkScheduler
 from rapid_async.learner.validate import MIN_BEHAVIOUR_LOGPROB, GroupValidator
 from rapid_async.tasks.base import get_task
@@ -363,5 +363,31 @@ def test_the_chain_keeps_no_more_than_its_byte_budget():
         time.sleep(0.2)
         with pytest.raises(RuntimeError, match="ask for a snapshot"):
             actor.request_delta(0, timeout_ms=5000)
+    finally:
+        close(net, publisher, actor)
+
+
+def test_the_chain_budget_is_capped_at_one_state():
+    assert chain_budget(512) == 512 * 2**20
+    assert chain_budget(512, state_bytes=2_000_000) == 2_000_000  # a tiny model
+    assert chain_budget(512, state_bytes=988 * 10**6) == 512 * 2**20  # Qwen2.5-0.5B in bf16
+    assert chain_budget(0, state_bytes=10) == 0
+
+
+def test_a_delta_older_than_one_state_of_deltas_needs_a_snapshot():
+    net, publisher, model, actor = serve()
+    try:
+        net.limit_chain(publisher.layout.nbytes)
+        assert 0 < net.chain_limit_bytes == publisher.layout.nbytes  # far below 512 MiB
+        version = 0
+        while version < 200 and not (net._chain and net._chain[0].base_version > 0):
+            version += 1
+            step(model, publisher, version)  # every value changes
+            time.sleep(0.05)  # the network thread keeps it
+        assert net._chain[0].base_version > 0, "the chain never dropped its oldest delta"
+        assert sum(len(u.payload) for u in net._chain) <= publisher.layout.nbytes
+        with pytest.raises(RuntimeError, match="ask for a snapshot"):
+            actor.request_delta(0, timeout_ms=5000)
+        assert actor.request_delta(version - 1, timeout_ms=5000).version == version
     finally:
         close(net, publisher, actor)

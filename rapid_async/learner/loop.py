@@ -142,6 +142,7 @@ class Learner:
         self.published_version = self.trainer.version  # the newest version handed over
         self.net.set_published(self.trainer.version)
         self.net.weights_source = publisher
+        self.net.limit_chain(publisher.layout.nbytes)
         return publisher
 
     def _resume(self) -> dict[str, Any]:

@@ -84,6 +84,7 @@ class LearnerNetwork(threading.Thread):
         self._snapshot_waiting: list[bytes] = []  # control identities waiting for a snapshot
         self._chain: deque = deque()  # recent deltas, oldest first
         self._chain_bytes = 0
+        self.chain_limit_bytes = chain_budget(cfg.transport.delta_chain_mb)
         self.weights_source: Any = None  # has request_snapshot(); set by the learner
         self.sessions = Sessions(cfg.learner.max_actors, cfg.learner.actor_timeout_s, scheduler)
         self.bad_messages: Counter[str] = Counter()
@@ -337,14 +338,6 @@ class LearnerNetwork(threading.Thread):
         claimed = group.info.get("weights_checksum")
         return claimed in self.served_checksums.get(group.policy_version, ())
 
-    def _keep_in_chain(self, update: Any) -> None:
-        """Keep a published delta; drop the oldest beyond transport.delta_chain_mb."""
-        limit = self.cfg.transport.delta_chain_mb * (1 << 20)
-        self._chain.append(update)
-        self._chain_bytes += len(update.payload)
-        while self._chain and self._chain_bytes > limit:
-            self._chain_bytes -= len(self._chain.popleft().payload)
-
     def _hello(self, identity: bytes, msg: Any) -> None:
         from rapid_async.wire.protocol import ErrorReply
 
@@ -438,12 +431,15 @@ class LearnerNetwork(threading.Thread):
                                                min_version=grant.min_version,
                                                grant_id=grant.grant_id))
 
+    def limit_chain(self, state_bytes: int) -> None:
+        """Cap the chain at one inference-dtype state of `state_bytes` (see chain_budget)."""
+        self.chain_limit_bytes = chain_budget(self.cfg.transport.delta_chain_mb, state_bytes)
+
     def _keep_in_chain(self, update: Any) -> None:
-        """Keep a published delta; drop the oldest beyond transport.delta_chain_mb."""
-        limit = self.cfg.transport.delta_chain_mb * (1 << 20)
+        """Keep a published delta; drop the oldest beyond the chain's byte budget."""
         self._chain.append(update)
         self._chain_bytes += len(update.payload)
-        while self._chain and self._chain_bytes > limit:
+        while self._chain and self._chain_bytes > self.chain_limit_bytes:
             self._chain_bytes -= len(self._chain.popleft().payload)
 
     def _delta_from(self, base_version: int) -> Any:
@@ -474,3 +470,11 @@ class LearnerNetwork(threading.Thread):
             self.sockets.reply(identity, cache)
         self._snapshot_waiting.clear()
 
+
+def chain_budget(delta_chain_mb: int, state_bytes: int | None = None) -> int:
+    """Bytes of recent deltas worth keeping: `transport.delta_chain_mb`, and
+    never more than one uncompressed inference-dtype state (`state_bytes`),
+    since an actor further behind than that is better served by a snapshot.
+    Without the cap a small model would keep thousands of deltas."""
+    budget = delta_chain_mb * (1 << 20)
+    return budget if state_bytes is None else min(budget, state_bytes)
