@@ -3,6 +3,7 @@
 Modules:
     loop.py       the `Learner`: take -> update -> publish -> record
     network.py    the network thread that owns the learner's sockets
+    control.py    its answers to control messages (hello, heartbeats, requests)
     trainer.py    model, optimizer, one update
     checkpoint.py periodic background checkpoints, rotation, resume
     policy.py     batch collation and the learner's token log-probs

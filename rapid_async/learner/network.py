@@ -2,9 +2,10 @@
 
 Used by the learner process (`rapid_async.learner.loop`). ZeroMQ sockets are
 not thread-safe, so one thread owns them all: it answers actors on the control
-socket (hello, work requests, snapshot and delta requests, stats), moves
-arriving rollout groups into the buffer, publishes the weight updates that the
-weight publisher hands it, hands held-out evaluation jobs to actors and takes their results
+socket (hello, work requests, snapshot and delta requests, stats; the handlers
+are in `learner/control.py`), moves arriving rollout groups into the buffer,
+publishes the weight updates that the weight publisher hands it, hands
+held-out evaluation jobs to actors and takes their results
 (`learner/evaluation.py`), and counts bad messages without dying on them. A
 failure of this thread is re-raised in the training loop by `check()`.
 
@@ -45,13 +46,14 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from typing import Any
 
 from rapid_async.config import Config
+from rapid_async.learner.control import ControlHandlers
 
 log = logging.getLogger("rapid.learner")
 
 MAX_VERSIONS = 4096  # versions whose served checksums are remembered (oldest dropped first)
 
 
-class LearnerNetwork(threading.Thread):
+class LearnerNetwork(ControlHandlers, threading.Thread):
     """The learner's network thread: sockets, actors, buffer input.
 
     Args:
@@ -280,50 +282,6 @@ class LearnerNetwork(threading.Thread):
         except Exception as exc:  # a check that cannot run refuses the group
             return "invalid", f"could not be checked ({type(exc).__name__}: {exc})"
 
-    # -- control
-    def _serve_control(self, timeout_ms: int, limit: int = 64) -> int:
-        """Answer up to `limit` waiting control messages (waiting up to
-        timeout_ms for the first); returns how many."""
-        n = 0
-        while n < limit:
-            got = self.sockets.poll_control(timeout_ms=timeout_ms if n == 0 else 0)
-            if got is None:
-                return n
-            n += 1
-            self._handle_control(*got)
-        return n
-
-    def _handle_control(self, identity: bytes, msg: Any) -> None:
-        from rapid_async.wire.protocol import (ActorStats, DeltaRequest, ErrorReply, EvalResult,
-                                               Heartbeat, Hello, Rejoin, SnapshotRequest,
-                                               WorkRequest)
-        from rapid_async.wire.transport import BadMessage
-
-        if isinstance(msg, BadMessage):
-            self._bad("control", msg.reason)
-            if identity is not None:
-                self.sockets.reply(identity, ErrorReply(message=msg.reason))
-        elif isinstance(msg, Hello):
-            self._hello(identity, msg)
-        elif isinstance(msg, Heartbeat):
-            self._heartbeat(msg)
-        elif isinstance(msg, (WorkRequest, SnapshotRequest, DeltaRequest, ActorStats)) or (
-                isinstance(msg, EvalResult) and self.evals is not None):
-            if msg.actor_id not in self.sessions:
-                # No session here (this learner restarted, or forgot a silent
-                # actor): the actor must say Hello again and resynchronise by
-                # snapshot before it works.
-                self.counters["control/rejoin_asked"] += 1
-                self.sockets.reply(identity, Rejoin(
-                    reason=f"actor {msg.actor_id[:40]!r} is not known to this learner; "
-                           "say Hello"))
-            elif self._bound(identity, msg):
-                self._request(identity, msg)
-        else:
-            self._bad("control", f"unexpected {type(msg).__name__} on the control socket")
-            self.sockets.reply(identity, ErrorReply(
-                message=f"the learner does not accept {type(msg).__name__} messages"))
-
     def _served(self, update: Any) -> None:
         """Remember the checksums of the updates served as each version (a
         delta's and a snapshot's differ: each certifies its own header)."""
@@ -338,99 +296,6 @@ class LearnerNetwork(threading.Thread):
         claimed = group.info.get("weights_checksum")
         return claimed in self.served_checksums.get(group.policy_version, ())
 
-    def _hello(self, identity: bytes, msg: Any) -> None:
-        from rapid_async.wire.protocol import ErrorReply
-
-        known = msg.actor_id in self.sessions
-        session, refusal = self.sessions.hello(identity, msg.actor_id, msg.session)
-        if session is None:
-            self._bad("control", f"Hello from {msg.actor_id[:40]!r} refused: {refusal}")
-            self.sockets.reply(identity, ErrorReply(message=refusal))
-            return
-        if not known:
-            log.info("actor %s (pid %d, engine %s) joined", msg.actor_id, msg.pid, msg.engine)
-        self.sockets.reply(identity, self.sockets.welcome(
-            self._published_version, self.welcome_settings, session=session.token))
-
-    def _heartbeat(self, msg: Any) -> None:
-        if not self.sessions.heartbeat(msg.actor_id, msg.session):
-            self._bad("control", f"heartbeat for {msg.actor_id[:40]!r} without its session")
-            return
-        self.scheduler.seen(msg.actor_id)
-        if self.evals is not None:  # an actor evaluating for long is alive too
-            self.evals.heard(msg.actor_id)
-        self.counters["control/heartbeats"] += 1
-
-    def _bound(self, identity: bytes, msg: Any) -> bool:
-        """True if msg's actor said Hello on this connection; else refuse it."""
-        from rapid_async.wire.protocol import ErrorReply
-
-        if self.sessions.bound(identity, msg.actor_id):
-            return True
-        name = type(msg).__name__
-        self._bad("control", f"{name} for actor {msg.actor_id[:40]!r} from a connection "
-                             "that did not say Hello as that actor")
-        self.sockets.reply(identity, ErrorReply(
-            message=f"{name} refused: actor {msg.actor_id[:40]!r} is unknown on this "
-                    "connection; send Hello first"))
-        return False
-
-    def _request(self, identity: bytes, msg: Any) -> None:
-        """A request from an actor on its own connection."""
-        from rapid_async.wire.protocol import ActorStats, DeltaRequest, EvalResult, SnapshotRequest
-
-        self.scheduler.seen(msg.actor_id)
-        if isinstance(msg, SnapshotRequest):
-            self._snapshot_waiting.append(identity)
-            self._answer_snapshot_requests()
-        elif isinstance(msg, DeltaRequest):
-            self.sockets.reply(identity, self._delta_from(msg.base_version))
-        elif isinstance(msg, ActorStats):
-            self.sessions[msg.actor_id].stats = dict(msg.stats)
-            if self.evals is not None:
-                self.evals.heard(msg.actor_id)
-            if msg.stats.get("leaving"):
-                self.scheduler.forget(msg.actor_id)
-                self.sessions.drop(msg.actor_id)
-                if self.evals is not None:
-                    self.evals.release(msg.actor_id, "the actor left")
-        elif isinstance(msg, EvalResult):
-            if not self.evals.answer(msg):
-                log.info("late or unknown evaluation result (job %d from %s) ignored",
-                         msg.job_id, msg.actor_id)
-        else:  # WorkRequest
-            self._answer_work_request(identity, msg)
-
-    def _answer_work_request(self, identity: bytes, msg: Any) -> None:
-        """Grant generation work, or hand out an evaluation job first.
-
-        rapid-async: a waiting evaluation goes before generation work (it then
-        runs at the newest weights the actor holds). Synchronous modes: only
-        once the round's work is handed out, so the actor evaluates the round's
-        version while the learner trains on the round. An actor asking for
-        zero groups is a dedicated evaluator. The EvalTask goes out first, then
-        the (then empty) WorkGrant that the actor waits for.
-        """
-        from rapid_async.learner.scheduler import Grant
-        from rapid_async.wire.protocol import EvalTask, WorkGrant
-
-        version = self._published_version
-        evaluator = msg.max_groups == 0
-        grant, job = Grant([], version, 0), None
-        if self.scheduler.sync and not evaluator:
-            grant = self.scheduler.grant(msg.actor_id, msg.max_groups, len(self.buffer), version)
-        if not grant.indices and self.evals is not None:
-            self.evals.heard(msg.actor_id, evaluator)
-            job = self.evals.take(msg.actor_id, evaluator)
-        if job is not None:
-            self.sockets.reply(identity, EvalTask(**job[1]))
-            self.counters["evals/handed_out"] += 1
-        elif not self.scheduler.sync and not evaluator:
-            grant = self.scheduler.grant(msg.actor_id, msg.max_groups, len(self.buffer), version)
-        self.sockets.reply(identity, WorkGrant(prompt_indices=grant.indices,
-                                               min_version=grant.min_version,
-                                               grant_id=grant.grant_id))
-
     def limit_chain(self, state_bytes: int) -> None:
         """Cap the chain at one inference-dtype state of `state_bytes` (see chain_budget)."""
         self.chain_limit_bytes = chain_budget(self.cfg.transport.delta_chain_mb, state_bytes)
@@ -441,34 +306,6 @@ class LearnerNetwork(threading.Thread):
         self._chain_bytes += len(update.payload)
         while self._chain and self._chain_bytes > self.chain_limit_bytes:
             self._chain_bytes -= len(self._chain.popleft().payload)
-
-    def _delta_from(self, base_version: int) -> Any:
-        """The kept delta whose base is `base_version`, or an ErrorReply."""
-        from rapid_async.wire.protocol import ErrorReply
-
-        for update in self._chain:
-            if update.base_version == base_version:
-                self.counters["weights/chain_served"] += 1
-                return update
-        return ErrorReply(message=f"no kept delta starts at version {base_version}; "
-                                  "ask for a snapshot")
-
-    def _answer_snapshot_requests(self, built_for_them: bool = False) -> None:
-        """Reply to waiting snapshot requests with the cached snapshot if it is
-        current (or was just built for them: a newer delta may have been
-        published meanwhile, which the actor then takes from the chain); else
-        ask the publisher to build one (it arrives through snapshot_ready)."""
-        if not self._snapshot_waiting:
-            return
-        cache = self._snapshot_cache
-        if cache is None or (cache.version < self._published_version and not built_for_them):
-            if self.weights_source is not None:
-                self.weights_source.request_snapshot()
-            return
-        for identity in self._snapshot_waiting:
-            self.counters["weights/snapshots_served"] += 1
-            self.sockets.reply(identity, cache)
-        self._snapshot_waiting.clear()
 
 
 def chain_budget(delta_chain_mb: int, state_bytes: int | None = None) -> int:
