@@ -184,7 +184,7 @@ def eval_(model: Optional[str] = typer.Option(None, "--model", "-m", help="Model
         if os.environ.get("RAPID_DEVICE") == "cuda":
             cfg.actor.device = "cuda"
         from rapid_async.evaluate import evaluate_model, settings_from_config, summary_line
-        from rapid_async.learner.loop import resolve_model_dir
+        from rapid_async.learner.startup import resolve_model_dir
 
         if model:
             cfg.model.path = model

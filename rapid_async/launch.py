@@ -338,7 +338,7 @@ def run_node(config_path: str | None, overrides: list[str], n_actors: int | None
              resume: bool = False, learner_devices: int | None = None) -> int:
     """`rapid-run`: the whole node. Returns the process exit code."""
     from rapid_async.config import load_config
-    from rapid_async.learner.loop import resolve_model_dir
+    from rapid_async.learner.startup import resolve_model_dir
 
     if learner_devices is not None:
         overrides = [*overrides, f"learner.devices={learner_devices}"]

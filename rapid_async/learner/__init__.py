@@ -2,6 +2,10 @@
 
 Modules:
     loop.py       the `Learner`: take -> update -> publish -> record
+    startup.py    model directory, torch threads, RUN_DIR/learner.json
+    resume.py     the work state checkpoints record; resuming
+    signals.py    SIGINT / SIGTERM: stop after the current step
+    stats.py      clock and network figures of each step's record
     network.py    the network thread that owns the learner's sockets
     control.py    its answers to control messages (hello, heartbeats, requests)
     trainer.py    model, optimizer, one update

@@ -232,7 +232,7 @@ def run_follower(cfg: Any, model_dir: str | None) -> None:
     """
     import signal
 
-    from rapid_async.learner.loop import resolve_model_dir
+    from rapid_async.learner.startup import resolve_model_dir
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)

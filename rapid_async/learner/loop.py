@@ -23,27 +23,35 @@ Per mode (DESIGN.md section 2):
                  then publish; generation waits for training
     rapid-async  actors generate continuously; each update takes the oldest
                  fresh minibatch from the buffer (staleness <= max_staleness)
+
+Around the loop: `startup.py` (model directory, torch threads, learner.json),
+`resume.py` (the work state checkpoints record, resuming), `signals.py`
+(SIGINT / SIGTERM stop after the current step), `stats.py` (clock and network
+figures of each record).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import signal
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from rapid_async.config import Config, dumps_toml
+from rapid_async.learner.resume import resume_from_checkpoint, work_state
+from rapid_async.learner.signals import StopOnSignal
+from rapid_async.learner.startup import (endpoint_file, previous_ports, resolve_model_dir,
+                                         set_learner_threads, write_endpoint_file)
+from rapid_async.learner.stats import clock_stats, net_stats
+
+__all__ = ["Learner", "endpoint_file", "previous_ports", "resolve_model_dir", "run_learner"]
 
 log = logging.getLogger("rapid.learner")
 
 
-class Learner:
+class Learner(StopOnSignal):
     """One learner process: set-up in `__init__`, the loop in `run`.
 
     Args:
@@ -74,7 +82,8 @@ class Learner:
         (self.run_dir / "config.toml").write_text(dumps_toml(cfg))
         self.model_dir = model_dir or resolve_model_dir(cfg)
         self.trainer = Trainer(cfg, self.model_dir)
-        self.resumed: dict[str, Any] | None = self._resume() if resume else None
+        self.resumed: dict[str, Any] | None = (
+            resume_from_checkpoint(self.trainer, cfg, self.run_dir) if resume else None)
         self.task = task_from_config(cfg)
         max_staleness = cfg.learner.max_staleness if not self.sync else cfg.updates_per_batch - 1
         self.buffer = RolloutBuffer(max_staleness=max_staleness)
@@ -145,24 +154,6 @@ class Learner:
         self.net.limit_chain(publisher.layout.nbytes)
         return publisher
 
-    def _resume(self) -> dict[str, Any]:
-        """Load the newest checkpoint; hyper-parameters come from the config
-        (logged, and recorded at start, where they differ from the checkpoint's)."""
-        from rapid_async.learner import checkpoint
-
-        ckpt = checkpoint.latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            raise ValueError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        meta = checkpoint.load(self.trainer, ckpt)
-        changes = checkpoint.config_changes(meta.get("config", {}), self.cfg.to_dict())
-        changes.update(checkpoint.apply_hyperparameters(self.trainer.optimizer, self.cfg))
-        log.info("resumed from %s at version %d; %d prompt(s) granted but not trained are "
-                 "handed out again", ckpt, self.trainer.version, len(meta["pending"]))
-        for name, (old, new) in sorted(changes.items()):
-            log.info("resume: %s = %r from the config (the checkpoint had %r)", name, new, old)
-        return {"path": str(ckpt), "version": self.trainer.version, "pending": meta["pending"],
-                "changes": changes}
-
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
@@ -188,11 +179,7 @@ class Learner:
         """Open the sockets, announce the endpoint, ask for the start evaluation."""
         self._install_signal_handlers()
         self.net.start()
-        sockets = self.net.sockets
-        endpoint_file(self.run_dir).write_text(json.dumps(
-            {"control": sockets.control_endpoint, "rollouts": sockets.rollout_endpoint,
-             "weights": sockets.weights_endpoint, "pid": os.getpid(),
-             "learner_id": self.learner_id}))
+        write_endpoint_file(self.run_dir, self.net.sockets, self.learner_id)
         log.info("learner listening on %s (mode %s)", self.net.sockets.control_endpoint, self.mode)
         self.t_start = time.time()
         self.evaluations.start(self.t_start)
@@ -299,33 +286,14 @@ class Learner:
             self.evaluations.note_version(version, self.clock["eval"])
         self.checkpointer.check()
         rec = clean({"step": version, "version": version, "mode": self.mode, **metrics,
-                     **self.buffer.stats(), **self._clock_stats(), **self._net_stats(),
+                     **self.buffer.stats(), **clock_stats(self.clock, self.t_start),
+                     **net_stats(self.net, self.scheduler),
                      **self.checkpointer.stats})
         self.metrics.write(rec)
         print("[learner] " + progress_line(rec), flush=True)
         if stepped and self.checkpointer.due(version):
             self.clock["checkpoint"] += self.checkpoint(background=True)
         self.evaluations.after_step(self.published_version, version)
-
-    def _clock_stats(self) -> dict[str, float]:
-        elapsed = time.time() - self.t_start
-        active = max(elapsed - self.clock["eval"], 1e-9)
-        busy = self.clock["busy"] + self.clock["publish"] + self.clock["checkpoint"]
-        return {"elapsed_s": elapsed, "train_s": active,
-                "learner/busy_s": self.clock["busy"], "learner/wait_s": self.clock["wait"],
-                "learner/publish_s": self.clock["publish"], "learner/eval_s": self.clock["eval"],
-                "learner/checkpoint_s": self.clock["checkpoint"],
-                "learner/busy_frac": busy / active,
-                "throughput/tokens_per_s": self.clock["tokens"] / active}
-
-    def _net_stats(self) -> dict[str, Any]:
-        net = self.net
-        return {"net/bad_messages": sum(net.bad_messages.values()),
-                **{f"net/bad_{where}": n for where, n in list(net.bad_messages.items())},
-                **{f"net/{k}": v for k, v in list(net.counters.items())},
-                "scheduler/reissued": self.scheduler.reissued,
-                "scheduler/revoked_at_round": self.scheduler.revoked_at_round,
-                "actors": len(net.sessions), "net/actors/evicted": net.sessions.evicted}
 
     # ------------------------------------------------------------------ evaluation
 
@@ -346,52 +314,13 @@ class Learner:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def work_state(self) -> tuple[list[int], int]:
-        """(prompts granted but not yet trained, the next new prompt index).
-
-        Pending prompts are at actors, in the buffer, or taken and not yet
-        trained. Both are read on the network thread, which hands out work and
-        moves groups from "at an actor" to "in the buffer", so together they
-        account for every prompt: on resume the pending ones are handed out
-        again and new ones start at the index, none skipped, none twice."""
-        def held() -> tuple[int, list[str]]:
-            return self.scheduler.next_index, [*map(str, self.scheduler.pending()),
-                                               *self.buffer.prompt_ids()]
-
-        next_index, ids = self.net.call(held)
-        ids += [g.prompt_id for g in self.taken]
-        return sorted({int(i) for i in ids if str(i).isdigit()}), next_index
-
     def checkpoint(self, background: bool, extra: dict[str, Any] | None = None) -> float:
         """Checkpoint now (in the background unless told otherwise); return the
         seconds the training loop was blocked."""
-        pending, self.trainer.data_position = self.work_state()
+        pending, self.trainer.data_position = work_state(self.net, self.scheduler, self.buffer,
+                                                          self.taken)
         meta = {"config": self.cfg.to_dict(), "extra": extra or {}}
         return self.checkpointer.save(self.trainer, pending, meta, background=background)
-
-    # ------------------------------------------------------------------ signals
-
-    def _install_signal_handlers(self) -> None:
-        """SIGINT / SIGTERM: finish the current step, then shut down cleanly
-        (checkpoint, end record, actors stopped, exit 0). A second signal
-        interrupts at once."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if self.stop_requested:
-            raise KeyboardInterrupt(f"second {name}")
-        self.stop_requested = f"signal {name}"
-        log.warning("%s: stopping after the current step (checkpoint, end record); "
-                    "send it again to stop at once", name)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers.clear()
 
     # ------------------------------------------------------------------ shut-down
 
@@ -418,7 +347,7 @@ class Learner:
                 "eval/start_success": start.get("eval/success"),
                 "elapsed_s": elapsed, "stop_reason": self.stop_reason,
                 "learner/checkpoint_s": self.clock["checkpoint"], **self.checkpointer.stats,
-                **self.buffer.stats(), **self._net_stats()}))
+                **self.buffer.stats(), **net_stats(self.net, self.scheduler)}))
             time.sleep(0.3)
             self.net.shutdown()
             self.publisher.close()
@@ -443,67 +372,10 @@ class Learner:
             log.error("%s", exc)
 
 
-def set_learner_threads() -> None:
-    """Torch threads follow the device: a CPU learner pinned by the launcher runs
-    RAPID_LEARNER_THREADS threads; otherwise (GPU learners) torch's default stays."""
-    threads = os.environ.get("RAPID_LEARNER_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
-
-
-def _download(name: str) -> str:
-    """A hub model's files in the local hub cache (fetched on first use)."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                       "*.model", "*.jinja"])
-    except Exception as err:  # offline, unknown name, no access: say which
-        raise ValueError(f"model.path = {name!r}: could not download it from the Hugging Face "
-                         f"hub ({type(err).__name__}: {err}); give a local model directory") from err
-
-
 def _fmt(value: float | None) -> str:
     return "none" if value is None else f"{value:.3f}"
-
-
-def endpoint_file(run_dir: Path) -> Path:
-    """RUN_DIR/learner.json: where actors and the launcher find the control
-    endpoint (and a resumed learner the ports to bind again)."""
-    return run_dir / "learner.json"
-
-
-def previous_ports(run_dir: Path) -> dict[str, int] | None:
-    """The ports of the learner that last ran in `run_dir` (from learner.json),
-    so that a resumed learner binds them again and running actors, which
-    reconnect by themselves, find it; None when there is no record."""
-    try:
-        info = json.loads(endpoint_file(run_dir).read_text())
-        return {name: int(str(info[name]).rsplit(":", 1)[1])
-                for name in ("control", "rollouts", "weights")}
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None
 
 
 def run_learner(cfg: Config, resume: bool = False, model_dir: str | None = None) -> dict[str, Any]:
     """Train until `run.max_steps` (or `run.max_seconds`); return a summary."""
     return Learner(cfg, resume=resume, model_dir=model_dir).run()
-
-
-def resolve_model_dir(cfg: Config) -> str:
-    """The model directory of a run: `model.path` (a local directory, or a Hugging
-    Face hub name such as "Qwen/Qwen2.5-0.5B-Instruct", downloaded to the hub
-    cache), or the cached tiny model."""
-    if cfg.model.path:
-        p = Path(cfg.model.path)
-        if (p / "config.json").is_file():
-            return str(p)
-        if not p.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", cfg.model.path):
-            return _download(cfg.model.path)
-        raise ValueError(f"model.path = {cfg.model.path!r} is not a Hugging Face model "
-                         "directory (no config.json) nor a hub name like 'org/model'")
-    from rapid_async.tinymodel import ensure_warm_model
-
-    return str(ensure_warm_model())
