@@ -113,9 +113,12 @@ def test_kernel_digests_equal_the_tensor_ops_and_the_definition(dtype):
     assert int(fused[3]) & MASK == reference_digest(bits[layout.offsets[3]:layout.offsets[3] + 5])
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("density", [0.0, 0.01, 1.0])
-def test_check_changes_equals_the_tensor_ops_and_a_full_recompute(dtype, density):
+def test_check_changes_equals_the_tensor_ops_and_a_full_recompute(dtype, density, threads, monkeypatch):
+    monkeypatch.setattr(digest, "_THREADS", threads)  # split into parts even for small deltas
+    monkeypatch.setattr(digest, "_SPLIT_MIN", 1 if threads > 1 else 1 << 20)
     layout, bits = _layout_and_bits(dtype, 4)
     before = digest.state_digests(bits.view(layout.torch_dtype), layout)
     gen = torch.Generator().manual_seed(5)
@@ -148,11 +151,14 @@ def test_float32_non_finite_values_are_counted():
     assert digest.nonfinite(values.view(torch.int32), layout) == 3
 
 
-def test_check_changes_refuses_positions_outside_the_buffer_or_unsorted():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_check_changes_refuses_positions_outside_the_buffer_or_unsorted(threads, monkeypatch):
+    monkeypatch.setattr(digest, "_THREADS", threads)
+    monkeypatch.setattr(digest, "_SPLIT_MIN", 1)
     layout, bits = _layout_and_bits("bfloat16", 6)
     before = digest.state_digests(bits.view(torch.bfloat16), layout)
-    for idx in ([5, layout.numel], [9, 9], [7, 3]):
-        idx = torch.tensor(idx)
+    for idx in ([5, 6, 8, layout.numel], [2, 9, 9, 10], [1, 7, 3, 8], [-1, 1, 2, 3]):
+        idx = torch.tensor(idx)  # with 2 threads the middle pairs straddle the cut
         with pytest.raises(ValueError, match="outside"):
-            digest.check_changes(before, layout, idx, torch.zeros(2, dtype=torch.int16),
-                                 torch.ones(2, dtype=torch.int16))
+            digest.check_changes(before, layout, idx, torch.zeros(4, dtype=torch.int16),
+                                 torch.ones(4, dtype=torch.int16))

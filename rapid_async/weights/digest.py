@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
 import msgpack
@@ -66,6 +68,16 @@ def _kernels() -> ModuleType | None:
 def _fused(t: torch.Tensor) -> ModuleType | None:
     """The kernels module if `t` is on the CPU and numba is there, else None."""
     return _kernels() if t.device.type == "cpu" else None
+
+
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+_SPLIT_MIN = 1 << 20
+"""`check_changes` splits k >= _SPLIT_MIN changes over _THREADS threads."""
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_THREADS, thread_name_prefix="weights-digest")
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -185,13 +197,22 @@ def check_changes(digests: torch.Tensor, layout: Layout, idx: torch.Tensor,
     kernels = _fused(idx)
     if kernels is None:
         return updated_digests(digests, layout, idx, old, new), nonfinite(new, layout)
-    sums = np.zeros(len(layout), dtype=np.int64)
     b = _table(1, (max(layout.numels, default=0) >> _LOW_BITS) + 1, idx.device)
-    count = kernels.change_sums(_np(idx), _np(old), _np(new), _np(layout.boundaries("cpu")),
-                                _np(_table(0, _ROW, idx.device)), _np(b), _mask(layout), sums)
-    if count < 0:
+    tables = (_np(layout.boundaries("cpu")), _np(_table(0, _ROW, idx.device)), _np(b), _mask(layout))
+    idx_np, old_np, new_np = _np(idx), _np(old), _np(new)
+    parts = _THREADS if idx_np.shape[0] >= _SPLIT_MIN else 1
+    cuts = [idx_np.shape[0] * i // parts for i in range(parts + 1)]
+    sums = [np.zeros(len(layout), dtype=np.int64) for _ in range(parts)]
+
+    def part(i: int) -> int:  # the kernel releases the GIL: the parts run in parallel
+        s, e = cuts[i], cuts[i + 1]
+        return kernels.change_sums(idx_np[s:e], old_np[s:e], new_np[s:e], *tables, sums[i],
+                                   int(idx_np[s - 1]) if s else -1)
+
+    counts = list(_pool().map(part, range(parts))) if parts > 1 else [part(0)]
+    if min(counts) < 0:
         raise ValueError(f"changes name positions that are unsorted or outside the {layout.numel} elements")
-    return digests + torch.from_numpy(sums), int(count)
+    return digests + torch.from_numpy(np.sum(sums, axis=0)), sum(counts)
 
 
 def updated_digests(digests: torch.Tensor, layout: Layout, idx: torch.Tensor,

@@ -27,11 +27,12 @@ import numpy as np
 
 
 @numba.njit(cache=True, nogil=True)
-def change_sums(idx, old, new, starts, a, b, mask, out):  # pragma: no cover - compiled
+def change_sums(idx, old, new, starts, a, b, mask, out, prev):  # pragma: no cover - compiled
     """Add each tensor's digest change to `out`; count non-finite new values.
 
     Args:
-        idx: (k,) int64 sorted flat positions of the changed elements.
+        idx: (k,) int64 sorted flat positions of the changed elements (one
+            contiguous part of a delta's when the work is split over threads).
         old, new: (k,) integer bit patterns before and after (same dtype).
         starts: (T + 1,) int64 start offset of every tensor, then the total.
         a, b: the int64 tables A (2^16 entries) and B (enough for the
@@ -39,6 +40,7 @@ def change_sums(idx, old, new, starts, a, b, mask, out):  # pragma: no cover - c
         mask: the exponent bits, in the dtype of `new`.
         out: (T,) int64; out[t] += sum over changes in tensor t of
             a_l * (new - old).
+        prev: the position before idx[0] (-1 for the first part).
 
     Returns:
         The number of non-finite new values, or -1 if a position lies
@@ -48,7 +50,6 @@ def change_sums(idx, old, new, starts, a, b, mask, out):  # pragma: no cover - c
     end = starts[last + 1]
     t = 0
     nonfinite = 0
-    prev = -1
     for j in range(idx.shape[0]):
         i = idx[j]
         if i <= prev or i >= end:
@@ -104,6 +105,6 @@ def warm(int_dtype: np.dtype) -> None:
     b = np.ones(2, dtype=np.int64)
     out = np.zeros(2, dtype=np.int64)
     mask = int_dtype.type(1)
-    change_sums(np.array([0, 2], dtype=np.int64), bits[:2], bits[:2], starts, a, b, mask, out)
+    change_sums(np.array([0, 2], dtype=np.int64), bits[:2], bits[:2], starts, a, b, mask, out, -1)
     full_sums(bits, starts, a, b, out)
     count_nonfinite(bits, mask)
