@@ -279,7 +279,7 @@ single group's estimate (a batch of G groups divides the variance part by G);
 *max z* = largest |MC mean − E[g_hat]| / SE over parameters (a check of the
 Monte Carlo against the exact expectation); *trunc* / *clip* = `is/truncated_frac`
 and `ppo/clip_frac` over the Monte Carlo batch. Rows in italics are a bench-only
-variant that `loss.py` does not offer: the RAPID baseline with the sample left
+variant that `rapid_async.loss` does not offer: the RAPID baseline with the sample left
 out, b_i = (1/(K-1)) sum_{{j != i}} wbar_j r_j, and no clip.
 
 How to read it (these follow from the formulas, see `bench_mc.py`):
