@@ -40,7 +40,12 @@ from rapid_async.wire.protocol import (ActorStats, DeltaRequest, ErrorReply, Hea
 from rapid_async.wire.transport import MAX_INBOUND_BYTES, LearnerSockets
 
 CONFIG = REPO / "configs" / "quickstart.toml"
-FUZZ_S = 8.0
+LEARNER_FUZZ = {"control": 500, "rollouts": 500, "invalid": 30}
+"""Messages of each kind the learner's fuzzer sends before it checks the counts."""
+ACTOR_FUZZ = 250
+"""Garbage messages the hostile learner sends an actor on each connection."""
+FUZZ_LIMIT_S = 300.0
+"""Upper bound on a fuzzing phase on a slow machine (a hang, not a rate)."""
 RUN = ["run.mode=rapid-async", "run.max_steps=1000000", "run.eval_every=0", "run.eval_size=5",
        "run.checkpoint_every=0", "run.checkpoint_minutes=0", "algo.group_size=2",
        "algo.max_new_tokens=4", "learner.minibatch_groups=2", "learner.buffer_groups=8",
@@ -181,7 +186,16 @@ def _records(run_dir: Path) -> list[dict]:
 def _record_after(run_dir: Path, t: float, procs) -> dict:
     """The first learner step record written more than 1 s after time t."""
     return _wait_for(lambda: next((r for r in _records(run_dir) if r["time"] > t + 1.0), None),
-                     60, procs)
+                     FUZZ_LIMIT_S, procs)
+
+
+def _covers(rec: dict, sent: dict) -> bool:
+    """Whether a learner step record has counted at least what the fuzzer sent."""
+    counted = rec.get("net/bad_control", 0) + rec.get("net/control/rejoin_asked", 0)
+    rejected = sum(v for k, v in rec.items() if k.startswith("net/rollouts/rejected_"))
+    dropped = sum(v for k, v in rec.items() if k.startswith("net/rollouts/dropped_"))
+    return (counted >= sent["control"] and rec.get("net/bad_rollouts", 0) >= sent["rollouts"]
+            and rejected >= sent["invalid"] and dropped >= sent["ungranted"])
 
 
 def _wait_for(predicate, timeout: float, procs=()):
@@ -263,8 +277,9 @@ def test_fuzzing_every_learner_socket(tmp_path, random_model_dir):
         endpoints = [info["control"], fuzz.welcome.rollout_endpoint, fuzz.welcome.weights_endpoint]
         rng = random.Random(9)
         sent = {"control": 0, "control_hellos": 0, "rollouts": 0, "ungranted": 0, "invalid": 0}
-        deadline = time.monotonic() + FUZZ_S
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + FUZZ_LIMIT_S
+        while any(sent[k] < n for k, n in LEARNER_FUZZ.items()):
+            assert time.monotonic() < deadline, f"fuzzing not done in {FUZZ_LIMIT_S} s: {sent}"
             what = rng.random()
             if what < 0.45:  # the control socket, from a random connection
                 frames = _mutate(rng, rng.choice(_valid_messages(rng))) if rng.random() < 0.8 \
@@ -288,7 +303,10 @@ def test_fuzzing_every_learner_socket(tmp_path, random_model_dir):
                     sent["invalid"] += 1
             fuzz.drain()
             time.sleep(0.002)
-        rec = _record_after(run_dir, time.time(), procs)
+        # The first step record that has counted everything sent (however
+        # long the learner takes to read it); over-counting fails below.
+        rec = _wait_for(lambda: next((r for r in _records(run_dir) if _covers(r, sent)), None),
+                        FUZZ_LIMIT_S, procs)
         # Then bytes that are not ZeroMQ at all, to every port (libzmq drops
         # the connection, or reads them as old-protocol frames: more bad
         # messages), and one message bigger than the learner accepts: the
@@ -312,7 +330,7 @@ def test_fuzzing_every_learner_socket(tmp_path, random_model_dir):
     log = read_log(tmp_path / "learner.log")
     assert all(alive), log[-3000:]
     assert "Traceback" not in log + read_log(tmp_path / "actor.log")
-    assert sent["control"] > 500 and sent["rollouts"] > 500 and sent["invalid"] > 30, sent
+    assert all(sent[k] >= n for k, n in LEARNER_FUZZ.items()), sent
     # Every malformed or forbidden message was counted where it arrived: as
     # bad, or (a request naming an actor id this learner has no session for)
     # answered with Rejoin.
@@ -353,6 +371,7 @@ class HostileLearner(threading.Thread):
         self.rng = random.Random(5)
         self.actor: bytes | None = None
         self.fuzzing = threading.Event()
+        self.fuzzed = threading.Event()  # set once ACTOR_FUZZ messages went each way
         self.halt = threading.Event()
         self.sent = {"control": 0, "oversized_grants": 0, "weights": 0}
         self.stats: list[dict] = []
@@ -398,6 +417,9 @@ class HostileLearner(threading.Thread):
         weights = rng.choice([frames, self._bomb(), *(encode(u) for u in self._bad_deltas())])
         self.sockets._weights.send_multipart(weights)
         self.sent["weights"] += 1
+        if self.sent["control"] >= ACTOR_FUZZ and self.sent["weights"] >= ACTOR_FUZZ:
+            self.fuzzing.clear()
+            self.fuzzed.set()
         time.sleep(0.003)
 
     def _bad_deltas(self) -> list[WeightUpdate]:
@@ -433,8 +455,8 @@ def test_fuzzing_an_actors_control_and_weights_connections(tmp_path, random_mode
     try:
         _wait_for(lambda: "WorkRequest" in stub.requests, 120, [actor])
         stub.fuzzing.set()
-        time.sleep(FUZZ_S / 2)
-        stub.fuzzing.clear()
+        assert stub.fuzzed.wait(timeout=FUZZ_LIMIT_S), f"fuzzing not done: {stub.sent}"
+        assert actor.poll() is None, read_log(tmp_path / "actor.log")[-3000:]
         time.sleep(1.0)
         memory = psutil.Process(actor.pid).memory_info().rss
         stub.halt.set()  # sends Stop
@@ -447,7 +469,7 @@ def test_fuzzing_an_actors_control_and_weights_connections(tmp_path, random_mode
     log = read_log(tmp_path / "actor.log")
     assert "stopped: fuzz over" in log and "Traceback" not in log
     final = [s for s in stub.stats if "actor/bad_control" in s][-1]
-    assert stub.sent["control"] > 200 and stub.sent["weights"] > 200, stub.sent
+    assert stub.sent["control"] >= ACTOR_FUZZ and stub.sent["weights"] >= ACTOR_FUZZ, stub.sent
     # Each garbage control message and each cut grant was counted by the actor.
     assert final["actor/bad_control"] == stub.sent["control"] + stub.sent["oversized_grants"]
     assert final["actor/rejected_updates"] >= 1
