@@ -262,7 +262,8 @@ def tune_recommend(
 def tune_sweep(config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
                grid: list[str] = typer.Option([], "--grid", help="A setting to vary, e.g. --grid learner.max_staleness=1,2,4 or --grid actors=1,2 (repeatable; all combinations are tried)."),
                set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applied to every trial."),
-               budget_s: float = typer.Option(60.0, "--budget-s", help="Training seconds per trial."),
+               budget_s: float = typer.Option(60.0, "--budget-s", help="Training seconds per trial (with --steps: the most a trial may take)."),
+               steps: Optional[int] = typer.Option(None, "--steps", help="Each trial stops after this many updates (default: at --budget-s)."),
                actors: Optional[int] = typer.Option(None, "--actors", "-n", help="Actors per trial (default as rapid-run)."),
                root: str = typer.Option("runs/tune", "--root", help="Where the trial runs and results go."),
                eval_every: int = typer.Option(0, "--eval-every", help="Held-out evaluation every N steps in each trial (0: start and end)."),
@@ -273,7 +274,8 @@ def tune_sweep(config: Optional[str] = typer.Option(None, "--config", "-c", help
     from rapid_async.tune.sweep import sweep
 
     try:
-        sweep(config, grid, budget_s, Path(root), actors=actors, fixed=set_, eval_every=eval_every)
+        sweep(config, grid, budget_s, Path(root), actors=actors, fixed=set_, eval_every=eval_every,
+              max_steps=steps)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
 

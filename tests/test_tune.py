@@ -27,11 +27,42 @@ def test_parse_grid_is_the_cartesian_product():
         parse_grid(["learner.max_staleness="])
 
 
+STEPS = 6
+"""Updates per trial in the sweep test: trials stop on steps, so a slow machine
+cannot leave one with none."""
+
+
+def test_trial_command_stops_on_steps_when_given(tmp_path):
+    from rapid_async.tune.trials import trial_command
+
+    by_time = trial_command(None, ["actors=2"], tmp_path, 30.0, None)
+    assert "run.max_seconds=30.0" in by_time and "run.max_steps=1000000" in by_time
+    assert by_time[by_time.index("--actors") + 1] == "2"
+    by_steps = trial_command(None, [], tmp_path, 30.0, 1, max_steps=7)
+    assert "run.max_steps=7" in by_steps and "run.max_steps=1000000" not in by_steps
+
+
+def test_a_trial_without_any_update_gives_a_row_of_dashes(tmp_path):
+    from rapid_async.metrics import MetricsWriter
+    from rapid_async.tune.sweep import table
+    from rapid_async.tune.trials import summary
+
+    writer = MetricsWriter(tmp_path, role="learner")
+    writer.write({"step": 0, "eval/success": 0.25})
+    writer.close()
+    row = summary(tmp_path)
+    assert row["steps"] == 0 and row["updates_per_s"] == 0.0
+    assert row["mean_staleness"] != row["mean_staleness"]  # nan: no step, no staleness
+    line = table([(["learner.max_staleness=0"], row)]).splitlines()[-1]
+    assert "| 0.00 | - |" in line and "nan" not in line, line
+
+
 def test_rapid_tune_sweep_writes_table_csv_json_plots_and_tensorboard(tmp_path, random_model_dir):
     root = tmp_path / "tune"
     proc = subprocess.run(
         [sys.executable, "-m", "rapid_async.cli", "tune", "sweep", "--config",
-         str(REPO / "configs" / "quickstart.toml"), "--actors", "1", "--budget-s", "4",
+         str(REPO / "configs" / "quickstart.toml"), "--actors", "1", "--steps", str(STEPS),
+         "--budget-s", "600",
          "--root", str(root), "--grid", "learner.max_staleness=0,2",
          "--set", f"model.path={random_model_dir}", "--set", "run.eval_size=10",
          "--set", "algo.group_size=2", "--set", "learner.minibatch_groups=4",
@@ -43,8 +74,8 @@ def test_rapid_tune_sweep_writes_table_csv_json_plots_and_tensorboard(tmp_path, 
     assert [r["trial"] for r in rows] == [["learner.max_staleness=0"], ["learner.max_staleness=2"]]
     # with max_staleness 0 no consumed group may be older than the learner
     assert rows[0]["mean_staleness"] == 0.0
-    for row in rows:
-        assert row["updates_per_s"] > 0 and row["steps"] >= 1 and row["actors"] == 1
+    for row in rows:  # each trial stopped on its step count, not on the (upper-bound) budget
+        assert row["updates_per_s"] > 0 and row["steps"] == STEPS and row["actors"] == 1
     with open(root / "tune.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["trial"] for r in table] == ["learner.max_staleness=0", "learner.max_staleness=2"]

@@ -2,7 +2,9 @@
 
 Used from the command line on one node. Each trial is a real `rapid-run`
 (`trials.run_trial`) of the base config with the trial's overrides and a short
-training-time budget; `actors=1,2` varies the number of actors. The results
+training-time budget, or a number of updates (`--steps`, with the budget as an
+upper bound: trials that compare on equal work, whatever the machine's speed);
+`actors=1,2` varies the number of actors. The results
 go to ROOT/tune.md (a markdown table), ROOT/tune.csv and ROOT/tune.json (one
 row per trial: updates/s over the steady window, groups generated per second,
 learner and actor busy fractions, staleness, groups dropped, truncated-weight
@@ -82,9 +84,13 @@ def write_results(rows: list[tuple[list[str], dict]], root: Path, header: str) -
 
 def sweep(config: str | None, grid: list[str], budget_s: float, root: Path,
           actors: int | None = None, fixed: list[str] | None = None,
-          eval_every: int = 0) -> list[tuple[list[str], dict]]:
+          eval_every: int = 0, max_steps: int | None = None) -> list[tuple[list[str], dict]]:
     """Run every trial of the grid (plus the `fixed` overrides); write and return
-    the comparison."""
+    the comparison. Each trial trains for `budget_s` seconds, or for `max_steps`
+    updates when given (then `budget_s` only bounds it). A trial that made no
+    update has steps 0 and "-" for its rates and staleness, and a warning says so."""
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {max_steps}")
     from rapid_async.config import load_config
     from rapid_async.progress import ProgressDisplay
     from rapid_async.tune.plots import plot_sweep
@@ -103,11 +109,16 @@ def sweep(config: str | None, grid: list[str], budget_s: float, root: Path,
                 display.update(i, status=f"trial {i + 1}: {label} {_trial_status(run_dir)}")
 
             run_dir = run_trial(config, [*fixed, *overrides], root / f"trial-{i}", budget_s,
-                                actors, eval_every=eval_every, on_poll=poll)
+                                actors, eval_every=eval_every, on_poll=poll, max_steps=max_steps)
             rows.append((overrides, summary(run_dir)))
+            if not rows[-1][1]["steps"]:
+                display.log(f"[rapid-tune] warning: trial {i + 1} ({label}) made no update in "
+                            f"{budget_s:g} s; its rates and staleness are '-' (raise --budget-s, "
+                            "or give --steps)")
             display.update(i + 1, status=f"trial {i + 1} done")
             display.log(table(rows[-1:]).splitlines()[-1])
-    header = (f"# rapid-tune sweep: {len(trials)} trials of {budget_s:g} s training each\n\n"
+    length = f"{max_steps} updates (at most {budget_s:g} s)" if max_steps else f"{budget_s:g} s"
+    header = (f"# rapid-tune sweep: {len(trials)} trials of {length} training each\n\n"
               f"Base config: `{config}`; for every trial: `{' '.join(fixed) or '-'}`. "
               "Rates are over each trial's steady window (after start-up).")
     paths = write_results(rows, root, header)

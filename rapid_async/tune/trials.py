@@ -52,11 +52,14 @@ def split_actors(overrides: list[str], default: int | None) -> tuple[list[str], 
 
 
 def trial_command(config: str | None, overrides: list[str], run_dir: Path, budget_s: float,
-                  actors: int | None, eval_every: int = 0) -> list[str]:
-    """The rapid-run command line of one trial."""
+                  actors: int | None, eval_every: int = 0,
+                  max_steps: int | None = None) -> list[str]:
+    """The rapid-run command line of one trial: it stops at `budget_s` seconds,
+    or after `max_steps` updates when given (the budget is then an upper bound)."""
     sets, actors = split_actors(overrides, actors)
+    steps = 1000000 if max_steps is None else max_steps
     sets = [*sets, f"run.run_dir={run_dir}", f"run.max_seconds={budget_s}",
-            "run.max_steps=1000000", f"run.eval_every={eval_every}", "run.checkpoint_every=0"]
+            f"run.max_steps={steps}", f"run.eval_every={eval_every}", "run.checkpoint_every=0"]
     cmd = [sys.executable, "-m", "rapid_async.cli", "run"]
     if config:
         cmd += ["--config", config]
@@ -69,8 +72,9 @@ def trial_command(config: str | None, overrides: list[str], run_dir: Path, budge
 
 def run_trial(config: str | None, overrides: list[str], run_dir: Path, budget_s: float,
               actors: int | None = None, eval_every: int = 0,
-              on_poll: Callable[[Path], None] | None = None) -> Path:
-    """Run one trial to completion; return its run directory.
+              on_poll: Callable[[Path], None] | None = None,
+              max_steps: int | None = None) -> Path:
+    """Run one trial to completion (see `trial_command`); return its run directory.
 
     Raises:
         RuntimeError: naming the trial and the tail of its log when it fails.
@@ -78,7 +82,7 @@ def run_trial(config: str | None, overrides: list[str], run_dir: Path, budget_s:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-    cmd = trial_command(config, overrides, run_dir, budget_s, actors, eval_every)
+    cmd = trial_command(config, overrides, run_dir, budget_s, actors, eval_every, max_steps)
     log_path = run_dir / "rapid-run.log"
     cpu0, own0, t0 = _machine_cpu_s(), _children_cpu_s(), time.monotonic()
     with open(log_path, "wb") as log:
