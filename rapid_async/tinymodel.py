@@ -8,10 +8,11 @@ embeddings) saved as a standard Hugging Face model directory (config.json,
 generation_config.json, tokenizer files, model.safetensors) that both
 `transformers` and vLLM load.
 
-`warm_start` then trains it briefly with teacher forcing on 2-digit "+-"
-arithmetic so that greedy held-out success is about 30% while pass@8 at
-temperature 1 is about 75%: RL has plenty to improve and finds rewards often.
-`ensure_warm_model` caches that model by a hash of its settings.
+`rapid_async.warmstart` then trains it with teacher forcing on 2-digit "+-"
+arithmetic until greedy held-out success reaches a target (15%), while pass@8
+at temperature 1 is far higher: RL has plenty to improve and finds rewards
+often; `ensure_warm_model` caches that model by a hash of its recipe. Those
+names are importable from here too.
 
 Used by: the launcher and `bin/quickstart` (to build and cache the warm-started
 model), the actor and learner (which load the directory), and tests.
@@ -26,14 +27,12 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from tokenizers import processors
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
-from rapid_async.supervised import train_supervised
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
@@ -213,172 +212,21 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------- warm start
+# ------------------------------------------------- the warm start (rapid_async.warmstart)
 
 
-WARM_START_DEFAULTS = {"steps": 1500, "batch_size": 128, "lr": 3e-3}
-"""Warm-start schedule (about 2.5 minutes on 2 cores)."""
-TEACHER_PERIOD_RATE = (0.8, 0.1)
-"""How often the warm-start teacher ends an answer with a stray '.': for
-subtractions and answers of 3+ characters, and for the other answers."""
-WARM_START_VERSION = 3
-"""Bumped whenever the warm-start recipe changes, so cached models are rebuilt."""
+_WARM_START_NAMES = {"WARM_START_DEFAULTS", "WARM_START_VERSION", "warm_start",
+                     "ensure_warm_model", "default_cache_dir", "SloppyTeacher",
+                     "TEACHER_PERIOD_RATE", "_answer_budget"}
 
 
-class SloppyTeacher:
-    """The warm start's demonstrations: the task's answers, with a habit.
+def __getattr__(name: str):
+    """The warm start's names, from `rapid_async.warmstart` (imported on first use)."""
+    if name in _WARM_START_NAMES:
+        from rapid_async import warmstart
 
-    The teacher ends some answers with a stray "." which the verifier rejects:
-    80% of subtraction answers and of answers with 3 or more characters, 10%
-    of the others. The warm-started model learns the arithmetic and the habit:
-    greedy decoding writes the period on about three problems in four, so
-    held-out success starts low (about 25%) although the digits are right far
-    more often. RL removes the habit within about a
-    hundred updates, as it removes formatting habits of real models, and then
-    keeps sharpening the digits; that is what the quickstart shows in minutes
-    on a CPU. Which answers get the period is a pure function of the index.
-    """
-
-    def __init__(self, task):
-        self.task = task
-        self.name = task.name
-
-    def train_problem(self, index: int):
-        import random
-        from dataclasses import replace
-
-        problem = self.task.train_problem(index)
-        habit = "-" in problem.prompt[1:] or len(problem.answer) >= 3
-        rate = TEACHER_PERIOD_RATE[0] if habit else TEACHER_PERIOD_RATE[1]
-        if random.Random(index * 7919 + 13).random() < rate:
-            return replace(problem, answer=problem.answer + ".")
-        return problem
-
-
-def warm_start(out_dir: str | Path, task=None, seed: int = 0, steps: int | None = None,
-               batch_size: int | None = None, lr: float | None = None, threads: int = 2,
-               eval_n: int = 200, log=print, **size: int) -> Path:
-    """Build the tiny model, train it briefly on the task and save it.
-
-    Deterministic by seed (for a fixed thread count): the initialisation, the
-    data order (train problems 0, 1, 2, ...) and the optimizer are all seeded.
-    Writes `warm_start.json` next to the weights with the settings and the
-    greedy held-out success rate.
-
-    Args:
-        out_dir: destination directory (replaced atomically).
-        task: an arithmetic-style task; default `ArithmeticTask()` (2 digits, "+-").
-        seed: seed of initialisation and training.
-        steps, batch_size, lr: schedule; defaults in `WARM_START_DEFAULTS`.
-        threads: torch CPU threads while training (restored afterwards).
-        eval_n: held-out problems for the final greedy evaluation (0 skips it).
-        log: callable for progress lines (None for silence).
-        **size: overrides of `DEFAULT_SIZE`.
-
-    Returns:
-        The saved model directory.
-    """
-    from rapid_async.engines.hf import HFEngine
-    from rapid_async.evaluate import evaluate
-    from rapid_async.tasks.arithmetic import ArithmeticTask
-
-    task = task if task is not None else ArithmeticTask()
-    schedule = _schedule(steps, batch_size, lr)
-    say = log if log is not None else (lambda *_: None)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        start = time.monotonic()
-        model = build_model(seed=seed, **size)
-        tokenizer = build_tokenizer()
-        torch.manual_seed(seed)
-
-        def progress(step: int, loss: float) -> None:
-            say(f"step {step}/{schedule['steps']}  loss {loss:.4f}  "
-                f"elapsed {time.monotonic() - start:.1f}s")
-
-        say(f"warm start: {schedule['steps']} steps x {schedule['batch_size']} problems of"
-            f" {task.name}, lr {schedule['lr']}, seed {seed}, {threads} thread(s)")
-        losses = train_supervised(model, tokenizer, SloppyTeacher(task), log=progress,
-                                  log_every=max(1, min(100, schedule["steps"] // 10)), **schedule)
-        train_seconds = time.monotonic() - start
-        success = None
-        if eval_n:
-            success = evaluate(HFEngine.from_model(model), tokenizer, task, n=eval_n,
-                               max_new_tokens=_answer_budget(task))
-            say(f"held-out greedy success {success:.3f} on {eval_n} problems")
-    finally:
-        torch.set_num_threads(previous_threads)
-    out = save_model_dir(model, out_dir)
-    report = {"settings": _settings(task, seed, schedule, size), "final_loss": losses[-1],
-              "train_seconds": round(train_seconds, 1), "threads": threads,
-              "heldout_greedy_success": success, "heldout_n": eval_n}
-    (out / "warm_start.json").write_text(json.dumps(report, indent=2))
-    return out
-
-
-def _schedule(steps: int | None, batch_size: int | None, lr: float | None) -> dict:
-    """The warm-start schedule with defaults filled in, validated."""
-    schedule = {"steps": steps, "batch_size": batch_size, "lr": lr}
-    schedule = {k: WARM_START_DEFAULTS[k] if v is None else v for k, v in schedule.items()}
-    if schedule["steps"] < 1 or schedule["batch_size"] < 1 or not schedule["lr"] > 0:
-        raise ValueError(f"steps, batch_size and lr must be positive, got {schedule}")
-    return schedule
-
-
-def _answer_budget(task) -> int:
-    """Tokens a completion may need: the longest possible answer plus EOS."""
-    digits = getattr(task, "digits", 4)
-    ops = getattr(task, "ops", "*")
-    return (2 * digits if "*" in ops else digits + 1) + 2
-
-
-def _settings(task, seed: int, schedule: dict, size: dict) -> dict:
-    """Everything that determines a warm-started model, for the cache key."""
-    options = task.options() if hasattr(task, "options") else {}
-    return {"version": WARM_START_VERSION, "task": task.name, "task_options": options,
-            "seed": seed, **schedule, "size": {**DEFAULT_SIZE, **size}}
-
-
-def default_cache_dir() -> Path:
-    """`$RAPID_CACHE`, else `.cache/rapid_async/` in the repository root."""
-    env = os.environ.get("RAPID_CACHE")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent / ".cache" / "rapid_async"
-
-
-def ensure_warm_model(cache_dir: str | Path | None = None, task=None, seed: int = 0,
-                      log=print, **options) -> Path:
-    """Return the cached warm-started model for these settings, building it if missing.
-
-    The directory name carries a hash of every setting (task options, seed,
-    schedule, model size, recipe version); a build writes to a temporary
-    directory and renames it into place, so readers never see a partial model.
-
-    Args:
-        cache_dir: cache root; default `default_cache_dir()`.
-        task: as in `warm_start`; default `ArithmeticTask()`.
-        seed: as in `warm_start`.
-        log: progress callable, used only when building.
-        **options: steps, batch_size, lr, threads, eval_n and size overrides,
-            passed to `warm_start`.
-
-    Returns:
-        The model directory.
-    """
-    from rapid_async.tasks.arithmetic import ArithmeticTask
-
-    task = task if task is not None else ArithmeticTask()
-    schedule = _schedule(options.pop("steps", None), options.pop("batch_size", None),
-                         options.pop("lr", None))
-    run_options = {k: options.pop(k) for k in ("threads", "eval_n") if k in options}
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = settings_hash(_settings(task, seed, schedule, options))
-    target = root / f"warm-{task.name}-{key}"
-    if (target / "model.safetensors").exists() and (target / "warm_start.json").exists():
-        return target
-    return warm_start(target, task=task, seed=seed, log=log, **schedule, **run_options, **options)
+        return getattr(warmstart, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------- CLI
@@ -387,6 +235,8 @@ def ensure_warm_model(cache_dir: str | Path | None = None, task=None, seed: int 
 def _cli():
     """The typer app behind `python -m rapid_async.tinymodel`."""
     import typer
+
+    from rapid_async.warmstart import WARM_START_DEFAULTS, ensure_warm_model, warm_start
 
     app = typer.Typer(add_completion=False, help="Build the tiny character-level model.")
 
@@ -400,19 +250,23 @@ def _cli():
     def warmstart_cmd(
         out: Path | None = typer.Option(None, help="Output directory; default: the cache."),
         seed: int = typer.Option(0, help="Seed of initialisation and training."),
-        steps: int | None = typer.Option(None, help="Optimizer steps (default tuned)."),
+        steps: int | None = typer.Option(None, help="Most optimizer steps (default: the recipe's)."),
+        target: float = typer.Option(WARM_START_DEFAULTS["target"], help="Stop at this held-out greedy success (0: train all the steps)."),
         threads: int = typer.Option(2, help="torch CPU threads."),
         pass_k: int = typer.Option(8, help="Also report pass@K at temperature 1 (0: skip)."),
     ) -> None:
         """Warm-start the tiny model on 2-digit arithmetic and report held-out success."""
+        recipe = {"steps": steps, "target": target if target > 0 else None}
         if out is None:
-            path = ensure_warm_model(seed=seed, steps=steps, threads=threads)
+            path = ensure_warm_model(seed=seed, threads=threads, recipe=recipe)
         else:
-            path = warm_start(out, seed=seed, steps=steps, threads=threads)
+            path = warm_start(out, seed=seed, threads=threads, recipe=recipe)
         report = json.loads((path / "warm_start.json").read_text())
         print(f"model: {path}")
         print(f"held-out greedy success: {report['heldout_greedy_success']:.3f} "
-              f"(n={report['heldout_n']}, trained in {report['train_seconds']}s)")
+              f"(n={report['heldout_n']}, {report['steps_taken']} steps, target "
+              f"{report['settings']['target']} {'reached' if report['target_reached'] else 'not reached'}, "
+              f"trained in {report['train_seconds']}s)")
         if pass_k:
             _print_pass_at_k(path, pass_k, threads)
 
@@ -424,6 +278,7 @@ def _print_pass_at_k(path: Path, k: int, threads: int) -> None:
     from rapid_async.engines.hf import HFEngine
     from rapid_async.evaluate import EvalSettings, run_evaluation
     from rapid_async.tasks.arithmetic import ArithmeticTask
+    from rapid_async.warmstart import _answer_budget
 
     torch.set_num_threads(threads)
     task = ArithmeticTask()

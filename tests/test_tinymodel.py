@@ -112,31 +112,67 @@ def test_few_training_steps_reduce_loss():
     assert sum(losses[-5:]) / 5 < losses[0] - 0.8  # starts near ln(32) = 3.47
 
 
+def test_a_check_stops_training_and_the_schedule_does_not_depend_on_it():
+    from rapid_async.supervised import lr_factor
+
+    def run(check=None):
+        torch.manual_seed(0)
+        model = build_model(seed=0, **SMALL)
+        return train_supervised(model, build_tokenizer(), ArithmeticTask(), steps=12,
+                                batch_size=8, lr=3e-3, decay_steps=8, check=check,
+                                check_every=3)
+
+    seen = []
+    stopped = run(lambda step: seen.append(step) or step >= 6)
+    assert seen == [3, 6] and len(stopped) == 6
+    assert stopped == run()[:6]  # the first 6 steps are those of the full run
+    assert [round(lr_factor(s, 12, 8), 4) for s in (0, 8, 11)] == [1.0, 0.1, 0.1]
+    assert lr_factor(5, 1500) == pytest.approx(6 / 75)  # the old schedule, unchanged
+
+
 def test_warm_start_writes_report_and_is_deterministic(tmp_path):
-    kwargs = {"seed": 3, "steps": 6, "batch_size": 16, "lr": 3e-3, "eval_n": 10, "log": None,
-              "threads": 1}
+    recipe = {"steps": 6, "batch_size": 16, "lr": 3e-3, "check_every": 3, "check_n": 10,
+              "target": 0.9}
+    kwargs = {"seed": 3, "eval_n": 10, "log": None, "threads": 1, "recipe": recipe}
     a = warm_start(tmp_path / "a", **kwargs, **SMALL)
     b = warm_start(tmp_path / "b", **kwargs, **SMALL)
     report = json.loads((a / "warm_start.json").read_text())
     assert report["settings"]["steps"] == 6 and report["settings"]["seed"] == 3
+    assert report["settings"]["target"] == 0.9 and report["settings"]["version"] >= 4
+    # 6 steps cannot reach 90%: both checks are recorded, all steps taken, not reached
+    assert [step for step, _ in report["checks"]] == [3, 6] and report["steps_taken"] == 6
+    assert report["target_reached"] is False and "cpu" in report
     assert 0.0 <= report["heldout_greedy_success"] <= 1.0
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert AutoModelForCausalLM.from_pretrained(a).config.hidden_size == 64
 
 
+def test_a_bad_warm_start_setting_is_named():
+    with pytest.raises(ValueError, match="unknown warm-start setting.*'stpes'"):
+        warm_start("/nonexistent", recipe={"stpes": 3})
+    with pytest.raises(ValueError, match="target"):
+        warm_start("/nonexistent", recipe={"target": 1.5})
+
+
 def test_ensure_warm_model_caches_by_settings(tmp_path):
     lines = []
-    kwargs = {"steps": 3, "batch_size": 8, "eval_n": 0, "log": lines.append, "threads": 1, **SMALL}
-    first = ensure_warm_model(tmp_path, **kwargs)
+    kwargs = {"eval_n": 0, "log": lines.append, "threads": 1, **SMALL}
+    recipe = {"steps": 3, "batch_size": 8, "target": None}
+    first = ensure_warm_model(tmp_path, recipe=recipe, **kwargs)
     built = len(lines)
     assert built > 0 and first.parent == tmp_path
     stamp = (first / "model.safetensors").stat().st_mtime_ns
-    assert ensure_warm_model(tmp_path, **kwargs) == first
+    assert ensure_warm_model(tmp_path, recipe=recipe, **kwargs) == first
     assert len(lines) == built and (first / "model.safetensors").stat().st_mtime_ns == stamp
-    other = ensure_warm_model(tmp_path, seed=1, **kwargs)
+    other = ensure_warm_model(tmp_path, seed=1, recipe=recipe, **kwargs)
     assert other != first
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, other.name])
+    # the recipe's target is part of the key
+    targeted = ensure_warm_model(tmp_path, recipe={**recipe, "target": 0.5, "check_every": 3},
+                                 **kwargs)
+    assert targeted not in (first, other)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [first.name, other.name, targeted.name])
 
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
@@ -158,12 +194,16 @@ def test_cli_warmstart(tmp_path):
 
 @pytest.mark.slow
 def test_default_warm_start_lands_in_range():
-    """The cached default warm start: greedy held-out success between 10% and 50%."""
+    """The cached default warm start reached its held-out target, and sampling finds more."""
     path = ensure_warm_model()
+    report = json.loads((path / "warm_start.json").read_text())
+    target = tinymodel.WARM_START_DEFAULTS["target"]
+    assert report["target_reached"] and report["checks"][-1][1] >= target
+    assert all(s < target for _, s in report["checks"][:-1])  # it stopped at the first
     engine = HFEngine(path)
     tokenizer, task = build_tokenizer(), ArithmeticTask()
     success = evaluate(engine, tokenizer, task, n=500, max_new_tokens=6)
-    assert 0.10 <= success <= 0.50
+    assert success == pytest.approx(report["checks"][-1][1], abs=0.01)  # the check, remeasured
     settings = EvalSettings(problems=200, greedy=False, samples=8, max_new_tokens=6)
     sampled = run_evaluation(engine, tokenizer, task, settings).summary
     assert sampled["pass@8"] > success
