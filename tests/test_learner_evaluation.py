@@ -32,15 +32,38 @@ def test_a_job_goes_to_one_actor_and_its_result_is_recorded_once():
     assert board.take_results() == [] and board.status(job) == "answered"
 
 
-def test_a_silent_or_departed_actor_loses_its_job_to_the_next():
+class Clock:
+    """The board's clock, advanced by hand: silences are counted in clock ticks,
+    not in how fast a loaded machine runs the test."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return time.time()
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    from rapid_async.learner import evaluation
+
+    fake = Clock()
+    monkeypatch.setattr(evaluation, "time", fake)
+    return fake
+
+
+def test_a_silent_or_departed_actor_loses_its_job_to_the_next(clock):
     board = EvalBoard(SETTINGS, timeout_s=0.2)
     job = board.request(5, "periodic")
     assert board.take("a0", evaluator=False)[0] is job
-    time.sleep(0.1)
+    clock.now += 0.1
     board.heard("a0")  # a heartbeat keeps it
-    time.sleep(0.15)
+    clock.now += 0.15
     assert board.expire_silent() == []
-    time.sleep(0.25)
+    clock.now += 0.25
     assert board.expire_silent() == ["a0"]
     assert board.status(job) == "waiting" and board.counters["reissued"] == 1
     assert board.take("a1", evaluator=False)[0] is job and job.attempts == 2
@@ -68,7 +91,7 @@ def test_an_untaken_periodic_job_is_superseded_but_start_and_final_are_kept():
     assert board.take("a0", False)[0] is final
 
 
-def test_a_dedicated_evaluator_takes_the_jobs_while_it_is_alive():
+def test_a_dedicated_evaluator_takes_the_jobs_while_it_is_alive(clock):
     board = EvalBoard(SETTINGS, timeout_s=0.2)
     job = board.request(0, "start")
     board.heard("ev", evaluator=True)
@@ -76,7 +99,7 @@ def test_a_dedicated_evaluator_takes_the_jobs_while_it_is_alive():
     assert board.take("ev", evaluator=True)[0] is job
     board.answer(_result(job.job_id, 0, actor="ev"))
     nxt = board.request(4, "periodic")
-    time.sleep(0.25)  # the evaluator went quiet: generating actors take over
+    clock.now += 0.25  # the evaluator went quiet: generating actors take over
     assert board.take("gen", evaluator=False)[0] is nxt
 
 
