@@ -250,8 +250,9 @@ def _cli():
     def warmstart_cmd(
         out: Path | None = typer.Option(None, help="Output directory; default: the cache."),
         seed: int = typer.Option(0, help="Seed of initialisation and training."),
-        steps: int | None = typer.Option(None, help="Most optimizer steps (default: the recipe's)."),
-        target: float = typer.Option(WARM_START_DEFAULTS["target"], help="Stop at this held-out greedy success (0: train all the steps)."),
+        steps: int | None = typer.Option(None, help="Most optimizer steps (default: recipe)."),
+        target: float = typer.Option(WARM_START_DEFAULTS["target"],
+                                     help="Stop at this held-out greedy success (0: never)."),
         threads: int = typer.Option(2, help="torch CPU threads."),
         pass_k: int = typer.Option(8, help="Also report pass@K at temperature 1 (0: skip)."),
     ) -> None:
@@ -265,7 +266,8 @@ def _cli():
         print(f"model: {path}")
         print(f"held-out greedy success: {report['heldout_greedy_success']:.3f} "
               f"(n={report['heldout_n']}, {report['steps_taken']} steps, target "
-              f"{report['settings']['target']} {'reached' if report['target_reached'] else 'not reached'}, "
+              f"{report['settings']['target']} "
+              f"{'reached' if report['target_reached'] else 'not reached'}, "
               f"trained in {report['train_seconds']}s)")
         if pass_k:
             _print_pass_at_k(path, pass_k, threads)

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
-from rapid_async.supervised import TEACHER_PERIOD_RATE, SloppyTeacher, train_supervised  # noqa: F401
-from rapid_async.tinymodel import DEFAULT_SIZE, build_model, build_tokenizer, save_model_dir, settings_hash
+from rapid_async.supervised import (TEACHER_PERIOD_RATE, SloppyTeacher,  # noqa: F401
+                                    train_supervised)
+from rapid_async.tinymodel import (DEFAULT_SIZE, build_model, build_tokenizer, save_model_dir,
+                                   settings_hash)
 
 WARM_START_DEFAULTS = {"steps": 4000, "batch_size": 128, "lr": 3e-3, "decay_steps": 1500,
                        "target": 0.15, "check_every": 50, "check_n": 500}

@@ -113,7 +113,8 @@ def main(variants: list[str] = typer.Option(list(VARIANTS), "--variant", help="V
         warm = build(name, VARIANTS[name], model)
         print(f"[bench-quickstart] {name}: {warm['steps_taken']} steps, "
               f"{warm['checks'][-1][1]:.3f}; RL", flush=True)
-        rows.append({"name": name, "warm": warm, "rl": rl(model, (root / f"rl-{i}").resolve(), set_)})
+        run = rl(model, (root / f"rl-{i}").resolve(), set_)
+        rows.append({"name": name, "warm": warm, "rl": run})
         print(f"[bench-quickstart] {rows[-1]['rl']}", flush=True)
         out.write_text(report(rows, machine))
     print(f"[bench-quickstart] wrote {out}")
