@@ -187,9 +187,17 @@ def decode_streams(gaps: torch.Tensor, large: torch.Tensor, values: torch.Tensor
         raise PayloadError(f"delta has {int(escape.sum())} escaped gaps but {large.numel()} large gaps")
     if large.numel() and bool((large < 255).any()):
         raise PayloadError("delta has a large gap below 255 (or negative)")
+    # Each step g + 1 is >= 1, so positions rise strictly unless the int64
+    # cumsum wraps. Forged large gaps could sum past 2**63 and wrap back into
+    # range, so the last position is bounded first in float64 (exact below
+    # 2**53; above it, far past any state), then indexed only if in range.
+    small = float(g.sum()) - 255.0 * large.numel()  # the non-escaped gaps
+    last = small + float(large.double().sum()) + k - 1
+    if k and last >= numel:
+        raise PayloadError(f"delta changes position {last:.0f} of a state of {numel} elements")
     g[escape] = large
     idx = torch.cumsum(g + 1, 0) - 1
-    if k and int(idx[-1]) >= numel:
+    if k and (int(idx[0]) < 0 or int(idx[-1]) >= numel):
         raise PayloadError(f"delta changes position {int(idx[-1])} of a state of {numel} elements")
     if k == 0:
         return Delta(idx, torch.zeros(0, dtype=int_dtype, device=gaps.device))
