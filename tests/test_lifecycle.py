@@ -186,6 +186,34 @@ def test_every_rank_raising_does_not_deadlock_and_rank_0_still_checkpoints(rando
     assert (saved / "rapid_checkpoint.json").is_file() and (saved / "trainer_state.pt").is_file()
 
 
+# Rank 0 alone fails inside a step, before its collectives, while rank 1 waits
+# in them: rank 0 must not try the shut-down collectives, and rank 1 must end.
+RANK_0_FAILS = DIVERGING.replace("""trainer_module.Trainer._load_model = nan_model
+""", """
+def out_of_memory(self, batch):
+    raise MemoryError("rank 0 only")
+
+if not distributed.is_follower():
+    trainer_module.Trainer.step = out_of_memory
+""").replace("except trainer_module.TrainingDiverged as exc:", "except MemoryError as exc:")
+
+
+@pytest.mark.slow
+def test_rank_0_failing_alone_ends_every_rank_without_a_deadlock(random_model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    script = tmp_path / "rank0_fails.py"
+    script.write_text(RANK_0_FAILS)
+    overrides = [f"run.run_dir={run_dir}", "learner.devices=2", "algo.group_size=4",
+                 "learner.minibatch_groups=2", "run.max_steps=10", "run.eval_size=4",
+                 "run.eval_every=0", "run.checkpoint_every=0", "run.checkpoint_minutes=0"]
+    rc, out = torchrun(script, json.dumps(overrides), str(random_model_dir))
+    assert rc != 0, out[-4000:]  # rank 0's error ends the job; nothing hangs
+    assert "Timeout" not in out and "faulthandler" not in out.lower(), out[-4000:]
+    assert "the learner ranks are out of step" in out
+    ends = [r for r in learner_records(run_dir) if r.get("event") == "end"]
+    assert len(ends) == 1 and "MemoryError" in ends[0]["stop_reason"]
+
+
 @pytest.mark.slow
 def test_a_multi_rank_graceful_stop_longer_than_30_s_writes_its_end_record(tmp_path,
                                                                            random_model_dir):
