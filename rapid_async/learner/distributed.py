@@ -278,7 +278,9 @@ def run_follower(cfg: Any, model_dir: str | None) -> None:
     rank 0 stops gracefully and needs the followers for its last gathers; it
     sends STOP at the end, and torchrun kills a follower whose rank 0 died.
     A follower that fails on its own exits at once with code 1 (no barrier:
-    rank 0 would never reach it), and torchrun stops the job.
+    rank 0 would never reach it), and torchrun stops the job. If rank 0 dies,
+    a follower's pending gloo collective fails at once (the peer closed) and
+    it exits 1; in an NCCL collective it waits for the NCCL watchdog.
     """
     import signal
 

@@ -305,9 +305,10 @@ class Trainer:
                     self.version, loss, grad_norm, self.skipped_steps)
         limit = self.cfg.learner.max_skipped_steps
         if limit and self.consecutive_skips >= limit:
-            raise TrainingDiverged(f"{self.consecutive_skips} consecutive steps had a non-finite loss "
-                               f"or gradient norm (learner.max_skipped_steps = {limit}): training "
-                               "diverged; lower learner.lr or check the data")
+            raise TrainingDiverged(
+                f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                f"norm (learner.max_skipped_steps = {limit}): training diverged; lower "
+                "learner.lr or check the data")
         return False
 
     def _batch_metrics(self, batch: Batch, logprobs: torch.Tensor, plans: list[list[list[int]]],
