@@ -251,8 +251,11 @@ def test_a_result_is_bound_to_an_actor_that_took_the_job_and_to_its_versions():
     assert not board.answer(_result(job.job_id, 9), newest_version=12), "below the job's version"
     assert not board.answer(_result(job.job_id, 13), newest_version=12), "never published"
     assert board.counters["refused_actor"] == 1 and board.counters["refused_version"] == 2
-    assert board.status(job) == "running", "refusals leave the job to its actor"
-    assert board.answer(_result(job.job_id, 12), newest_version=12)
+    # A wrong version from the job's actor: it is done with the job, so the job
+    # goes out again (else the learner would wait for it until eval_timeout_s).
+    assert board.status(job) == "waiting" and board.counters["reissued"] == 1
+    assert board.take("a1", evaluator=False)[0] is job
+    assert board.answer(_result(job.job_id, 12, actor="a1"), newest_version=12)
     assert [j.result.policy_version for j in board.take_results()] == [12]
 
 
@@ -286,8 +289,10 @@ def test_over_sockets_another_actor_or_an_unpublished_version_cannot_answer(netw
         while net.counters["evals/refused"] < 2:
             assert time.monotonic() < deadline, dict(net.counters)
             time.sleep(0.01)
-        assert board.status(job) == "running"
         assert board.counters["refused_actor"] == 1 and board.counters["refused_version"] == 1
+        assert board.status(job) == "waiting", "a0 answered wrongly: the job goes out again"
+        a0.request_work(4, timeout_ms=5000)
+        assert _eval_task(a0).job_id == job.job_id
         a0.send_eval_result(_result(job.job_id, 0))
         while board.status(job) != "answered":
             assert time.monotonic() < deadline

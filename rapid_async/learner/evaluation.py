@@ -189,6 +189,10 @@ class EvalBoard:
                 self.counters[refusal[0]] += 1
                 job.history.append(f"refused from {result.actor_id[:40]}: {refusal[1]}")
                 log.warning("evaluation result for job %d refused: %s", job.job_id, refusal[1])
+                if refusal[0] == "refused_version" and job.actor_id == result.actor_id:
+                    # Its actor is done with it (e.g. it evaluated weights of
+                    # a learner before a restart): the job goes out again.
+                    self._release(result.actor_id, "its result was refused")
                 return False
             job.result = result
             if result.error:
