@@ -9,6 +9,7 @@ and the newest checkpoint. It relies on three records the learner writes:
   step skipped (`skipped/prompts`), those dropped as too stale since the last
   step (`dropped/prompts`), and how many of its groups came from weights whose
   checksum the learner had not served for their version (`trained/unverified`);
+  the end record lists those dropped by the last wait for data (`dropped/prompts`);
 - a learner that resumes writes an `event: resume` record with the version it
   resumed from: records of the abandoned lineage (later versions written before
   the restart) are discarded, since the restored weights never saw them;
@@ -59,7 +60,7 @@ def lineage(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
         if rec.get("event") == "resume":
             resumes += 1
             steps = [s for s in steps if s["version"] <= rec["version"]]
-        elif "trained/prompts" in rec or "skipped/prompts" in rec:
+        elif "trained/prompts" in rec or "skipped/prompts" in rec or "dropped/prompts" in rec:
             steps.append(rec)
     return steps, resumes
 

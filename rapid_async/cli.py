@@ -61,7 +61,9 @@ def learner(config: Optional[str] = typer.Option(None, "--config", "-c", help=CO
             args = [*(["--config", config] if config else []),
                     *[a for o in overrides for a in ("--set", o)],
                     *(["--resume"] if resume else []), *(["--model-dir", model_dir] if model_dir else [])]
-            distributed.exec_torchrun(cfg.learner.devices, args)
+            from rapid_async.learner.signals import stop_grace_s
+
+            distributed.exec_torchrun(cfg.learner.devices, args, stop_grace_s(cfg))
         if distributed.is_follower():
             distributed.run_follower(cfg, model_dir)
             return

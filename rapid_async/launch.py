@@ -6,16 +6,23 @@ starts the actors. Each child gets its devices: on a GPU node the learner gets
 the first `learner.devices` GPUs (one torchrun rank each, FSDP2) and each actor
 one of the others (CUDA_VISIBLE_DEVICES; `learner.gpus` / `actor.gpus`
 override); on CPU the learner's ranks get the first cores and the actors the
-others (CPU affinity, one torch thread each).
+others (CPU affinity, one torch thread each; `rapid_async.placement`).
 
 While the run goes on, the launcher shows the learner's progress from its
 metrics (`rapid_async.progress`: a rich bar on a terminal, a line every few
 seconds in a log). On Ctrl-C or SIGTERM it stops gracefully: SIGTERM to the
 learner, which stops the actors, writes a checkpoint and its end record; then
-rapid-run exits 0 (a second Ctrl-C stops every child at once). It stops every
-child it started, by pid, when a child fails and at the end, and exits non-zero
-if any child failed. Child output
-goes to RUN_DIR/learner.log and RUN_DIR/actor-N.log.
+rapid-run exits 0 (a second Ctrl-C stops every child at once). With several
+learner ranks the SIGTERM goes to rank 0 (its pid is in RUN_DIR/learner.json),
+which stops the other ranks itself; torchrun then exits 0. The launcher waits
+for the learner's graceful stop up to `learner.signals.stop_grace_s` of the
+config (the final evaluation's timeout, the actor timeout and a margin for a
+step and the checkpoint), not a fixed few seconds. When an actor fails (a
+SIGKILL, a crash) it stops the run the same graceful way (the learner's end
+record says which evaluations went missing) and exits 1; when the learner
+fails it stops every child at once. At the end it stops every child it
+started, by pid. Child output goes to RUN_DIR/learner.log and
+RUN_DIR/actor-N.log.
 """
 
 from __future__ import annotations
@@ -30,81 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from rapid_async.config import Config
-
-
-def device_plan(n_actors: int, learner_devices: int = 1, learner_gpus: str = "",
-                actor_gpus: str = "") -> list[dict[str, str]]:
-    """Environment per child: index 0 the learner (all its ranks), then the actors.
-
-    GPU node: the learner gets `learner_gpus` (default: the first
-    `learner_devices` GPUs), each actor one of `actor_gpus` (default: the
-    other GPUs; with none left, actors share the learner's first GPU). CPU:
-    the learner's ranks get the first `learner_devices` cores, the actors the
-    next ones (wrapping around).
-    """
-    gpus = _gpu_count()
-    if gpus >= 1:
-        return _gpu_plan(n_actors, gpus, learner_devices, learner_gpus, actor_gpus)
-    cores = sorted(os.sched_getaffinity(0))
-    learner_cores = ",".join(str(cores[i % len(cores)]) for i in range(learner_devices))
-    plans = [{"RAPID_CPU_AFFINITY": learner_cores, "CUDA_VISIBLE_DEVICES": "",
-              "OMP_NUM_THREADS": "1", "RAPID_LEARNER_THREADS": "1", "RAPID_DEVICE": "cpu"}]
-    for i in range(learner_devices, learner_devices + n_actors):
-        core = cores[i % len(cores)]
-        plans.append({"RAPID_CPU_AFFINITY": str(core), "CUDA_VISIBLE_DEVICES": "",
-                      "OMP_NUM_THREADS": "1", "RAPID_LEARNER_THREADS": "1",
-                      "RAPID_DEVICE": "cpu",
-                      # vLLM's CPU worker binds its own OpenMP threads: keep
-                      # them on this child's core, not on the learner's.
-                      "VLLM_CPU_OMP_THREADS_BIND": str(core)})
-    return plans
-
-
-def _gpu_plan(n_actors: int, gpus: int, learner_devices: int, learner_gpus: str,
-              actor_gpus: str) -> list[dict[str, str]]:
-    mine = [int(g) for g in learner_gpus.split(",")] if learner_gpus else list(range(learner_devices))
-    if len(mine) != learner_devices or max(mine) >= gpus:
-        raise ValueError(f"learner.devices = {learner_devices} needs that many GPUs of the "
-                         f"{gpus} on this node (learner.gpus = {learner_gpus!r}): lower "
-                         "learner.devices or list the GPUs in learner.gpus")
-    theirs = ([int(g) for g in actor_gpus.split(",")] if actor_gpus
-              else [g for g in range(gpus) if g not in mine] or mine[:1])
-    if max(theirs) >= gpus:
-        raise ValueError(f"actor.gpus = {actor_gpus!r}: this node has GPUs 0..{gpus - 1}")
-    plans = [{"CUDA_VISIBLE_DEVICES": ",".join(map(str, mine)), "RAPID_DEVICE": "cuda"}]
-    for i in range(n_actors):
-        plans.append({"CUDA_VISIBLE_DEVICES": str(theirs[i % len(theirs)]), "RAPID_DEVICE": "cuda"})
-    return plans
-
-
-def _gpu_count() -> int:
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
-
-
-def placement_record(plan: list[dict[str, str]]) -> dict[str, Any]:
-    """Which device each child got (RUN_DIR/placement.json, read by rapid-tune):
-    {"kind": "cpu"|"cuda", "devices": N on the node, "children": {name: device}}."""
-    kind = plan[0].get("RAPID_DEVICE", "cpu") if plan else "cpu"
-    key = "CUDA_VISIBLE_DEVICES" if kind == "cuda" else "RAPID_CPU_AFFINITY"
-    names = ["learner"] + [f"actor-{i}" for i in range(len(plan) - 1)]
-    devices = _gpu_count() if kind == "cuda" else len(os.sched_getaffinity(0))
-    return {"kind": kind, "devices": devices,
-            "children": {name: env.get(key, "") for name, env in zip(names, plan)}}
-
-
-def apply_affinity_from_env() -> None:
-    """Called first thing in a child: pin to the core(s) the launcher chose; a
-    learner rank under torchrun (LOCAL_RANK) takes its own core of the list."""
-    value = os.environ.get("RAPID_CPU_AFFINITY")
-    if value:
-        cores = [int(c) for c in value.split(",")]
-        if "LOCAL_RANK" in os.environ:
-            cores = [cores[int(os.environ["LOCAL_RANK"]) % len(cores)]]
-        os.sched_setaffinity(0, set(cores))
+from rapid_async.placement import (_gpu_count, _gpu_plan, apply_affinity_from_env,  # noqa: F401
+                                   device_plan, placement_record)
 
 
 class Launcher:
@@ -189,7 +123,7 @@ class Launcher:
             rc = proc.poll()
             if rc is not None and rc != 0:
                 raise ChildFailed(f"{name} (pid {proc.pid}) exited with code {rc}; "
-                                  f"see {self.run_dir / (name + '.log')}")
+                                  f"see {self.run_dir / (name + '.log')}", name)
 
     def watch(self, progress_every: float = 5.0) -> None:
         """Show progress until the learner exits; raise ChildFailed on a failure."""
@@ -216,16 +150,23 @@ class Launcher:
                 time.sleep(0.2)
         self._check_children()
 
-    def stop_gracefully(self, learner_grace_s: float = 600.0, actor_grace_s: float = 60.0) -> int:
-        """SIGTERM to the learner, which stops the actors, checkpoints and
-        writes its end record; wait for it, then for the actors. Returns the
-        exit code for rapid-run: 0 when the learner stopped cleanly. A second
-        Ctrl-C / SIGTERM meanwhile interrupts the wait (then `stop_all`)."""
+    def stop_gracefully(self, learner_grace_s: float | None = None,
+                        actor_grace_s: float = 60.0) -> int:
+        """SIGTERM to the learner (rank 0 of several), which stops the actors,
+        checkpoints and writes its end record; wait for it (at most
+        `learner_grace_s`, default `stop_grace_s` of the config), then for the
+        actors. Returns the exit code for rapid-run: 0 when the learner
+        stopped cleanly. A second Ctrl-C / SIGTERM meanwhile interrupts the
+        wait (then `stop_all`)."""
+        from rapid_async.learner.signals import stop_grace_s
+
+        if learner_grace_s is None:
+            learner_grace_s = stop_grace_s(self.cfg)
         learner = self.children.get("learner")
         if learner is None:
             return 0
         if learner.poll() is None:
-            os.kill(learner.pid, signal.SIGTERM)  # the learner only, by pid
+            os.kill(self._learner_leader(learner), signal.SIGTERM)  # by pid
         seen = self.signals
         deadline = time.monotonic() + learner_grace_s
         while learner.poll() is None:
@@ -243,6 +184,21 @@ class Launcher:
         # Killed by this SIGTERM before it could install its handler (still
         # loading): nothing was trained, nothing lost.
         return 0 if learner.returncode in (0, -signal.SIGTERM) else 1
+
+    def _learner_leader(self, learner: subprocess.Popen) -> int:
+        """The pid to signal for a graceful stop: the learner child, or with
+        several ranks its rank 0 (torchrun's child, named in learner.json):
+        torchrun would SIGKILL the ranks after its shutdown timeout and exit 1
+        even when they stop cleanly."""
+        if self.cfg.learner.devices <= 1:
+            return learner.pid
+        try:
+            pid = int(json.loads((self.run_dir / "learner.json").read_text())["pid"])
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return learner.pid
+        return pid if parent == learner.pid else learner.pid  # only our own grandchild
 
     def stop_all(self, grace_s: float = 10.0) -> None:
         """Stop every child this launcher started, by pid (TERM, then KILL)."""
@@ -271,7 +227,11 @@ class Interrupted(Exception):
 
 
 class ChildFailed(RuntimeError):
-    """A learner or actor child exited with a non-zero code."""
+    """A learner or actor child exited with a non-zero code (`name`: which)."""
+
+    def __init__(self, message: str, name: str = "learner"):
+        super().__init__(message)
+        self.name = name
 
 
 def _last_learner_record(run_dir: Path) -> dict | None:
@@ -369,12 +329,29 @@ def run_node(config_path: str | None, overrides: list[str], n_actors: int | None
     except ChildFailed as exc:
         print(f"[rapid-run] {exc}", file=sys.stderr, flush=True)
         code = 1
+        if exc.name != "learner":  # the learner checkpoints and records the end
+            code = _stop_after_actor_failure(launcher)
     finally:
         launcher.stop_all()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     _print_summary(launcher.run_dir)
     return code
+
+
+def _stop_after_actor_failure(launcher: Launcher) -> int:
+    """An actor failed: stop the learner gracefully (it notices the dead
+    actor, gives up its evaluation and writes its end record); exit code 1
+    (a child failed), 130 on a second interrupt."""
+    print("[rapid-run] stopping the learner gracefully (checkpoint, end record)", flush=True)
+    try:
+        clean = launcher.stop_gracefully() == 0
+    except Interrupted:
+        print("[rapid-run] interrupted: stopping every child now", flush=True)
+        return 130
+    print(f"[rapid-run] the learner {'stopped cleanly' if clean else 'did not stop cleanly'}",
+          flush=True)
+    return 1
 
 
 def _learner_id(run_dir: Path) -> str | None:

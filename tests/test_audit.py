@@ -44,3 +44,20 @@ def test_a_version_missing_or_repeated_in_the_lineage_is_reported():
     records = [step(1, [0]), step(1, [1])]
     assert any("not each trained once" in p for p in audit(
         records, {"version": 1, "data_position": 2}).problems)
+
+
+def test_prompts_dropped_stale_by_the_last_wait_count_from_the_end_record():
+    # The last take() dropped 4 and 5 as stale and no step followed; the end
+    # record lists them (issue 16.7). An end record of an abandoned lineage
+    # (before a resume to an earlier version) does not count.
+    records = [step(1, [0, 1]), step(2, [2, 3]),
+               {"role": "learner", "event": "end", "version": 2, "step": 2,
+                "dropped/prompts": ["4", "5"]}]
+    meta = {"version": 2, "data_position": 6, "pending": []}
+    report = audit(records, meta)
+    assert report.problems == [] and report.dropped == {4, 5}
+    assert audit(records[:2], meta).lost == [4, 5], "without the end record they are lost"
+    abandoned = [step(1, [0, 1]), step(2, [2, 3]),
+                 {"role": "learner", "event": "end", "version": 2, "dropped/prompts": ["4"]},
+                 {"role": "learner", "event": "resume", "version": 1}, step(2, [2, 3])]
+    assert audit(abandoned, {"version": 2, "data_position": 5, "pending": []}).lost == [4]

@@ -56,7 +56,8 @@ def model_dir(tmp_path_factory):
 
 
 def torchrun(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",  # this checkout's code, not an editable install's
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node=2", str(script), *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)

@@ -260,3 +260,67 @@ def test_learner_evaluations_ask_record_and_give_up_clearly(tmp_path, monkeypatc
     assert [(r["eval/kind"], r["reason"]) for r in missing] == [
         ("start", "no actor is connected"), ("final", "no actor is connected")]
     assert evals.results(final) == ({}, {})
+
+
+# ---------------------------------------------------------------- results bound to their job (issue 16.4)
+
+
+def test_a_result_is_bound_to_an_actor_that_took_the_job_and_to_its_versions():
+    board = EvalBoard(SETTINGS)
+    job = board.request(10, "periodic")
+    assert board.take("a0", evaluator=False)[0] is job
+    assert not board.answer(_result(job.job_id, 12, actor="a1"), newest_version=12), \
+        "an actor that never took the job cannot answer it"
+    assert not board.answer(_result(job.job_id, 9), newest_version=12), "below the job's version"
+    assert not board.answer(_result(job.job_id, 13), newest_version=12), "never published"
+    assert board.counters["refused_actor"] == 1 and board.counters["refused_version"] == 2
+    # A wrong version from the job's actor: it is done with the job, so the job
+    # goes out again (else the learner would wait for it until eval_timeout_s).
+    assert board.status(job) == "waiting" and board.counters["reissued"] == 1
+    assert board.take("a1", evaluator=False)[0] is job
+    assert board.answer(_result(job.job_id, 12, actor="a1"), newest_version=12)
+    assert [j.result.policy_version for j in board.take_results()] == [12]
+
+
+def test_an_actors_metric_names_cannot_overwrite_the_records_fields():
+    board = EvalBoard(SETTINGS)
+    job = board.request(4, "final")
+    board.take("a0", evaluator=False)
+    forged = {"success": 0.5, "pass@4": 0.75, "version": 999.0, "kind": 1.0, "actor": 2.0,
+              "requested_version": 0.0, "attempts": 0.0, "time": 0.0, "lag_s": 0.0, "x" * 60: 1.0}
+    assert board.answer(EvalResult("a0", job.job_id, 4, forged, ""), newest_version=4)
+    clock = {4: {"time": 100.0, "elapsed_s": 10.0, "train_s": 8.0}}
+    rec = result_record(board.take_results()[0], clock, current_version=5)
+    assert rec["eval/version"] == 4 and rec["eval/kind"] == "final" and rec["eval/actor"] == "a0"
+    assert rec["eval/requested_version"] == 4 and rec["eval/attempts"] == 1
+    assert rec["eval/time"] == 100.0 and rec["version"] == 5
+    assert rec["eval/success"] == 0.5 and rec["eval/pass@4"] == 0.75
+    assert rec["eval/dropped_metrics"] == 8 and "eval/" + "x" * 60 not in rec
+
+
+@pytest.mark.parametrize("network", ["rapid-async"], indirect=True)
+def test_over_sockets_another_actor_or_an_unpublished_version_cannot_answer(network):
+    net, scheduler, board = network
+    job = board.request(0, "start")
+    a0, a1 = _actor(net, "a0"), _actor(net, "a1")
+    try:
+        a0.request_work(4, timeout_ms=5000)
+        assert _eval_task(a0).job_id == job.job_id
+        a1.send_eval_result(_result(job.job_id, 0, actor="a1"))  # a1's own connection, a0's job
+        a0.send_eval_result(_result(job.job_id, 3))  # version 3 was never published (0 is)
+        deadline = time.monotonic() + 10
+        while net.counters["evals/refused"] < 2:
+            assert time.monotonic() < deadline, dict(net.counters)
+            time.sleep(0.01)
+        assert board.counters["refused_actor"] == 1 and board.counters["refused_version"] == 1
+        assert board.status(job) == "waiting", "a0 answered wrongly: the job goes out again"
+        a0.request_work(4, timeout_ms=5000)
+        assert _eval_task(a0).job_id == job.job_id
+        a0.send_eval_result(_result(job.job_id, 0))
+        while board.status(job) != "answered":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert net.counters["evals/refused"] == 2
+    finally:
+        a0.close()
+        a1.close()

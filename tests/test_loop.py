@@ -96,3 +96,41 @@ def test_a_signal_stops_the_loop_after_the_current_step(tmp_path, random_model_d
         learner.shutdown()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert latest_checkpoint(tmp_path / "run").name == "step-00000000"
+
+
+def test_groups_dropped_stale_by_the_last_wait_are_in_the_end_record(tmp_path, random_model_dir,
+                                                                      one_thread):
+    # Three granted and delivered prompts are stale when the learner (at version
+    # 5, max_staleness 1) waits for its next mini-batch; a signal ends that wait.
+    # No step follows to list them, so the end record must, or the audit calls
+    # them lost (issue 16.7).
+    import dataclasses
+
+    from rapid_async.audit import audit_run
+
+    learner = make_learner(tmp_path, random_model_dir, "learner.max_staleness=1",
+                           "learner.minibatch_groups=4", "learner.actor_timeout_s=3")
+    learner.start()
+    try:
+        learner.trainer.version = 5
+        grant = learner.scheduler.grant("a0", 3, 0, 0)
+        assert grant.indices == [0, 1, 2]
+        for index in grant.indices:
+            assert learner.scheduler.delivered("a0", index, grant.grant_id) == "accepted"
+            learner.buffer.put(dataclasses.replace(two_groups()[0], prompt_id=str(index),
+                                                   grant_id=grant.grant_id, policy_version=0))
+        real_take = learner.buffer.take
+
+        def take_then_signal(*args, **kwargs):  # the signal comes during the first wait
+            out = real_take(*args, **kwargs)
+            learner.stop_requested = "signal SIGTERM"
+            return out
+
+        learner.buffer.take = take_then_signal
+        assert learner.take() == [] and learner.buffer.dropped_stale == 3
+    finally:
+        learner.shutdown()
+    end = [r for r in read_metrics(tmp_path / "run") if r.get("event") == "end"]
+    assert len(end) == 1 and sorted(end[0]["dropped/prompts"]) == ["0", "1", "2"]
+    report = audit_run(tmp_path / "run")
+    assert report.problems == [] and report.dropped == {0, 1, 2} and report.data_position == 3

@@ -257,3 +257,23 @@ def test_a_kernel_failure_on_bad_positions_asks_for_a_snapshot(engine, learner_s
 
     monkeypatch.setattr(codec, "unpack_delta", unsorted)
     refused(receiver, engine, delta, "unsorted or outside")
+
+
+def test_large_gaps_that_wrap_the_int64_positions_ask_for_a_snapshot(engine, receiver):
+    # Four escaped gaps whose sum wraps 2**64 back to a small last position
+    # (10): the old check saw only that last position and the scatter raised
+    # IndexError out of apply, which killed the actor. Now: NeedSnapshot.
+    k = 4
+    big = [2**62, 2**62, 2**62, 2**62 - 4 + 11]
+    wrapped = torch.cumsum(torch.tensor(big) + 1, 0) - 1
+    assert int(wrapped[-1]) == 10 and int(wrapped[0]) >= receiver.layout.numel  # really wraps
+    z = zstandard.ZstdCompressor()
+    update = forged_delta(receiver, {"count": k, "large": k},
+                          {"gaps": (k, z.compress(bytes([255] * k))),
+                           "large": (8 * k, z.compress(struct.pack("<4q", *big))),
+                           "values": (2 * k, z.compress(bytes(2 * k)))})
+    refused(receiver, engine, update, "changes position")
+    # The positions a forged payload decodes to are never used as indices.
+    with pytest.raises(codec.PayloadError, match="changes position"):
+        codec.decode_streams(torch.tensor([255] * k, dtype=torch.uint8), torch.tensor(big),
+                             torch.zeros(2 * k, dtype=torch.uint8), torch.int16, 1000)

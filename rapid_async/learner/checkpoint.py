@@ -13,7 +13,12 @@ Writing stalls training only for a copy: `capture` copies model, optimizer and
 RNG state on the training thread between two updates (device tensors into
 reusable pinned host buffers), and a background thread writes that copy to
 `.tmp-step-N-PID` and renames it into place, so a crash never leaves a
-half-written checkpoint. Only the newest `keep` checkpoints are kept.
+half-written checkpoint. Rewriting a version that already has a checkpoint
+(the shut-down one after a periodic one) never deletes the only complete
+copy: the old one is renamed to `.old-step-N-PID`, the new one renamed in,
+and only then the old one deleted; `recover` (at start and before resuming)
+puts a leftover `.old-` back where no `step-N` is and removes the rest. Only
+the newest `keep` checkpoints are kept.
 `Checkpointer.due` says when: every `checkpoint_every` steps and every
 `checkpoint_minutes` minutes; `Checkpointer.save` returns the seconds the
 training loop was blocked, which the learner reports as `learner/checkpoint_s`.
@@ -157,13 +162,62 @@ def write(snapshot: Snapshot, run_dir: str | Path, model: Any, tokenizer: Any) -
     model.save_pretrained(tmp, state_dict=dict(snapshot.model_state))
     tokenizer.save_pretrained(tmp)
     torch.save(snapshot.trainer_state, tmp / STATE_FILE)
-    (tmp / MARKER).write_text(json.dumps({
+    (tmp / MARKER).write_text(json.dumps({  # written last: it marks a complete checkpoint
         "version": snapshot.version, "data_position": snapshot.data_position,
         "pending": snapshot.pending, **snapshot.meta}))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    _swap_in(tmp, final)
     return final
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename the complete `tmp` to `final`; an existing `final` is set aside
+    first and deleted last, so a complete copy exists at every moment."""
+    old = final.parent / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)  # atomic: step-N is now absent, `old` complete
+    os.replace(tmp, final)  # atomic: step-N is the new, complete checkpoint
+    _sync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sync_dir(path: Path) -> None:
+    """Make the renames in `path` durable (where the OS allows a directory fsync)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def recover(run_dir: str | Path) -> list[str]:
+    """Repair what a writer killed mid-way left: a set-aside `.old-step-N-*`
+    goes back to step-N when no complete step-N exists (the kill fell between
+    the two renames), every other `.old-` and `.tmp-` directory is deleted.
+    Call only while no writer runs in `run_dir`. Returns what it did."""
+    root = checkpoint_root(run_dir)
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for old in sorted(root.glob(".old-*")):
+        name = old.name[len(".old-"):].rsplit("-", 1)[0]  # step-NNNNNNNN
+        final = root / name
+        if (old / MARKER).is_file() and not (final / MARKER).is_file() and name.startswith(PREFIX):
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(old, final)
+            done.append(f"restored {name} from {old.name}")
+            log.warning("checkpoint %s restored from %s (a rewrite of it was interrupted)",
+                        name, old.name)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            done.append(f"removed {old.name}")
+    for tmp in root.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        done.append(f"removed {tmp.name}")
+    return done
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -191,11 +245,8 @@ def rotate(run_dir: str | Path, keep: int) -> list[Path]:
 
 
 def remove_temporary(run_dir: str | Path) -> None:
-    """Delete half-written `.tmp-*` directories left by a learner that was killed."""
-    root = checkpoint_root(run_dir)
-    if root.is_dir():
-        for path in root.glob(".tmp-*"):
-            shutil.rmtree(path, ignore_errors=True)
+    """Clean up after a learner that was killed while writing (`recover`)."""
+    recover(run_dir)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:

@@ -124,9 +124,15 @@ class ControlHandlers:
                 if self.evals is not None:
                     self.evals.release(msg.actor_id, "the actor left")
         elif isinstance(msg, EvalResult):
-            if not self.evals.answer(msg):
-                log.info("late or unknown evaluation result (job %d from %s) ignored",
-                         msg.job_id, msg.actor_id)
+            def refused() -> int:
+                return self.evals.counters["refused_actor"] + self.evals.counters["refused_version"]
+
+            before = refused()
+            if not self.evals.answer(msg, newest_version=self._published_version):
+                if refused() > before:  # refused, not merely late
+                    self.counters["evals/refused"] += 1
+                log.info("evaluation result (job %d from %s) not recorded",
+                         msg.job_id, msg.actor_id[:40])
         else:  # WorkRequest
             self._answer_work_request(identity, msg)
 

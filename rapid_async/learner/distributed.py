@@ -18,12 +18,23 @@ there for as long as rank 0 waits for rollouts or publishes, which would trip
 the NCCL watchdog (10 minutes) on the training group; the training group only
 sees the collectives of a step or a gather, which every rank reaches together.
 On CPU everything runs on gloo, which is how the tests run two ranks.
+
+Errors: an error every rank raises at the same point of a step, after its
+collectives (`SameOnEveryRank`: `learner.max_skipped_steps` reached) leaves
+the ranks in step; a follower logs it and keeps serving rank 0's commands,
+so rank 0's shut-down (checkpoint, last publish, STOP) goes through. Any
+other error in a follower ends that process at once with code 1 (torchrun
+then stops the job); one in rank 0's step marks the ranks out of step
+(`Ranks.broken`), and rank 0 then makes no more collectives (no checkpoint
+from the ranks, no STOP) and exits, so that no rank waits for a collective
+that never comes.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -48,6 +59,8 @@ class Ranks:
     local_rank: int = 0
     control: Any = None
     """The gloo process group that carries commands and small CPU tensors."""
+    broken: str = ""
+    """Set on rank 0 when an error left the ranks out of step: no more collectives."""
 
     @property
     def leader(self) -> bool:
@@ -114,12 +127,21 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+class SameOnEveryRank(RuntimeError):
+    """An error that every rank raises at the same point, after the step's
+    collectives (so the ranks are still in step and can go on to shut down)."""
+
+
 # ---------------------------------------------------------------- commands
 
 
 def send_command(ranks: Ranks, command: int, batch: Any = None) -> None:
     """Rank 0: tell the followers what to do next (with the mini-batch for UPDATE)."""
     import torch.distributed as dist
+
+    if ranks.broken:
+        raise RuntimeError(f"the learner ranks are out of step ({ranks.broken}): "
+                           "no more commands to the other ranks")
 
     tensors = _batch_tensors(batch) if batch is not None else {}
     header = torch.tensor([command, len(tensors), batch.group_size if batch is not None else 0])
@@ -167,31 +189,46 @@ def _batch_tensors(batch: Any) -> dict[str, torch.Tensor]:
 
 
 def follow(trainer: Any) -> None:
-    """A follower's loop: do rank 0's commands until STOP."""
+    """A follower's loop: do rank 0's commands until STOP. An error that rank
+    0 raises too (`SameOnEveryRank`) is logged and the loop goes on: rank 0
+    shuts down next and needs this rank for its last gathers."""
     ranks = trainer.ranks
     while True:
         command, batch = receive_command(ranks)
-        if command == UPDATE:
-            trainer.step(batch)
-        elif command == GATHER:
-            trainer.gather_inference_state()
-        elif command == CHECKPOINT:
-            trainer.gather_checkpoint_state()
-        elif command == PARAMS:
-            trainer.gather_params()
-        elif command == STOP:
+        if command == STOP:
             log.info("learner rank %d: stop", ranks.rank)
             return
-        else:
-            raise RuntimeError(f"learner rank {ranks.rank}: unknown command {command}")
+        try:
+            _do(trainer, command, batch)
+        except SameOnEveryRank as exc:
+            log.error("learner rank %d: %s (rank 0 stops too; serving its last commands)",
+                      ranks.rank, exc)
+
+
+def _do(trainer: Any, command: int, batch: Any) -> None:
+    if command == UPDATE:
+        trainer.step(batch)
+    elif command == GATHER:
+        trainer.gather_inference_state()
+    elif command == CHECKPOINT:
+        trainer.gather_checkpoint_state()
+    elif command == PARAMS:
+        trainer.gather_params()
+    else:
+        raise RuntimeError(f"learner rank {trainer.ranks.rank}: unknown command {command}")
 
 
 def close(ranks: Ranks) -> None:
-    """Rank 0 stops the followers; every rank leaves the process group."""
+    """Rank 0 stops the followers; every rank leaves the process group.
+    Out of step (`ranks.broken`), rank 0 only leaves: its exit ends the job."""
     if ranks.world == 1:
         return
     import torch.distributed as dist
 
+    if ranks.broken:
+        log.error("learner rank %d: not stopping the other ranks (%s); torchrun ends them",
+                  ranks.rank, ranks.broken)
+        return
     if ranks.leader:
         send_command(ranks, STOP)
     dist.barrier(group=ranks.control)
@@ -206,14 +243,25 @@ def needs_torchrun(devices: int) -> bool:
     return devices > 1 and "WORLD_SIZE" not in os.environ
 
 
-def exec_torchrun(devices: int, cli_args: list[str]) -> None:
+def torchrun_argv(devices: int, cli_args: list[str], shutdown_s: float) -> list[str]:
+    """The torchrun command line of `exec_torchrun`. `shutdown_s` is how long
+    torchrun lets the ranks stop after it forwards SIGINT / SIGTERM before it
+    SIGKILLs them (its default, 30 s, cuts rank 0's checkpoint and final
+    evaluation short): `signals.stop_grace_s` of the config."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={devices}", f"--shutdown-timeout={math.ceil(shutdown_s)}",
+            "-m", "rapid_async.cli", "learner", *cli_args]
+
+
+def exec_torchrun(devices: int, cli_args: list[str], shutdown_s: float = 930.0) -> None:
     """Replace this process by `torchrun --standalone --nproc-per-node devices`
     running `python -m rapid_async.cli learner CLI_ARGS` (same pid, so a
     launcher that started this process still stops the whole job)."""
     import sys
 
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={devices}", "-m", "rapid_async.cli", "learner", *cli_args]
+    argv = torchrun_argv(devices, cli_args, shutdown_s)
     log.info("starting %d learner ranks: %s", devices, " ".join(argv))
     os.execv(sys.executable, argv)
 
@@ -229,6 +277,10 @@ def run_follower(cfg: Any, model_dir: str | None) -> None:
     SIGINT and SIGTERM (torchrun forwards them to every rank) are ignored here:
     rank 0 stops gracefully and needs the followers for its last gathers; it
     sends STOP at the end, and torchrun kills a follower whose rank 0 died.
+    A follower that fails on its own exits at once with code 1 (no barrier:
+    rank 0 would never reach it), and torchrun stops the job. If rank 0 dies,
+    a follower's pending gloo collective fails at once (the peer closed) and
+    it exits 1; in an NCCL collective it waits for the NCCL watchdog.
     """
     import signal
 
@@ -241,5 +293,9 @@ def run_follower(cfg: Any, model_dir: str | None) -> None:
     trainer = Trainer(cfg, model_dir or resolve_model_dir(cfg))
     try:
         follow(trainer)
-    finally:
-        trainer.close()
+    except BaseException:
+        log.exception("learner rank %d failed; exiting so that torchrun stops the job",
+                      trainer.ranks.rank)
+        logging.shutdown()
+        os._exit(1)
+    trainer.close()

@@ -24,6 +24,11 @@ metrics and plots put each result at its true version.
 
 An actor that goes silent (no message for `timeout_s`) or leaves loses its job
 to the next actor that asks; a late answer to a finished job is ignored. A
+result binds to its job: only an actor that took the job may answer it (the
+network thread has checked that the actor id is the sender's own), and only
+with a version in [min_version, the newest published]; others are refused
+and counted. The actor's metric names are whitelisted (`METRIC_KEYS`, pass@k)
+and cannot overwrite the record's own fields. A
 periodic job that no actor has taken yet is superseded by a newer one (its
 result would be at the newer version anyway). Thread-safe.
 """
@@ -31,6 +36,7 @@ result would be at the newer version anyway). Thread-safe.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,6 +70,8 @@ class EvalJob:
     result: Any = None
     superseded: bool = False
     history: list[str] = field(default_factory=list)
+    takers: set[str] = field(default_factory=set)
+    """Every actor that has taken the job (one of them may answer)."""
 
 
 class EvalBoard:
@@ -84,7 +92,8 @@ class EvalBoard:
         self._done: list[EvalJob] = []  # answered, not yet recorded
         self._evaluators: dict[str, float] = {}  # dedicated evaluator -> last heard
         self._next_id = 0
-        self.counters = {"reissued": 0, "superseded": 0, "late_results": 0, "failed": 0}
+        self.counters = {"reissued": 0, "superseded": 0, "late_results": 0, "failed": 0,
+                         "refused_actor": 0, "refused_version": 0}
 
     # -- called by the training loop
     def request(self, min_version: int, kind: str) -> EvalJob:
@@ -159,17 +168,31 @@ class EvalBoard:
                 if job.actor_id is None:
                     job.actor_id, job.heard_at = actor_id, now
                     job.attempts += 1
+                    job.takers.add(actor_id)
                     job.history.append(f"taken by {actor_id}")
                     return job, {"job_id": job.job_id, "kind": job.kind,
                                  "min_version": job.min_version, **self.settings}
             return None
 
-    def answer(self, result: Any) -> bool:
-        """Record an EvalResult; False if its job is unknown or already answered."""
+    def answer(self, result: Any, newest_version: int | None = None) -> bool:
+        """Record an EvalResult; False if its job is unknown or already
+        answered, or the result is refused: from an actor that never took the
+        job, or of a version outside [min_version, `newest_version`] (the
+        newest published; None: no upper bound)."""
         with self._lock:
             job = self._jobs.get(result.job_id)
             if job is None or job.result is not None or job.job_id not in self._open:
                 self.counters["late_results"] += 1
+                return False
+            refusal = self._refusal(job, result, newest_version)
+            if refusal is not None:
+                self.counters[refusal[0]] += 1
+                job.history.append(f"refused from {result.actor_id[:40]}: {refusal[1]}")
+                log.warning("evaluation result for job %d refused: %s", job.job_id, refusal[1])
+                if refusal[0] == "refused_version" and job.actor_id == result.actor_id:
+                    # Its actor is done with it (e.g. it evaluated weights of
+                    # a learner before a restart): the job goes out again.
+                    self._release(result.actor_id, "its result was refused")
                 return False
             job.result = result
             if result.error:
@@ -177,6 +200,19 @@ class EvalBoard:
             self._open.remove(job.job_id)
             self._done.append(job)
             return True
+
+    @staticmethod
+    def _refusal(job: EvalJob, result: Any, newest: int | None) -> tuple[str, str] | None:
+        """(counter, reason) if `result` may not answer `job`, else None."""
+        if result.actor_id not in job.takers:
+            return "refused_actor", (f"actor {result.actor_id[:40]!r} never took job {job.job_id} "
+                                     f"(taken by {', '.join(sorted(job.takers)) or 'nobody'})")
+        version = result.policy_version
+        if version < job.min_version or (newest is not None and version > newest):
+            return "refused_version", (f"version {version} is outside [{job.min_version}, "
+                                       f"{newest if newest is not None else 'any'}] (the job's "
+                                       "version and the newest published)")
+        return None
 
     def release(self, actor_id: str, reason: str) -> list[int]:
         """Hand the jobs of `actor_id` (silent or gone) to the next actor; return their ids."""
@@ -225,20 +261,38 @@ def result_record(job: EvalJob, version_clock: dict[int, dict[str, float]],
          that the result arrived, and who evaluated it}.
     """
     result = job.result
-    rec: dict[str, Any] = {
+    rec: dict[str, Any] = {}
+    if not result.error:  # the actor's numbers first: the record's own fields win
+        rec.update({f"eval/{key}": value for key, value in result.metrics.items()
+                    if metric_allowed(key)})
+        dropped = sorted(k for k in result.metrics if not metric_allowed(k))
+        if dropped:
+            rec["eval/dropped_metrics"] = len(dropped)
+            log.warning("evaluation result for job %d: metric names not recorded: %s",
+                        job.job_id, ", ".join(k[:40] for k in dropped[:10]))
+    rec.update({
         "event": "eval", "version": current_version, "eval/kind": job.kind,
         "eval/version": result.policy_version, "eval/requested_version": job.min_version,
         "eval/actor": result.actor_id, "eval/attempts": job.attempts,
-    }
+    })
     if result.error:
         rec["eval/error"] = result.error
-    else:
-        rec.update({f"eval/{key}": value for key, value in result.metrics.items()})
     made = version_clock.get(result.policy_version)
     if made is not None:
         rec.update({"eval/time": made["time"], "eval/elapsed_s": made["elapsed_s"],
                     "eval/train_s": made["train_s"], "eval/lag_s": time.time() - made["time"]})
     return rec
+
+
+METRIC_KEYS = frozenset({"success", "mean_reward", "sample_reward", "problems", "samples",
+                         "seconds", "verifier_failures"})
+"""The evaluation summary's names (rapid_async.evaluate) a result may carry, besides pass@k."""
+_PASS_AT = re.compile(r"pass@[1-9][0-9]{0,5}")
+
+
+def metric_allowed(key: str) -> bool:
+    """Whether an actor's metric name goes into the record (as eval/KEY)."""
+    return key in METRIC_KEYS or _PASS_AT.fullmatch(key) is not None
 
 
 def task_settings(cfg: Any) -> dict[str, Any]:

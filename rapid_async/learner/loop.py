@@ -309,8 +309,14 @@ class Learner(StopOnSignal):
         final_job = self.evaluations.final_job(version)
         self.clock["eval"] += self.evaluations.wait(
             final_job, version, check=self.net.check,
-            actors_connected=lambda: bool(self.scheduler.actors()))
+            actors_connected=self._actors_alive)
         return self.evaluations.results(final_job)
+
+    def _actors_alive(self) -> bool:
+        """Whether any actor was heard from within `learner.actor_timeout_s`
+        (the scheduler remembers a silent one much longer, for its work)."""
+        timeout = self.cfg.learner.actor_timeout_s
+        return any(self.scheduler.silent_for(a) <= timeout for a in self.scheduler.actors())
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -345,6 +351,8 @@ class Learner(StopOnSignal):
                 "eval/success": final.get("eval/success"),
                 "eval/version": final.get("eval/version"), "eval/time": final.get("eval/time"),
                 "eval/start_success": start.get("eval/success"),
+                # dropped as stale by the last take (no step after it to say so)
+                "dropped/prompts": self.buffer.pop_dropped(),
                 "elapsed_s": elapsed, "stop_reason": self.stop_reason,
                 "learner/checkpoint_s": self.clock["checkpoint"], **self.checkpointer.stats,
                 **self.buffer.stats(), **net_stats(self.net, self.scheduler)}))

@@ -41,6 +41,7 @@ def resume_from_checkpoint(trainer: Any, cfg: Config, run_dir: Path) -> dict[str
     changes."""
     from rapid_async.learner import checkpoint
 
+    checkpoint.recover(run_dir)  # a rewrite killed between its renames
     ckpt = checkpoint.latest_checkpoint(run_dir)
     if ckpt is None:
         raise ValueError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")

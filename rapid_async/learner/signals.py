@@ -17,6 +17,18 @@ from typing import Any
 
 log = logging.getLogger("rapid.learner")
 
+STOP_MARGIN_S = 600.0
+"""A graceful stop's allowance for the current step, the shut-down checkpoint
+and the last publish (each bounded by the machine and the model, not by config)."""
+
+
+def stop_grace_s(cfg: Any) -> float:
+    """How long a graceful stop of the learner may take, at most: the margin
+    above, noticing that an actor died (`learner.actor_timeout_s`) and the wait
+    for the final evaluation (`run.eval_timeout_s`). rapid-run waits this long
+    for the learner, and torchrun (`--shutdown-timeout`) for its ranks."""
+    return STOP_MARGIN_S + cfg.learner.actor_timeout_s + cfg.run.eval_timeout_s
+
 
 class StopOnSignal:
     """Signal handlers that ask the loop to stop (a mixin of `Learner`)."""

@@ -35,8 +35,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rapid_async.config import Config, resolve_device
 from rapid_async.loss import (LossSettings, compute_loss, loss_normalisers, microbatch_loss,
                               row_advantages)
-from rapid_async.learner.distributed import (CHECKPOINT, GATHER, PARAMS, UPDATE, all_sum_,
-                                             full_tensor, init_ranks, send_command, shard)
+from rapid_async.learner.distributed import (CHECKPOINT, GATHER, PARAMS, UPDATE, SameOnEveryRank,
+                                             all_sum_, full_tensor, init_ranks, send_command,
+                                             shard)
 from rapid_async.learner.distributed import close as close_ranks
 from rapid_async.learner.policy import (Batch, PolicyLogprobs, collate, plan_microbatches,
                                         rank_rows, save_batch, splits_groups)
@@ -44,6 +45,12 @@ from rapid_async.learner.truncation import apply_truncated
 from rapid_async.weights import INFERENCE_DTYPES, cast_state
 
 log = logging.getLogger("rapid.learner")
+
+
+class TrainingDiverged(SameOnEveryRank):
+    """`learner.max_skipped_steps` consecutive steps were non-finite. Every
+    rank sees the same summed loss and gradient norm, so every rank raises it
+    at the same point."""
 
 
 def loss_settings(cfg: Config) -> LossSettings:
@@ -156,9 +163,16 @@ class Trainer:
         batch = collate(groups, pad_id=self.pad_id)
         if self.cfg.learner.record_batches:
             self._record(batch)
-        if self.ranks.world > 1:
-            send_command(self.ranks, UPDATE, batch)
-        return self.step(batch)
+        if self.ranks.world == 1:
+            return self.step(batch)
+        send_command(self.ranks, UPDATE, batch)
+        try:
+            return self.step(batch)
+        except SameOnEveryRank:
+            raise  # every rank raised it after the same collectives: still in step
+        except BaseException as exc:
+            self.ranks.broken = f"rank 0 failed in a step: {type(exc).__name__}: {exc}"
+            raise
 
     def _record(self, batch: Batch) -> None:
         """Save the mini-batch to RUN_DIR/batches/batch-NNNNNNNN.safetensors, in order."""
@@ -291,9 +305,10 @@ class Trainer:
                     self.version, loss, grad_norm, self.skipped_steps)
         limit = self.cfg.learner.max_skipped_steps
         if limit and self.consecutive_skips >= limit:
-            raise RuntimeError(f"{self.consecutive_skips} consecutive steps had a non-finite loss "
-                               f"or gradient norm (learner.max_skipped_steps = {limit}): training "
-                               "diverged; lower learner.lr or check the data")
+            raise TrainingDiverged(
+                f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient "
+                f"norm (learner.max_skipped_steps = {limit}): training diverged; lower "
+                "learner.lr or check the data")
         return False
 
     def _batch_metrics(self, batch: Batch, logprobs: torch.Tensor, plans: list[list[list[int]]],

@@ -187,9 +187,16 @@ def decode_streams(gaps: torch.Tensor, large: torch.Tensor, values: torch.Tensor
         raise PayloadError(f"delta has {int(escape.sum())} escaped gaps but {large.numel()} large gaps")
     if large.numel() and bool((large < 255).any()):
         raise PayloadError("delta has a large gap below 255 (or negative)")
+    # Positions rise strictly (each step g + 1 >= 1) unless the int64 cumsum
+    # wraps, which forged large gaps can make it do, landing back in range.
+    # It cannot wrap while the large gaps add up to less than 2**62 (the small
+    # ones add < 256 k): bound that first, in float64, over the L large gaps.
+    if large.numel() and float(large.double().sum()) + 256.0 * k > 2.0**62:
+        raise PayloadError(f"delta changes positions far past the {numel} elements "
+                           f"(its large gaps add up to {float(large.double().sum()):.3g})")
     g[escape] = large
     idx = torch.cumsum(g + 1, 0) - 1
-    if k and int(idx[-1]) >= numel:
+    if k and (int(idx[0]) < 0 or int(idx[-1]) >= numel):
         raise PayloadError(f"delta changes position {int(idx[-1])} of a state of {numel} elements")
     if k == 0:
         return Delta(idx, torch.zeros(0, dtype=int_dtype, device=gaps.device))

@@ -124,7 +124,10 @@ class WeightReceiver:
             raise NeedSnapshot(f"{where} is for another set of tensors (layout hash differs)")
         delta = codec.unpack_delta(header, layout, self.flat.device)
         bits = self.flat.view(layout.int_dtype)
-        old = bits[delta.idx]
+        try:  # decode_streams bounds the positions; this is the last line of defence
+            old = bits[delta.idx]
+        except (IndexError, RuntimeError) as exc:
+            raise NeedSnapshot(f"{where}: positions outside the weights ({exc})") from exc
         new = codec.wrap_add(old, delta.diff)
         decoded = time.perf_counter()
         try:  # digests of the would-be weights and finiteness: one pass over the changes
