@@ -275,3 +275,43 @@ def test_userns_mode_drops_every_capability_so_mounts_fail():
 def shlex_quote(text: str) -> str:
     import shlex
     return shlex.quote(text)
+
+
+FORK_UNTIL_REFUSED = """
+import os, time
+n = 0
+for _ in range(200):
+    try:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        n += 1
+    except OSError:
+        break
+print("forked", n, flush=True)
+"""
+
+
+def test_process_count_is_capped_and_groups_are_removed():
+    box = _cgroup_box(wall_s=20, processes=8)
+    result = box.run(FORK_UNTIL_REFUSED)
+    assert result.stdout.startswith("forked"), result.stderr
+    assert int(result.stdout.split()[1]) < 8  # pids.max (and RLIMIT_NPROC) counts the parent too
+    leftovers = [d for parent in box._cgroup.parents.values()
+                 for d in parent.glob(f"rapid-box-{os.getpid()}-*")]
+    assert leftovers == []  # every program's group was removed after it
+
+
+def test_cgroup_v2_files_written(tmp_path):
+    """The v2 backend's settings, written to a plain directory (this machine is v1)."""
+    from rapid_async.tasks.sandbox_cgroup import Backend
+
+    group = Backend("v2", {"unified": tmp_path}).create(256 * MiB, 0.25, 12)
+    d = group.dirs[0]
+    written = {f.name: f.read_text() for f in d.iterdir()}
+    assert written == {"memory.max": str(256 * MiB), "memory.swap.max": "0",
+                       "memory.oom.group": "1", "pids.max": "12", "cpu.max": "25000 100000"}
+    assert group.procs == [str(d / "cgroup.procs")]
+    (d / "memory.peak").write_text("1234\n")
+    (d / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 1\nsystem_usec 2\n")
+    assert group.usage() == (1234, 2.5)

@@ -73,11 +73,12 @@ def _python_paths(python: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys([python, *paths, *_shared_libraries([paths[0], *modules])]))
 
 
+@functools.lru_cache(maxsize=64)
 def root_plan(python: str, extra: tuple[str, ...] = ()) -> dict:
     """Read-only binds and links of the minimal root for `python` (+ `extra` paths).
 
     Returns {"binds": [real paths, outermost first, none inside another],
-    "links": {link path: target}}.
+    "links": {link path: target}} (cached: callers must not change it).
     """
     links: dict[str, str] = {}
     wanted = [*_python_paths(python), "/etc/ld.so.cache", *extra]
