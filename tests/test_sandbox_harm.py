@@ -315,3 +315,16 @@ def test_cgroup_v2_files_written(tmp_path):
     (d / "memory.peak").write_text("1234\n")
     (d / "cpu.stat").write_text("usage_usec 2500000\nuser_usec 1\nsystem_usec 2\n")
     assert group.usage() == (1234, 2.5)
+
+
+def test_tmpfs_pages_count_against_the_memory_limit():
+    """A big private tmpfs does not lift the whole-program memory limit."""
+    box = _cgroup_box(wall_s=30, file_mb=16, tmpfs_mb=512, total_memory_mb=96)
+    code = ("import os\nwritten = 0\ntry:\n    for i in range(20):\n"
+            "        with open(f'/dev/shm/f{i}', 'wb') as f:\n            f.write(b'x' * (10 << 20))\n"
+            "        written += 10 << 20\n        print('written', written, flush=True)\n"
+            "except OSError as e:\n    print('refused', e.errno, flush=True)\n")
+    result = box.run(code)
+    written = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("written")]
+    assert max(written, default=0) <= 96 * MiB, result.stdout  # 200 MiB asked for
+    assert result.memory_peak_bytes is not None and result.memory_peak_bytes <= 96 * MiB + MiB
