@@ -61,7 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rapid_async.tasks.sandbox_cgroup import Backend, Group, find_backend
+from rapid_async.tasks.sandbox_cgroup import Group, find_backend
 from rapid_async.tasks.sandbox_root import root_plan
 
 log = logging.getLogger("rapid.sandbox")

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 _LDD_PATH = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
