@@ -328,3 +328,18 @@ def test_tmpfs_pages_count_against_the_memory_limit():
     written = [int(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("written")]
     assert max(written, default=0) <= 96 * MiB, result.stdout  # 200 MiB asked for
     assert result.memory_peak_bytes is not None and result.memory_peak_bytes <= 96 * MiB + MiB
+
+
+def test_a_failed_mount_stops_the_box_before_the_program_runs(monkeypatch):
+    import rapid_async.tasks.sandbox as sandbox_module
+    from rapid_async.tasks.sandbox import SandboxSetupError
+
+    box = Sandbox(Limits(wall_s=10), max_parallel=1)
+    if box.isolation == "none":
+        pytest.skip("isolation 'none' mounts nothing")
+    real = sandbox_module.root_plan
+    broken = lambda python, extra: {**real(python, extra),  # noqa: E731
+                                    "binds": [*real(python, extra)["binds"], "/no-such-dir-rapid"]}
+    monkeypatch.setattr(sandbox_module, "root_plan", broken)
+    with pytest.raises(SandboxSetupError, match="mount /no-such-dir-rapid"):
+        box.run("print('the program ran')\n")
