@@ -37,7 +37,6 @@ steps 1 and 4-6 apply.
 import ctypes
 import json
 import os
-import platform
 import resource
 import sys
 
@@ -130,9 +129,9 @@ def _build_root(plan: dict, limits: dict) -> None:
             os.symlink(target, root + link)
     os.chdir(root)
     os.mkdir(".old")
-    number = PIVOT_ROOT.get(platform.machine())
+    number = PIVOT_ROOT.get(os.uname().machine)
     if number is None:
-        raise SetupError(f"pivot_root: unknown system call number on {platform.machine()}")
+        raise SetupError(f"pivot_root: unknown system call number on {os.uname().machine}")
     _check(_libc.syscall(number, b".", b".old"), "pivot_root")
     os.chdir("/")
     _check(_libc.umount2(b"/.old", MNT_DETACH), "detaching the old root")
