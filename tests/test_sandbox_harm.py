@@ -15,6 +15,7 @@ import socket
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -138,14 +139,19 @@ def test_sysv_shared_memory_is_capped_and_host_shmem_does_not_grow():
     before = _meminfo("Shmem")
     with _Sampler("Shmem") as sampler:
         result = box.run(SHM_HOG)
-    after = _meminfo("Shmem")
     out = dict(line.split() for line in result.stdout.splitlines())
     assert result.returncode == 0, result.stderr
     assert int(out["big"]) == -1                     # a segment over shmmax is refused
     assert 0 < int(out["total"]) <= 32 * MiB         # shmall: 32 MiB in all
     # other sessions on this machine use shared memory too: a 48 MiB margin
     assert sampler.peak - before <= 32 * MiB + 48 * MiB, (sampler.peak - before) / MiB
-    assert after - before <= 48 * MiB                 # freed with the IPC namespace
+    assert sampler.peak - before >= 16 * MiB           # the sampler saw the segments
+    # freed with the IPC namespace (the kernel frees it a moment after the exit)
+    for _ in range(100):
+        if _meminfo("Shmem") - before <= 16 * MiB:
+            break
+        time.sleep(0.1)
+    assert _meminfo("Shmem") - before <= 16 * MiB
 
 
 def test_private_tmpfs_is_size_capped():
