@@ -52,7 +52,8 @@ DEFAULT_TEMPLATE = ("Complete the following Lean 4 proof.\n\n```lean4\n{statemen
                     "Write the complete theorem with its proof in a ```lean4 code block.")
 """Prompt text; {statement} is the header and the theorem up to ':= by'."""
 DEFAULT_COMMAND = "lake env lean {file}"
-PROOF_FILE = "/tmp/box/Check.lean"
+PROOF_FILE = "{workdir}/Check.lean"
+"""The proof file in the sandbox (/tmp/box/Check.lean there; the sandbox fills in {workdir})."""
 _NO_TOOLCHAIN = ("the minif2f task needs a Lean 4 toolchain with Mathlib, which rapid_async cannot "
                  "install: set [task.options] lean_project to a Lake project with Mathlib built "
                  "(e.g. miniF2F-lean4 after `lake exe cache get && lake build`) and, unless `lake` "

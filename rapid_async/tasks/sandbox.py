@@ -367,8 +367,8 @@ class Sandbox:
 
         `argv[0]` must be an absolute path the box can see (the interpreter,
         or inside `extra_paths`); `files` are written to its working directory
-        /tmp/box (the "none" mode: a fresh host directory); `cwd` (default that
-        directory) must be visible inside too.
+        /tmp/box (the "none" mode: a fresh host directory), which "{workdir}"
+        in `argv` names; `cwd` (default that directory) must be visible inside.
         """
         if not argv or not os.path.isabs(argv[0]):
             raise ValueError(f"run_command needs an absolute executable path, got {argv[:1]}")

@@ -5,7 +5,8 @@ library only: no site-packages, no rapid_async import), with one JSON object
 on stdin:
 
     {"code": program text, "files": {name: text} written beside it,
-     "argv": command or null (null: python -I -S main.py), "python": path,
+     "argv": command or null (null: python -I -S main.py; "{workdir}" in it
+             becomes the program's directory), "python": path,
      "root": {"binds": [...], "links": {...}} or null, "uid": int or null,
      "userns": bool, "cgroup_procs": [cgroup.procs paths], "ready_fd": int,
      "limits": {"cpu_s", "memory_bytes", "file_bytes", "processes",
@@ -215,10 +216,15 @@ def main() -> None:
     os.dup2(fd, 0)
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
            "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", **cfg["env"]}
-    argv = cfg["argv"] or [cfg["python"], "-I", "-S", "main.py"]
+    argv = [a.replace("{workdir}", workdir) for a in cfg["argv"] or [cfg["python"], "-I", "-S", "main.py"]]
     os.write(cfg["ready_fd"], b"ok")
     os.close(cfg["ready_fd"])
-    os.execve(argv[0], argv, env)
+    try:
+        os.execve(argv[0], argv, env)
+    except OSError as e:  # the box is ready: the program itself cannot start
+        sys.stderr.write(f"rapid-sandbox: cannot run {argv[0]}: {e}\n")
+        sys.stderr.flush()
+        os._exit(127)
 
 
 if __name__ == "__main__":
