@@ -233,21 +233,23 @@ except OSError as e:
     tries["write_stdlib"] = -e.errno
 status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\t" in l)
 # a nested user namespace gives capabilities there, but the box's mounts stay locked
-if call(libc.unshare, 0x10000000 | 0x00020000) == 0:   # CLONE_NEWUSER | CLONE_NEWNS
+nested = call(libc.unshare, 0x10000000 | 0x00020000)   # CLONE_NEWUSER | CLONE_NEWNS
+if nested == 0:
     tries["nested_remount_stdlib_rw"] = call(libc.mount, None, stdlib, None, 32 | 4096, None)
     tries["nested_umount_tmp"] = call(libc.umount2, b"/tmp", 2)
 print(json.dumps({"tries": tries, "caps": [status[k].strip() for k in
                   ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")],
-                  "nnp": status["NoNewPrivs"].strip()}))
+                  "nnp": status["NoNewPrivs"].strip(), "nested_userns": nested}))
 """
 
 
-def _check_no_mounts(out: str, python: str) -> None:
+def _check_no_mounts(out: str, python: str) -> dict:
     report = json.loads(out)
     assert all(rc < 0 for rc in report["tries"].values()), report["tries"]
     assert len(report["tries"]) >= 6
     assert report["caps"] == ["0000000000000000"] * 5 and report["nnp"] == "1", report
     assert not list(Path(python).resolve().parents[1].glob("lib/python3*/planted.py"))
+    return report
 
 
 def test_no_capabilities_so_mounts_fail():
@@ -275,7 +277,8 @@ def test_userns_mode_drops_every_capability_so_mounts_fail():
     if "mode none" in lines:
         pytest.skip("unprivileged user namespaces are not allowed here")
     assert lines and lines[0] == "mode userns", out.stdout + out.stderr
-    _check_no_mounts(lines[1], "/usr/bin/python3")
+    report = _check_no_mounts(lines[1], "/usr/bin/python3")
+    assert report["nested_userns"] < 0  # max_user_namespaces = 0 in its own user namespace
 
 
 def shlex_quote(text: str) -> str:

@@ -19,7 +19,8 @@ them. Every step is checked; any failure ends it with status 125 and a line
 "rapid-sandbox setup failed: ..." on stderr before the program runs (fail
 closed). It:
 1. joins the program's control groups (whole-program memory, CPU, pids),
-2. caps SysV shared memory and message queues of its IPC namespace,
+2. caps SysV shared memory and message queues of its IPC namespace (and,
+   in "userns" mode, forbids nested user namespaces),
 3. builds a minimal root: a small tmpfs holding read-only binds of only the
    paths in "root" (interpreter, stdlib, shared libraries, extras), five
    device nodes, a private /proc, size-capped private /tmp and /dev/shm;
@@ -108,6 +109,20 @@ def _cap_ipc(limits: dict) -> None:
                 f.write(str(value))
         except OSError as e:
             raise SetupError(f"setting kernel.{name} in the IPC namespace: {e}") from e
+
+
+def _no_nested_user_namespaces() -> None:
+    """In our own user namespace: forbid the program to make more (best effort).
+
+    The limit is per user namespace (the host's stays as it is); kernels
+    without it leave nested namespaces possible, which gain nothing over the
+    box's locked mounts.
+    """
+    try:
+        with open("/proc/sys/user/max_user_namespaces", "w", encoding="ascii") as f:
+            f.write("0")
+    except OSError:
+        pass
 
 
 def _build_root(plan: dict, limits: dict) -> None:
@@ -202,6 +217,8 @@ def main() -> None:
     _join_cgroups(cfg["cgroup_procs"])
     if cfg["root"] is not None:
         _cap_ipc(limits)
+        if cfg["userns"]:
+            _no_nested_user_namespaces()
         _build_root(cfg["root"], limits)
     workdir = cfg["workdir"] or "/tmp/box"
     uid = cfg["uid"]
