@@ -25,6 +25,7 @@ code; the host reads the usage back and removes the group afterwards.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -150,6 +151,13 @@ class Backend:
         return peak, cpu
 
 
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
 def _v2_parent(mount: Path) -> Path | None:
     """A v2 group under which we can make children with memory, pids and cpu."""
     controllers = (mount / "cgroup.controllers")
@@ -166,15 +174,14 @@ def _v2_parent(mount: Path) -> Path | None:
         parent = base / f"rapid-sandbox-{os.getpid()}"
         try:
             _write(base / "cgroup.subtree_control", " ".join(f"+{c}" for c in NEEDED_V2))
-            parent.mkdir(exist_ok=True)
+            if not parent.exists():
+                parent.mkdir()
+                atexit.register(_remove_quietly, parent)
             _write(parent / "cgroup.subtree_control", " ".join(f"+{c}" for c in NEEDED_V2))
             return parent
         except OSError as e:
             log.debug("sandbox: cgroup v2 parent %s unusable: %s", base, e)
-            try:
-                parent.rmdir()
-            except OSError:
-                pass
+            _remove_quietly(parent)
     return None
 
 
