@@ -2,8 +2,9 @@
 
 The sandbox's first process (sandbox_init.py) builds a new, empty root (a
 small tmpfs) and bind-mounts into it, read-only, only what `root_plan`
-lists: the interpreter binary, its standard library, the shared libraries
-they load (found with `ldd`), /etc/ld.so.cache, and any extra paths a caller
+lists: the interpreter binary, its standard library, the directories of the
+shared libraries they load (found with `ldd`; e.g. /usr/lib/x86_64-linux-gnu:
+system libraries only), /etc/ld.so.cache, and any extra paths a caller
 names (e.g. a Lean toolchain). Symbolic links met on the way to those paths
 (/lib -> usr/lib, a venv's python -> the real one) are recreated as links.
 Everything else - the project checkout, datasets, /root, /home, /run and its
@@ -58,8 +59,8 @@ def _shared_libraries(binaries: list[str]) -> list[str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _python_paths(python: str) -> tuple[str, ...]:
-    """The interpreter's own files: binary, stdlib, lib-dynload and their libraries."""
+def _python_paths(python: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The interpreter's own paths (binary, stdlib, lib-dynload) and the libraries they load."""
     probe = ("import json, sys, sysconfig; print(json.dumps([sys.executable, "
              "sysconfig.get_paths()['stdlib'], sysconfig.get_paths()['platstdlib'], *sys.path]))")
     out = subprocess.run([python, "-I", "-S", "-c", probe], capture_output=True, text=True,
@@ -69,7 +70,7 @@ def _python_paths(python: str) -> tuple[str, ...]:
     for p in paths[1:]:
         if os.path.isdir(p) and os.path.basename(p) == "lib-dynload":
             modules += [os.path.join(p, f) for f in sorted(os.listdir(p)) if f.endswith(".so")]
-    return tuple(dict.fromkeys([python, *paths, *_shared_libraries([paths[0], *modules])]))
+    return tuple(dict.fromkeys([python, *paths])), tuple(_shared_libraries([paths[0], *modules]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -80,8 +81,11 @@ def root_plan(python: str, extra: tuple[str, ...] = ()) -> dict:
     "links": {link path: target}} (cached: callers must not change it).
     """
     links: dict[str, str] = {}
-    wanted = [*_python_paths(python), "/etc/ld.so.cache", *extra]
+    own, libraries = _python_paths(python)
+    wanted = [*own, "/etc/ld.so.cache", *extra]
     reals = {_walk(p, links) for p in wanted if os.path.exists(p)}
+    # a library's whole directory: one bind instead of dozens (about 15 ms a program)
+    reals |= {os.path.dirname(_walk(p, links)) for p in libraries if os.path.exists(p)}
     binds: list[str] = []
     for real in sorted(reals, key=lambda p: (p.count("/"), p)):
         if not any(real == b or real.startswith(b.rstrip("/") + "/") for b in binds):
