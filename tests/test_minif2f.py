@@ -1,39 +1,68 @@
-"""MiniF2F: the Lean contract, tested with a stand-in for `lean` (no toolchain here)."""
+"""MiniF2F: the Lean contract, tested with a stand-in for `lean` (no toolchain here).
+
+The stand-in is an executable script in a fake toolchain directory; it runs
+where the real Lean would (inside the sandbox) and reports what it can see,
+so the tests check the command line, the mounts and the limits Lean gets.
+No real Lean proof is checked here.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import textwrap
 
 import pytest
 
+from conftest import REPO
 from rapid_async.tasks.base import get_task
-from rapid_async.tasks.minif2f import MiniF2FTask, proof_source
+from rapid_async.tasks.lean_screen import Refused, build_source, strip_comments
+from rapid_async.tasks.minif2f import PROOF_FILE, MiniF2FTask, proof_source
 
 FAKE_LEAN = textwrap.dedent('''
-    """Stand-in for `lean FILE`: accepts a proof that ends with `norm_num`,
-    sleeps on `decide`, reports an error otherwise; records the files it saw."""
-    import pathlib, sys, time
+    """Stand-in for `lean FILE`: reports what it sees (one JSON line), then
+    accepts a proof that ends with `norm_num`, sleeps on `decide`, and
+    reports a failure otherwise."""
+    import json, os, pathlib, sys, time
     source = pathlib.Path(sys.argv[1]).read_text()
-    pathlib.Path("seen.txt").open("a").write(sys.argv[1] + "\\n")
-    assert source.startswith("import Mathlib"), "header missing"
-    if "decide" in source:
+    status = dict(l.split(":\\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\\t" in l)
+    try:
+        open("written-by-lean.txt", "w").write("x")
+        project_writable = True
+    except OSError:
+        project_writable = False
+    print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "source": source,
+                      "net": [l.split(":")[0].strip() for l in open("/proc/net/dev").readlines()[2:]],
+                      "visible": [p for p in VISIBLE if os.path.exists(p)],
+                      "caps": status["CapEff"].strip(), "nnp": status["NoNewPrivs"].strip(),
+                      "cgroup": open("/proc/self/cgroup").read(),
+                      "project_writable": project_writable}), flush=True)
+    if "\\n  decide\\n" in source:
         time.sleep(60)
     if source.rstrip().endswith("norm_num"):
         sys.exit(0)
-    print(f"{sys.argv[1]}:5:2: error: unsolved goals")
+    print(f"{sys.argv[1]}:5:2: " + "err" + "or: unsolved goals")
     sys.exit(1)
 ''')
 
 
+def _make_task(tmp_path, shared_data, **options) -> MiniF2FTask:
+    project, bin_dir = tmp_path / "project", tmp_path / "toolchain" / "bin"
+    project.mkdir(exist_ok=True)
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    lean = bin_dir / "lean"
+    visible = [str(REPO), str(shared_data), "/work/shared/data", "/root/.bashrc", "/home"]
+    lean.write_text(f"#!{os.path.realpath(sys.executable)} -IS\nVISIBLE = {visible!r}\n" + FAKE_LEAN)
+    lean.chmod(0o755)
+    return MiniF2FTask(lean_project=str(project), lean_command=f"{lean} {{file}}",
+                       path=str(shared_data / "minif2f" / "minif2f_lean4.jsonl"), timeout_s=10,
+                       **options)
+
+
 @pytest.fixture
 def task(tmp_path, shared_data):
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "fake_lean.py").write_text(FAKE_LEAN)
-    return MiniF2FTask(lean_project=str(project),
-                       lean_command=f"{sys.executable} fake_lean.py {{file}}",
-                       path=str(shared_data / "minif2f" / "minif2f_lean4.jsonl"), timeout_s=3)
+    return _make_task(tmp_path, shared_data)
 
 
 def test_refuses_to_start_without_a_toolchain(shared_data, tmp_path):
@@ -55,37 +84,119 @@ def test_splits_and_prompt(task):
 
 def test_lean_verdict_is_the_reward(task):
     p = task.heldout(1)[0]
+    statement = p.meta["statement"]
     tactics = "```lean4\n  norm_num\n```"
-    whole = f"```lean4\n{p.meta['header']}{p.meta['statement']}\n  norm_num\n```"
+    whole = f"```lean4\n{p.meta['header']}{statement}\n  norm_num\n```"
+    commented = "```lean4\n" + statement.replace(" :", " /- a comment -/ :", 1) + " -- ok\n  norm_num\n```"
+    options = "```lean4\nset_option maxHeartbeats 400000 in\n  norm_num\n```"
     wrong = "```lean4\n  simp\n```"
-    rewards = task.score_batch([p] * 3, [tactics, whole, wrong])
-    assert rewards == [1.0, 1.0, 0.0]
-    seen = (task.project / "seen.txt").read_text().split()
-    assert len(seen) == 3 and all(".rapid_tmp/Check_" in s for s in seen)
-    assert list((task.project / ".rapid_tmp").iterdir()) == []  # files removed
+    rewards = task.score_batch([p] * 5, [tactics, whole, commented, options, wrong])
+    assert rewards == [1.0, 1.0, 1.0, 1.0, 0.0]
+    assert task.lean_runs == 5
 
 
-def test_refused_without_running_lean(task):
+def test_lean_runs_in_the_sandbox_with_only_the_official_statement(task, shared_data):
     p = task.heldout(1)[0]
-    other = task.heldout(2)[1]
-    texts = ["  sorry", "  norm_num\n#eval IO.println 1\n  norm_num", "axiom cheat : False\n  norm_num",
-             f"```lean4\n{other.meta['statement'].replace(other.meta['name'], p.meta['name'])}\n  norm_num\n```",
-             "", None]
-    assert task.score_batch([p] * len(texts), texts) == [0.0] * len(texts)
-    assert not (task.project / "seen.txt").exists()
-    assert proof_source(p, "  norm_num").startswith(p.meta["header"] + p.meta["statement"])
+    source = proof_source(p, "```lean4\nimport Evil\ntheorem helper : True := trivial\n"
+                             f"{p.meta['statement']}\n  norm_num\n```")
+    assert source == p.meta["header"] + p.meta["statement"] + "\n  norm_num\n"
+    result = task.check(source)
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = json.loads(result.stdout.splitlines()[0])
+    inside = "/tmp/box" if task.sandbox.isolation != "none" else os.path.dirname(seen["argv"][1])
+    assert seen["argv"] == [task.argv[0], PROOF_FILE.format(workdir=inside)]
+    assert seen["source"] == source
+    assert seen["cwd"] == str(task.project) and not seen["project_writable"]
+    assert not (task.project / "written-by-lean.txt").exists()
+    assert seen["visible"] == []  # no checkout, datasets or home
+    assert seen["caps"] == "0000000000000000" and seen["nnp"] == "1"
+    if task.sandbox.isolation != "none":
+        assert seen["net"] == ["lo"]  # own network namespace: loopback only, down
+    if task.sandbox._cgroup is not None:
+        assert "rapid-box-" in seen["cgroup"]  # whole-program memory / CPU / pids limits
+        assert result.memory_peak_bytes is not None
+
+
+HACKS = {
+    "sorry": "  sorry",
+    "sorry after a line comment that opens a block": "  norm_num\n-- /-\n  sorry\n-- -/\n  norm_num",
+    "sorryAx": "  exact sorryAx _ false",
+    "admit": "  admit",
+    "axiom": "axiom cheat : False\n  norm_num",
+    "run_tac": "  run_tac (pure ())\n  norm_num",
+    "run_elab": "  run_elab (pure ())\n  norm_num",
+    "run_meta": "  exact (by run_meta pure (); norm_num)\n  norm_num",
+    "elab": "elab tac : tactic => pure ()\n  norm_num",
+    "macro_rules": "macro_rules | `(tactic| norm_num) => `(tactic| trivial)\n  norm_num",
+    "syntax": "syntax tac : tactic\n  norm_num",
+    "IO": "  have h := IO.Process.run {cmd := x}\n  norm_num",
+    "Lean meta": "  exact Lean.Elab.Tactic.evalTactic x\n  norm_num",
+    "open ... in": "open Lean Elab Tactic in\n  norm_num",
+    "#eval": "  norm_num\n#eval IO.println 1\n  norm_num",
+    "#exit": "  norm_num\n#exit\n  norm_num",
+    "unsafe": "  exact unsafeCast 0\n  norm_num",
+    "implemented_by": "@[implemented_by x] def y := 1\n  norm_num",
+    "extern": "  exact (extern 1)\n  norm_num",
+    "native_decide": "  native_decide\n  norm_num",
+    "set_option skipKernelTC": "set_option debug.skipKernelTC true in\n  norm_num",
+    "string literal": '  simp [show "a" = "a" from rfl]\n  norm_num',
+    "quoted name": "  exact «run_tac»\n  norm_num",
+    "unterminated comment": "  norm_num\n/- never closed",
+    "a second theorem": "  norm_num\ntheorem extra : False := by norm_num",
+    "empty": "",
+}
+
+
+def _statement_hacks(p) -> dict:
+    statement, name = p.meta["statement"], p.meta["name"]
+    claim = statement.removesuffix(":= by").rstrip()
+    return {
+        "claim or True": f"```lean4\n{claim} ∨ True := by\n  norm_num\n```",
+        "claim hidden in a comment": f"```lean4\ntheorem {name} : True -- {claim}\n := by\n  norm_num\n```",
+        "statement in a block comment": f"```lean4\n/- {statement} -/\ntheorem {name} : True := by\n  norm_num\n```",
+        "an extra hypothesis": "```lean4\n" + statement.replace(" :", " (hF : False) :", 1) + "\n  norm_num\n```",
+        "another name": "```lean4\n" + statement.replace(name, name + "_x", 1) + "\n  norm_num\n```",
+    }
+
+
+def test_hacks_are_refused_without_running_lean(task):
+    p = task.heldout(1)[0]
+    hacks = {**HACKS, **_statement_hacks(p)}
+    assert len(hacks) >= 30
+    rewards = task.score_batch([p] * len(hacks), list(hacks.values()))
+    accepted = [name for name, r in zip(hacks, rewards) if r != 0.0]
+    assert accepted == []
+    # each is refused by the screen itself (the fake lean would have accepted most)
+    assert task.lean_runs == 0
+    assert task.score_batch([p], [None]) == [0.0]
+    # what comes before the theorem (the model's own header, an axiom) is dropped
+    own = f"```lean4\n{p.meta['header']}axiom cheat : False\n{p.meta['statement']}\n  norm_num\n```"
+    assert proof_source(p, own) == p.meta["header"] + p.meta["statement"] + "\n  norm_num\n"
+
+
+def test_native_decide_is_a_task_option(tmp_path, shared_data):
+    task = _make_task(tmp_path, shared_data, allow_native_decide=True)
+    p = task.heldout(1)[0]
+    assert task.reward(p, "  native_decide\n  norm_num") == 1.0 and task.lean_runs == 1
+    assert task.reward(p, "  run_tac (pure ())\n  norm_num") == 0.0 and task.lean_runs == 1
+
+
+def test_comments_are_stripped_before_screening():
+    assert strip_comments("a /- b /- c -/ d -/ e -- f\ng") == "a" + " " * 19 + "e" + " " * 5 + "\ng"
+    with pytest.raises(Refused, match="unterminated"):
+        strip_comments("/- /- -/")
+    with pytest.raises(Refused, match="not allowed"):
+        build_source("", "theorem t : 1 = 1 := by", "t", "-- /-\n sorry\n-- -/")
 
 
 def test_timeout_scores_zero(task):
     assert task.reward(task.heldout(1)[0], "  decide\n  norm_num") == 0.0
+    assert task.lean_runs == 1
 
 
 def test_rapid_run_refuses_to_start_without_a_toolchain(shared_data, tmp_path):
     """The launcher builds the task before any child: the message comes first."""
-    import os
     import subprocess
-
-    from conftest import REPO
 
     args = [sys.executable, "-m", "rapid_async.cli", "run", "--actors", "1",
             "--set", "task.name=minif2f", "--set", f"run.run_dir={tmp_path / 'run'}"]
