@@ -334,6 +334,7 @@ def _steps(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir) if r["role"] == "learner" and "loss/policy" in r]
 
 
+@pytest.mark.slow
 def test_a_hoarding_client_beside_a_real_actor_cannot_stop_training(tmp_path, random_model_dir):
     """issue 21 item 1: one client says Hello, asks for 10^6 prompts again and
     again and heartbeats, but never delivers. Before, it held every buffer
@@ -435,3 +436,45 @@ def test_a_learner_that_rejects_every_group_says_so_and_stops(tmp_path, random_m
     end = [r for r in read_metrics(run_dir) if r.get("event") == "end"]
     assert end and end[-1]["stop_reason"].startswith("error: NoUsableGroups")
     assert end[-1]["net/rollouts/rejected_prompt_mismatch"] >= 20
+
+
+@pytest.mark.slow
+def test_an_actor_that_outlives_its_learner_takes_the_resumed_runs_task(tmp_path,
+                                                                         random_model_dir):
+    """issue 16 item 6 / issue 21 item 3: `--resume --set task.options.seed=7`
+    changes every prompt; the old actor kept its task and all its groups were
+    rejected as prompt_mismatch (0 steps, both exit 0). Now it rebuilds its
+    task, prompt settings and scorer from the Welcome config."""
+    steps = 24
+    common = ["run.mode=rapid-async", f"run.max_steps={steps}", "run.checkpoint_every=4",
+              "run.checkpoint_minutes=0", "run.eval_every=0", "run.eval_size=5",
+              "run.eval_timeout_s=5", "algo.group_size=2", "learner.minibatch_groups=2",
+              "learner.buffer_groups=6", "actor.chunk_groups=2", "actor.learner_timeout_s=3"]
+    first, run_dir = _learner(tmp_path, random_model_dir, common, name="learner1")
+    procs = [first]
+    try:
+        info = wait_for_file(run_dir / "learner.json", first)
+        actor = cli("actor", "--learner", info["control"], "--actor-id", "old",
+                    log=tmp_path / "actor.log")
+        procs.append(actor)
+        _wait(lambda: list(run_dir.glob("checkpoints/step-*/rapid_checkpoint.json")),
+              timeout_s=240)
+        first.kill()  # SIGKILL, a child we started, by pid
+        first.wait()
+        second, _ = _learner(tmp_path, random_model_dir, common + ["task.options.seed=7"],
+                             name="learner2", resume=True)
+        procs.append(second)
+        assert second.wait(timeout=300) == 0, read_log(tmp_path / "learner2.log")[-3000:]
+        assert actor.wait(timeout=60) == 0, read_log(tmp_path / "actor.log")[-3000:]
+    finally:
+        for p in procs:
+            stop(p)
+    records = read_metrics(run_dir)
+    resume = [r for r in records if r.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["resume/changed"]["task.options"]
+    after = [r for r in _steps(run_dir) if r["version"] > resume[0]["version"]]
+    assert [r["version"] for r in after] == list(range(resume[0]["version"] + 1, steps + 1))
+    assert after[-1].get("net/rollouts/rejected_prompt_mismatch", 0) == 0
+    old = [r for r in records if r.get("actor_id") == "old"]
+    assert old[-1]["actor/reconfigured"] >= 1 and old[-1]["version"] == steps
+    assert "rebuilding the task" in read_log(tmp_path / "actor.log")
