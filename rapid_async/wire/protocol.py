@@ -7,7 +7,7 @@ A message is a ZeroMQ multipart message: one msgpack header frame, then one raw
 frame per tensor field, then one raw frame per bytes field, in the order the
 message type declares them::
 
-    frame 0      msgpack map {"protocol": 2, "type": "<tag>",
+    frame 0      msgpack map {"protocol": 3, "type": "<tag>",
                               "fields": {scalar fields...},
                               "tensors": {name: {"dtype": "<i4", "shape": [K, T]}}}
     frame 1..n   raw little-endian tensor bytes (C order), one per tensor field
@@ -31,7 +31,7 @@ import msgpack
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: RolloutGroup.session_tag
 MAX_HEADER_BYTES = 64 * 1024
 MAX_NESTING = 16  # deepest list / dict nesting allowed in Welcome.settings
 
