@@ -9,11 +9,11 @@ resumed run that changed the task) start them with `conftest.cli`.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -21,6 +21,7 @@ import torch
 import zmq
 
 from conftest import REPO, cli, read_log, stop, wait_for_file
+from rapid_async.actor.heartbeat import Heartbeat as Heartbeat_
 from rapid_async.actor.rejoin import hello_with_backoff
 from rapid_async.actor.rollout import prompt_tokens
 from rapid_async.config import Config
@@ -244,8 +245,10 @@ def _connections(port: int) -> int:
 
 
 def test_a_flood_of_hellos_does_not_lock_out_an_actor_that_delivers(tokenizer, task):
-    net = _net(tokenizer, task, max_actors=32)
+    net = _net(tokenizer, task, max_actors=32, actor_timeout_s=2.0)
     worker = _actor(net, "worker")
+    beat = Heartbeat_(SimpleNamespace(sockets=worker, session=worker.session), interval_s=0.2)
+    beat.start()  # a real actor's heartbeat thread: it is alive, delivering or not
     ctx = zmq.Context()
     ctx.MAX_SOCKETS = 4096
     try:
@@ -284,13 +287,14 @@ def test_a_flood_of_hellos_does_not_lock_out_an_actor_that_delivers(tokenizer, t
             sock.close()
         _wait(lambda: _connections(port) <= 2, timeout_s=60)
     finally:
+        beat.stop()
         ctx.destroy(linger=0)
         worker.close()
         net.shutdown()
 
 
 def test_a_refused_actor_asks_again_with_backoff(tokenizer, task):
-    net = _net(tokenizer, task, max_actors=1)
+    net = _net(tokenizer, task, max_actors=1, actor_timeout_s=60.0)
     worker = _actor(net, "worker")
     try:
         grant = worker.request_work(1, timeout_ms=5000)

@@ -246,7 +246,8 @@ class LearnerNetwork(ControlHandlers, RolloutIntake, threading.Thread):
 
     def _actor_lost(self, actor_id: str, reason: str) -> None:
         """An earlier incarnation of `actor_id` is gone (Sessions): its evaluation job goes to others."""
-        self.counters["actors/" + ("reconnected" if "reconnected" in reason else "evicted")] += 1
+        if "reconnected" in reason:  # evictions are counted by Sessions (net/actors/evicted)
+            self.counters["actors/reconnected"] += 1
         if self.evals is not None and self.evals.release(actor_id, reason):
             log.info("actor %s: %s; its evaluation goes to the next actor", actor_id[:40], reason)
 

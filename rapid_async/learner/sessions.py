@@ -15,11 +15,12 @@ out again, its evaluation job too (`on_lost`): else heartbeats would keep
 those grants live forever (issue 16, item 3).
 
 At most `max_actors` sessions exist. A Hello beyond that forgets one actor to
-make room: a silent one first, else the one that delivered least recently
-(never delivered first; among those the oldest Hello), its work handed to
-others; actors that delivered within `actor_timeout` are never forgotten for
-a newcomer, so a flood of Hellos with new ids cannot lock out working actors,
-and a new actor gets in (it is the last newcomer to go). When every session
+make room: one that never delivered (silent ones first, else the oldest
+Hello), else a silent one, else the one that delivered least recently, if
+over `actor_timeout` ago; its work goes to others. An actor that delivered is
+never forgotten while a session that never delivered exists, so a flood of
+Hellos with new ids cannot lock out working actors, and a new actor gets in
+(it is the last newcomer to go). When every session
 delivered recently the Hello is refused and the actor retries later. The
 scheduler forgets actors silent much longer, and the network thread drops
 their sessions. The learner's per-actor state stays bounded.
@@ -113,19 +114,26 @@ class Sessions:
         return session, ""
 
     def victim(self) -> str | None:
-        """The session to forget for a newcomer: a silent one first, else the
-        one that delivered least recently (never first, oldest Hello first),
-        but none that delivered within `actor_timeout`; None if there is none."""
+        """The session to forget for a newcomer: one that never delivered (a
+        silent one first, else the oldest Hello), else a silent one, else the
+        one that delivered least recently if that was over `actor_timeout` ago;
+        None if there is none. An actor that delivered is only forgotten when
+        no session that never delivered is left (a flood of Hellos can delay
+        its heartbeats, but not cost it its session)."""
         known = self.scheduler.eviction_order()
         seen = set(known)
         order = [a for a in self._by_id if a not in seen] + [a for a in known if a in self._by_id]
-        for actor_id in order:
-            if self.scheduler.silent_for(actor_id) > self.actor_timeout:
-                return actor_id
-        for actor_id in order:
-            if self.scheduler.last_delivery_age(actor_id) > self.actor_timeout:
-                return actor_id
-        return None
+        ages = {a: self.scheduler.last_delivery_age(a) for a in order}
+        fresh = [a for a in order if ages[a] == float("inf")]  # never delivered, oldest first
+        delivered = [a for a in order if ages[a] != float("inf")]
+        for group in (fresh, delivered):
+            for actor_id in group:
+                if self.scheduler.silent_for(actor_id) > self.actor_timeout:
+                    return actor_id
+            if group is fresh and fresh:
+                return fresh[0]
+        old = [a for a in delivered if ages[a] > self.actor_timeout]
+        return old[0] if old else None
 
     def _evict_one(self) -> bool:
         """Make room by forgetting `victim()`; its work goes to others."""
