@@ -275,8 +275,9 @@ class ActorConfig:
     and resynchronises by snapshot."""
 
     rejoin_timeout_s: float = 600.0
-    """How long an actor keeps trying to reach a learner that went away before
-    it gives up and exits with an error."""
+    """How long an actor keeps trying to reach a learner that went away (or
+    that refuses its Hello because it is full: asked again with backoff, 0.5 s
+    doubling to 30 s) before it gives up and exits with an error."""
 
     heartbeat_s: float = 1.0
     """Seconds between an actor's heartbeats, sent from a thread of their own,
