@@ -68,8 +68,13 @@ def learner(config: Optional[str] = typer.Option(None, "--config", "-c", help=CO
             distributed.run_follower(cfg, model_dir)
             return
         from rapid_async.learner.loop import run_learner
+        from rapid_async.learner.network import NoUsableGroups
 
-        run_learner(cfg, resume=resume, model_dir=model_dir)
+        try:
+            run_learner(cfg, resume=resume, model_dir=model_dir)
+        except NoUsableGroups as exc:  # logged, end record written: no traceback
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(3)
     except ValueError as exc:
         _fail(str(exc))
 

@@ -37,6 +37,7 @@ from rapid_async.wire.protocol import (ActorStats, DeltaRequest, ErrorReply, Hea
                                        RolloutGroup,
                                        SnapshotRequest, Stop, WeightUpdate, Welcome, WorkGrant,
                                        WorkRequest, encode)
+from rapid_async.wire.security import rollout_tag
 from rapid_async.wire.transport import MAX_INBOUND_BYTES, LearnerSockets
 
 CONFIG = REPO / "configs" / "quickstart.toml"
@@ -240,7 +241,17 @@ class Fuzzer:
         self.session.send_multipart(encode(WorkRequest("fuzzer", 1)))
         assert self.session.poll(10_000)
         reply = protocol.decode(self.session.recv_multipart())
+        if isinstance(reply, protocol.Rejoin):  # the fuzzed Hellos evicted this session
+            self.session.send_multipart(encode(Hello("fuzzer", 1, "none")))
+            assert self.session.poll(10_000)
+            self.welcome = protocol.decode(self.session.recv_multipart())
         return reply if isinstance(reply, WorkGrant) and reply.prompt_indices else None
+
+    def sign(self, group: RolloutGroup) -> RolloutGroup:
+        """The session tag a real actor's sockets add (wire.security.rollout_tag)."""
+        group.session_tag = rollout_tag(self.welcome.session, group.actor_id, group.prompt_id,
+                                        group.grant_id)
+        return group
 
     def close(self) -> None:
         for sock in [*self.dealers, self.session, self.push]:
@@ -299,7 +310,8 @@ def test_fuzzing_every_learner_socket(tmp_path, random_model_dir):
                     good = _group(rng, prompt_id=str(index), grant_id=grant.grant_id,
                                   prompt_ids=torch.tensor(prompt_tokens(task, tokenizer, index, settings),
                                                           dtype=torch.int32))
-                    fuzz.push.send_multipart(encode(_invalidate(rng, good, len(tokenizer), 4)))
+                    bad = fuzz.sign(_invalidate(rng, good, len(tokenizer), 4))
+                    fuzz.push.send_multipart(encode(bad))
                     sent["invalid"] += 1
             fuzz.drain()
             time.sleep(0.002)

@@ -326,7 +326,7 @@ def _unchecked_encode(group: RolloutGroup) -> list[bytes]:
     good = _valid_group()
     spec_tensors = ["prompt_ids", "completion_ids", "completion_lengths", "logprobs", "rewards"]
     names = ["actor_id", "prompt_id", "policy_version", "finish_reasons", "gen_seconds",
-             "created_at", "info", "grant_id"]
+             "created_at", "info", "grant_id", "session_tag"]
     header = {
         "protocol": PROTOCOL_VERSION,
         "type": "rollout_group",

@@ -126,6 +126,7 @@ def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_d
     import zmq
 
     from rapid_async.wire.protocol import RolloutGroup, encode
+    from rapid_async.wire.security import rollout_tag
 
     run_dir = tmp_path / "run"
     learner = cli("learner", "--config", str(CONFIG), "--model-dir", str(random_model_dir),
@@ -183,6 +184,8 @@ def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_d
                           gen_seconds=0.1,
                           created_at=time.time(), info={}, grant_id=work.grant_id)
             fields.update(overrides)
+            fields["session_tag"] = rollout_tag(welcome.session, "tester", fields["prompt_id"],
+                                                work.grant_id)  # as ActorSockets signs
             return RolloutGroup(**fields)
 
         # 3. groups that pass the wire checks but would have crashed or
@@ -206,9 +209,10 @@ def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_d
         bad[0] = msgpack.packb(header)
         names = list(header["tensors"])
         bad[1 + names.index("logprobs")] = bytes(frames[1 + names.index("logprobs")])[:8]
-        push.send_multipart(bad)
+        push.send_multipart(bad)  # its readable, signed header hands its prompt out again
         push.send_multipart([b"garbage"])
-        push.send_multipart(frames)  # the one good group: must be trained on
+        work = grant()
+        push.send_multipart(encode(group(work)))  # the one good group: must be trained on
         learner.wait(timeout=120)
         push.close()
         control.close()
@@ -228,6 +232,7 @@ def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_d
     for reason in ("completion_empty", "token_range", "logprob_range"):
         assert recs[0][f"net/rollouts/rejected_{reason}"] == 1, reason
     assert recs[0]["net/rollouts/dropped_ungranted"] == 1
+    assert recs[0]["net/rollouts/released_undecodable"] == 1
     assert recs[0]["trained/prompts"] == [str(work.prompt_indices[0])]
     assert recs[0]["trained/grants"] == [work.grant_id]
     assert "rejected" in log and "Traceback" not in log

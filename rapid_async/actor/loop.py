@@ -44,7 +44,7 @@ import time
 from typing import Any
 
 from rapid_async.actor.intake import WeightIntake
-from rapid_async.actor.rejoin import Rejoining
+from rapid_async.actor.rejoin import Rejoining, hello_with_backoff
 from rapid_async.engines import make_engine
 
 __all__ = ["Actor", "make_engine"]
@@ -62,12 +62,14 @@ class Actor(WeightIntake, Rejoining):
         evaluator: only evaluate (ask for no generation work).
         curve_keys: this actor's CURVE key pair (with `server_key`, the
             learner's public key): needed when the learner uses CURVE.
+        refused_patience_s: how long to keep asking a learner that refuses
+            the Hello (it is full), with backoff, before giving up.
     """
 
     def __init__(self, control_endpoint: str, actor_id: str | None = None,
                  engine: str | None = None, hello_timeout_s: float = 60.0,
                  evaluator: bool = False, curve_keys: Any = None,
-                 server_key: bytes | None = None):
+                 server_key: bytes | None = None, refused_patience_s: float = 600.0):
         from rapid_async.actor.heartbeat import Heartbeat
         from rapid_async.config import config_from_dict
         from rapid_async.wire.transport import ActorSockets
@@ -76,11 +78,16 @@ class Actor(WeightIntake, Rejoining):
         self.control_endpoint = control_endpoint
         self._curve = {"curve_keys": curve_keys, "server_key": server_key}
         self.sockets = ActorSockets(control_endpoint, self.actor_id, **self._curve)
-        welcome = self.sockets.hello(os.getpid(), engine or "config",
-                                     timeout_ms=int(hello_timeout_s * 1000))
+        # A learner that is full refuses us: ask again with backoff (rejoin.py).
+        welcome = hello_with_backoff(self.sockets, self.actor_id, engine or "config",
+                                     timeout_ms=int(hello_timeout_s * 1000),
+                                     patience_s=refused_patience_s)
         self.learner_id = welcome.settings.get("learner_id")
         self._grant_learner = self.learner_id
-        self.cfg = config_from_dict(welcome.settings["config"])
+        self._grant_epoch = 0
+        self._welcome_config = welcome.settings["config"]
+        self.cfg = config_from_dict(self._welcome_config)
+        self.engine_override = engine
         self.engine_name = engine or self.cfg.actor.engine
         self.model_dir = welcome.settings["model_dir"]
         self.run_dir = welcome.settings["run_dir"]
@@ -98,7 +105,8 @@ class Actor(WeightIntake, Rejoining):
                                         "send_wait_s": 0.0, "chain_fetches": 0,
                                         "rejected_updates": 0, "truncated": 0,
                                         "verifier_failures": 0, "eval_s": 0.0, "evals": 0,
-                                        "rejoins": 0, "dropped_on_rejoin": 0, "bad_control": 0}
+                                        "rejoins": 0, "dropped_on_rejoin": 0, "bad_control": 0,
+                                        "reconfigured": 0}
 
     @property
     def version(self) -> int | None:
@@ -107,27 +115,36 @@ class Actor(WeightIntake, Rejoining):
 
     def setup(self) -> None:
         """Load tokenizer, task and engine, then the learner's current weights."""
+        self._load_engine()
+        self._load_task()
+        self._snapshot("join")
+
+    def _load_engine(self) -> None:
+        """Tokenizer, engine and weight receiver of `model_dir` (no weights yet)."""
         from transformers import AutoTokenizer
 
         from rapid_async.config import resolve_device
+        from rapid_async.weights import WeightReceiver
+
+        cfg = self.cfg
+        self.engine_name = self.engine_override or cfg.actor.engine
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.engine = make_engine(self.engine_name, self.model_dir, cfg.model.inference_dtype,
+                                  resolve_device(cfg.actor.device),
+                                  cfg.run.seed + (os.getpid() % 10007))
+        self.receiver = WeightReceiver(self.engine)
+
+    def _load_task(self) -> None:
+        """Task, prompt settings and scorer of the current config."""
         from rapid_async.tasks.base import task_from_config
         from rapid_async.tasks.prompts import PromptSettings, check_chat_template
         from rapid_async.tasks.scoring import Scorer
 
-        cfg = self.cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.task = task_from_config(cfg)
-        self.prompt_settings = PromptSettings.from_config(cfg, self.task)
+        self.task = task_from_config(self.cfg)
+        self.prompt_settings = PromptSettings.from_config(self.cfg, self.task)
         if self.prompt_settings.prompt_format == "chat":
             check_chat_template(self.tokenizer, self.model_dir)
-        self.scorer = Scorer(self.task, cfg.task.failure_reward)
-        self.engine = make_engine(self.engine_name, self.model_dir, cfg.model.inference_dtype,
-                                  resolve_device(cfg.actor.device),
-                                  cfg.run.seed + (os.getpid() % 10007))
-        from rapid_async.weights import WeightReceiver
-
-        self.receiver = WeightReceiver(self.engine)
-        self._snapshot("join")
+        self.scorer = Scorer(self.task, self.cfg.task.failure_reward)
 
     # -- the loop
     def run(self) -> str:
@@ -195,7 +212,7 @@ class Actor(WeightIntake, Rejoining):
         from rapid_async.actor.rollout import generate_groups
 
         learner, checksum = self._grant_learner, self.receiver.checksum
-        if self.learner_id != learner:  # granted by a learner that has since gone
+        if not self._grant_valid(learner):  # granted by a learner (connection) since gone
             self.stats["dropped_on_rejoin"] += len(indices)
             return
         groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
@@ -211,11 +228,16 @@ class Actor(WeightIntake, Rejoining):
         for i, group in enumerate(groups):
             self.stats["tokens"] += int(group.completion_lengths.sum())
             self.stats["truncated"] += int(group.info.get("truncated", 0))
-            if self.learner_id != learner or not self._send(group):
+            if not self._grant_valid(learner) or not self._send(group):
                 if self.stopped is None:
                     self.stats["dropped_on_rejoin"] += len(groups) - i
                 return
             self.stats["groups"] += 1
+
+    def _grant_valid(self, learner: Any) -> bool:
+        """False once the grant's learner has gone or we rejoined since (a
+        learner that sees us reconnect hands our earlier work to others)."""
+        return self.learner_id == learner and self.stats["rejoins"] == self._grant_epoch
 
     def _evaluate(self, task: Any) -> None:
         """Do an evaluation task and send its result (see actor/evaluator.py)."""

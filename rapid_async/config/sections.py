@@ -181,8 +181,36 @@ class LearnerConfig:
     chunk is not silence; must be >= 3 x actor.heartbeat_s."""
 
     max_actors: int = 256
-    """Most actors the learner keeps state for at once (bounds its memory); a
-    Hello beyond that is refused unless a silent, idle actor can be forgotten."""
+    """Most actors the learner keeps state for at once (bounds its memory). A
+    Hello beyond that forgets the actor that delivered least recently (never
+    delivered first, oldest first), unless every one delivered within
+    actor_timeout_s; then it is refused and the actor retries later."""
+
+    max_groups_per_actor: int = 0
+    """Most undelivered prompts one actor may hold (0: its share of
+    buffer_groups, or of the round in the synchronous modes, among the live
+    actors that deliver; actors that have not delivered yet share at most half
+    of it). No single client can hold all the work."""
+
+    grant_timeout_factor: float = 4.0
+    """Work not delivered within this many times its measured generation time
+    (seconds per group from real deliveries x the grant's prompts, never less
+    than grant_timeout_min_s) is taken back and handed to others, also from an
+    actor that heartbeats; its late delivery is dropped (0: never)."""
+
+    grant_timeout_min_s: float = 60.0
+    """Floor of a grant's deadline in seconds (also the deadline until the run
+    has measured a delivery)."""
+
+    stop_after_rejected_s: float = 120.0
+    """Stop the run with an error (exit status 3, an end record) when every
+    group that answered a grant was rejected for this long (and at least
+    stop_after_rejected_groups of them): the actors and the learner disagree
+    (task, prompts, model) and no step can ever be made. 0: never."""
+
+    stop_after_rejected_groups: int = 256
+    """See stop_after_rejected_s: rejected groups, with none accepted, before
+    the run stops."""
 
     device: str = "auto"
     """Torch device of the learner: auto (the GPU this process was given,
@@ -247,8 +275,9 @@ class ActorConfig:
     and resynchronises by snapshot."""
 
     rejoin_timeout_s: float = 600.0
-    """How long an actor keeps trying to reach a learner that went away before
-    it gives up and exits with an error."""
+    """How long an actor keeps trying to reach a learner that went away (or
+    that refuses its Hello because it is full: asked again with backoff, 0.5 s
+    doubling to 30 s) before it gives up and exits with an error."""
 
     heartbeat_s: float = 1.0
     """Seconds between an actor's heartbeats, sent from a thread of their own,

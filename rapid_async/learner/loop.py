@@ -64,6 +64,7 @@ class Learner(StopOnSignal):
         from rapid_async.learner.buffer import RolloutBuffer
         from rapid_async.learner.checkpoint import Checkpointer
         from rapid_async.learner.evaluation import EvalBoard, LearnerEvaluations, task_settings
+        from rapid_async.learner.limits import grant_limits
         from rapid_async.learner.network import LearnerNetwork
         from rapid_async.learner.scheduler import WorkScheduler
         from rapid_async.learner.trainer import Trainer
@@ -90,7 +91,8 @@ class Learner(StopOnSignal):
         self.scheduler = WorkScheduler(self.mode, cfg.learner.batch_groups,
                                        cfg.learner.buffer_groups, max_staleness,
                                        start_index=self.trainer.data_position,
-                                       actor_timeout=cfg.learner.actor_timeout_s)
+                                       actor_timeout=cfg.learner.actor_timeout_s,
+                                       limits=grant_limits(cfg))
         if self.resumed:
             self.scheduler.requeue(self.resumed["pending"])
         self.checkpointer = Checkpointer(self.run_dir, cfg.run.checkpoint_every,

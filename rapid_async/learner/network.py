@@ -6,7 +6,8 @@ socket (hello, work requests, snapshot and delta requests, stats; the handlers
 are in `learner/control.py`), moves arriving rollout groups into the buffer,
 publishes the weight updates that the weight publisher hands it, hands
 held-out evaluation jobs to actors and takes their results
-(`learner/evaluation.py`), and counts bad messages without dying on them. A
+(`learner/evaluation.py`), and counts bad messages without dying on them.
+The checks of arriving groups are in `learner/intake.py`. A
 failure of this thread is re-raised in the training loop by `check()`.
 
 Weights: the thread never encodes anything. It sends each delta it is given
@@ -22,11 +23,20 @@ Nothing an actor sends is trusted:
   socket). Requests naming an actor from any other connection are refused, so
   one actor cannot give up or take another's work. At most
   `learner.max_actors` sessions exist; silent ones are forgotten.
-- A rollout group is accepted only if it answers a live grant (scheduler) and
-  passes `GroupValidator` (vocabulary, lengths, versions, log-probs, prompt).
-  Everything refused is counted by reason (`rollouts/dropped_*`,
-  `rollouts/rejected_*`) and logged; a refused but granted prompt is handed
-  out again.
+- A rollout group is accepted only if it answers a live grant (scheduler) of
+  the actor it names, carries that actor's session tag (an HMAC with its
+  session secret: knowing a grant id is not enough to deliver for another
+  actor) and passes `GroupValidator` (vocabulary, lengths, versions,
+  log-probs, prompt). Everything refused is counted by reason
+  (`rollouts/dropped_*`, `rollouts/rejected_*`) and logged; a refused but
+  granted prompt is handed out again, also when a group that fails to decode
+  names its grant in a readable header with a valid tag.
+- No actor holds work for ever: grants are capped per actor and taken back
+  past a deadline (`learner/limits.py`, `grants/taken_back`).
+- When every group that answers a grant is rejected for
+  `learner.stop_after_rejected_s` (and `stop_after_rejected_groups` groups),
+  learner and actors disagree (task, prompts, model): `check()` raises
+  `NoUsableGroups`, the run ends with an error and its end record.
 
 Restarts: control requests from an actor id that has no session here (the
 learner restarted, or forgot a silent actor) get a Rejoin reply, so that
@@ -47,13 +57,16 @@ from typing import Any
 
 from rapid_async.config import Config
 from rapid_async.learner.control import ControlHandlers
+from rapid_async.learner.intake import NoUsableGroups, RolloutIntake
+
+__all__ = ["LearnerNetwork", "NoUsableGroups", "chain_budget"]
 
 log = logging.getLogger("rapid.learner")
 
 MAX_VERSIONS = 4096  # versions whose served checksums are remembered (oldest dropped first)
 
 
-class LearnerNetwork(ControlHandlers, threading.Thread):
+class LearnerNetwork(ControlHandlers, RolloutIntake, threading.Thread):
     """The learner's network thread: sockets, actors, buffer input.
 
     Args:
@@ -88,7 +101,11 @@ class LearnerNetwork(ControlHandlers, threading.Thread):
         self._chain_bytes = 0
         self.chain_limit_bytes = chain_budget(cfg.transport.delta_chain_mb)
         self.weights_source: Any = None  # has request_snapshot(); set by the learner
-        self.sessions = Sessions(cfg.learner.max_actors, cfg.learner.actor_timeout_s, scheduler)
+        self.sessions = Sessions(cfg.learner.max_actors, cfg.learner.actor_timeout_s, scheduler,
+                                 on_lost=self._actor_lost)
+        self.starved: str | None = None  # why the run must stop (NoUsableGroups)
+        self._rejected: Counter[str] = Counter()  # rejections since the last accepted group
+        self._rejecting_since = 0.0
         self.bad_messages: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
         self.served_checksums: OrderedDict[int, set] = OrderedDict()  # version -> checksums
@@ -154,9 +171,12 @@ class LearnerNetwork(ControlHandlers, threading.Thread):
         self.outbox.put(("stop", reason))
 
     def check(self) -> None:
-        """Re-raise a failure of the network thread in the caller."""
+        """Re-raise a failure of the network thread in the caller; raise
+        NoUsableGroups once every arriving group has been rejected too long."""
         if self.error is not None:
             raise RuntimeError(f"learner network thread failed: {self.error!r}") from self.error
+        if self.starved is not None:
+            raise NoUsableGroups(self.starved)
 
     def shutdown(self) -> None:
         self._halt.set()
@@ -215,9 +235,21 @@ class LearnerNetwork(ControlHandlers, threading.Thread):
         for actor_id in self.evals.expire_silent() if self.evals else []:
             log.warning("actor %s went silent during an evaluation; it goes to the next actor",
                         actor_id)
+        for actor_id, n in self.scheduler.take_back_overdue().items():
+            self.counters["grants/taken_back"] += n
+            self._count("grants/overdue_actors",
+                        f"actor {actor_id[:40]} held {n} prompts past their deadline; they go "
+                        "to other actors")
         for actor_id in self.scheduler.prune():
             self.sessions.drop(actor_id)
             self.counters["actors/forgotten"] += 1
+
+    def _actor_lost(self, actor_id: str, reason: str) -> None:
+        """An earlier incarnation of `actor_id` is gone (Sessions): its evaluation job goes to others."""
+        if "reconnected" in reason:  # evictions are counted by Sessions (net/actors/evicted)
+            self.counters["actors/reconnected"] += 1
+        if self.evals is not None and self.evals.release(actor_id, reason):
+            log.info("actor %s: %s; its evaluation goes to the next actor", actor_id[:40], reason)
 
     def _count(self, key: str, text: str) -> None:
         """Count a refused message; log the first 20 of each kind, then every power of 2."""
@@ -231,57 +263,6 @@ class LearnerNetwork(ControlHandlers, threading.Thread):
             log.warning("bad message on %s socket: %s (%d so far)", where, reason, n)
 
     # -- rollouts
-    def _pump_rollouts(self, limit: int = 64) -> int:
-        from rapid_async.wire.protocol import RolloutGroup
-        from rapid_async.wire.transport import BadMessage
-
-        n = 0
-        while n < limit:
-            msg = self.sockets.recv_rollout(timeout_ms=0)
-            if msg is None:
-                return n
-            n += 1
-            if isinstance(msg, BadMessage):
-                self._bad("rollouts", msg.reason)
-            elif not isinstance(msg, RolloutGroup):
-                self._bad("rollouts", f"expected a rollout group, got {type(msg).__name__}")
-            else:
-                self._intake(msg)
-        return n
-
-    def _intake(self, group: Any) -> None:
-        """Grant check, field checks, then into the buffer; or count why not."""
-        from rapid_async.learner.scheduler import ACCEPTED
-        from rapid_async.learner.validate import prompt_index
-
-        where = f"group {group.prompt_id[:40]!r} (grant {group.grant_id}) from {group.actor_id[:40]!r}"
-        index = prompt_index(group.prompt_id)
-        verdict, min_version = (self.scheduler.check(group.actor_id, index, group.grant_id)
-                                if index is not None else ("ungranted", 0))
-        if verdict != ACCEPTED:
-            self._count(f"rollouts/dropped_{verdict}", f"{where} dropped")
-            return
-        problem = self._validate(group, index, min_version)
-        if problem is not None:
-            self.scheduler.revoke(index, group.grant_id)  # the prompt goes out again
-            reason, text = problem
-            self._count(f"rollouts/rejected_{reason}", f"{where} rejected: {text}")
-            return
-        verdict = self.scheduler.delivered(group.actor_id, index, group.grant_id)
-        if verdict != ACCEPTED:  # withdrawn meanwhile (a new round opened)
-            self._count(f"rollouts/dropped_{verdict}", f"{where} dropped")
-            return
-        self.buffer.put(group)
-        self.counters["rollouts/groups"] += 1
-
-    def _validate(self, group: Any, index: int, min_version: int) -> tuple[str, str] | None:
-        if self.validator is None:
-            return None
-        try:
-            return self.validator.check(group, index, min_version, self._published_version)
-        except Exception as exc:  # a check that cannot run refuses the group
-            return "invalid", f"could not be checked ({type(exc).__name__}: {exc})"
-
     def _served(self, update: Any) -> None:
         """Remember the checksums of the updates served as each version (a
         delta's and a snapshot's differ: each certifies its own header)."""

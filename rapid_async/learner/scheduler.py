@@ -23,7 +23,13 @@ another actor), "ungranted" (no such grant) or "wrong_actor".
 
 Work given to an actor that goes silent (no message and no heartbeat for
 `actor_timeout` seconds) is handed out again under a new grant, so a departed
-actor loses no prompt and a synchronous round still completes. Actors silent
+actor loses no prompt and a synchronous round still completes. With
+`GrantLimits` (`learner/limits.py`; the learner passes its config) an actor
+also holds at most its share of the work, and work it holds past a deadline
+measured from real deliveries is taken back, even from an actor that
+heartbeats (a client that asks for work and never delivers). An actor that
+reconnects with its session gets its earlier work taken back (`release`):
+what it generated for its old connection was dropped. Actors silent
 much longer, with no work, are forgotten: the per-actor state stays bounded.
 Thread-safe: the network thread grants and records deliveries, the training
 loop opens rounds.
@@ -37,6 +43,8 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+from rapid_async.learner.limits import GrantLimits, update_spg
 
 ACCEPTED, DUPLICATE, LATE, UNGRANTED, WRONG_ACTOR = (
     "accepted", "duplicate", "late", "ungranted", "wrong_actor")
@@ -58,12 +66,19 @@ class _Live:
     grant_id: int
     actor_id: str
     min_version: int
+    granted_at: float = 0.0
+    size: int = 1  # prompts in its grant
+    deadline: float = float("inf")
 
 
 @dataclass
 class _ActorWork:
     outstanding: set[int] = field(default_factory=set)  # prompt indices with a live grant
     last_seen: float = 0.0
+    joined: float = field(default_factory=time.monotonic)
+    last_delivery: float = 0.0  # monotonic time of its last accepted group (0: none)
+    proven: bool = False  # delivered since it joined or since work was taken back
+    spg: float = 0.0  # measured seconds per group of its grants (0: not yet)
 
 
 class WorkScheduler:
@@ -78,11 +93,12 @@ class WorkScheduler:
         actor_timeout: seconds of silence after which an actor's work is reissued.
         forget_after: seconds of silence after which an actor without work is
             forgotten (default: 10 x actor_timeout, at least 60 s).
+        limits: quota and deadline rules (default: none, as before them).
     """
 
     def __init__(self, mode: str, batch_groups: int, capacity: int, max_staleness: int,
                  start_index: int = 0, actor_timeout: float = 30.0,
-                 forget_after: float | None = None):
+                 forget_after: float | None = None, limits: GrantLimits | None = None):
         self.mode = mode
         self.sync = mode in ("grpo", "rapid-sync")
         self.batch_groups = batch_groups
@@ -101,6 +117,10 @@ class WorkScheduler:
         self._round_version = 0
         self.reissued = 0
         self.revoked_at_round = 0
+        self.limits = limits or GrantLimits()
+        self.run_spg = 0.0  # seconds per group over all actors' deliveries
+        self.taken_back = 0  # prompts taken back past their deadline
+        self.released = 0  # prompts taken back from actors that reconnected
 
     # -- called by the training loop
     def open_round(self, version: int) -> None:
@@ -139,7 +159,7 @@ class WorkScheduler:
         """Work for `actor_id`: prompt indices, minimum policy version, grant id."""
         with self._lock:
             work = self._actors.setdefault(actor_id, _ActorWork())
-            work.last_seen = time.monotonic()
+            now = work.last_seen = time.monotonic()
             if self.sync:
                 n = min(max_groups, self._round_left)
                 min_version = self._round_version
@@ -148,6 +168,8 @@ class WorkScheduler:
                 # One version of headroom, but never a version not yet trained:
                 # with max_staleness 0 training waits for data at `version`.
                 min_version = max(0, min(version, version - self.max_staleness + 1))
+            if self.limits.max_per_actor is not None:
+                n = min(n, self._quota_locked(actor_id, work, now))
             indices = []
             for _ in range(max(0, n)):
                 if self._requeued:
@@ -160,10 +182,21 @@ class WorkScheduler:
             if self.sync:
                 self._round_left -= len(indices)
             grant_id = secrets.randbits(62) or 1
+            deadline = now + self.limits.deadline_s(len(indices), work.spg, self.run_spg)
             for i in indices:
-                self._live[i] = _Live(grant_id, actor_id, min_version)
+                self._live[i] = _Live(grant_id, actor_id, min_version, now, len(indices),
+                                      deadline)
                 work.outstanding.add(i)
             return Grant(indices, min_version, grant_id)
+
+    def _quota_locked(self, actor_id: str, work: _ActorWork, now: float) -> int:
+        """How many more prompts `actor_id` may hold now (learner/limits.py)."""
+        proven_alive = sum(1 for a, w in self._actors.items() if a != actor_id and w.proven
+                           and now - w.last_seen <= self.actor_timeout)
+        unproven_held = sum(len(w.outstanding) for w in self._actors.values() if not w.proven)
+        bound = self.batch_groups if self.sync else self.capacity
+        return self.limits.quota(bound, work.proven, proven_alive, len(work.outstanding),
+                                 unproven_held)
 
     def check(self, actor_id: str, index: int, grant_id: int) -> tuple[str, int]:
         """Would a group for (index, grant_id) from `actor_id` be accepted?
@@ -184,9 +217,16 @@ class WorkScheduler:
         with self._lock:
             verdict, _ = self._verdict_locked(actor_id, index, grant_id)
             work = self._actors.get(actor_id)
+            now = time.monotonic()
             if work is not None:
-                work.last_seen = time.monotonic()
+                work.last_seen = now
             if verdict == ACCEPTED:
+                live = self._live[index]
+                if work is not None:
+                    elapsed = now - live.granted_at
+                    work.spg = update_spg(work.spg, elapsed, live.size)
+                    self.run_spg = update_spg(self.run_spg, elapsed, live.size)
+                    work.last_delivery, work.proven = now, True
                 self._close_locked(index, DUPLICATE)
             return verdict
 
@@ -211,6 +251,54 @@ class WorkScheduler:
                     self._withdraw_locked(work)
                     gone.append(actor_id)
         return gone
+
+    def take_back_overdue(self) -> dict[str, int]:
+        """Take back work held past its grant's deadline (even from an actor that
+        heartbeats) and hand it to others; returns {actor id: prompts taken}.
+        The actor is unproven again (a smaller quota) until it delivers."""
+        taken: dict[str, int] = {}
+        with self._lock:
+            now = time.monotonic()
+            overdue = [i for i, live in self._live.items() if live.deadline < now]
+            for index in overdue:
+                actor_id = self._live[index].actor_id
+                taken[actor_id] = taken.get(actor_id, 0) + 1
+                work = self._actors.get(actor_id)
+                if work is not None:
+                    work.proven = False
+                self._close_locked(index, LATE)
+            self._reissue_locked(sorted(overdue))
+            self.taken_back += len(overdue)
+        return taken
+
+    def release(self, actor_id: str) -> int:
+        """The actor reconnected (it dropped what it had generated for its old
+        connection): hand its work to others, keep the actor. Returns how many
+        prompts went back."""
+        with self._lock:
+            work = self._actors.get(actor_id)
+            if work is None or not work.outstanding:
+                return 0
+            n = len(work.outstanding)
+            self._withdraw_locked(work)
+            self.released += n
+            return n
+
+    def eviction_order(self) -> list[str]:
+        """Known actors, the first to forget first: never delivered before
+        delivered, then longest since the last accepted delivery, then the
+        oldest join (so the newest newcomer goes last among newcomers)."""
+        with self._lock:
+            ranked = sorted((w.last_delivery, w.joined, a) for a, w in self._actors.items())
+        return [a for _, _, a in ranked]
+
+    def last_delivery_age(self, actor_id: str) -> float:
+        """Seconds since `actor_id`'s last accepted group (inf: none, or unknown)."""
+        with self._lock:
+            work = self._actors.get(actor_id)
+            if work is None or not work.last_delivery:
+                return float("inf")
+            return time.monotonic() - work.last_delivery
 
     def prune(self) -> list[str]:
         """Forget actors silent for `forget_after` (their work, if any, is reissued)."""

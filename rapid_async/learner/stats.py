@@ -34,4 +34,6 @@ def net_stats(net: Any, scheduler: Any) -> dict[str, Any]:
             **{f"net/{k}": v for k, v in list(net.counters.items())},
             "scheduler/reissued": scheduler.reissued,
             "scheduler/revoked_at_round": scheduler.revoked_at_round,
+            "scheduler/taken_back": getattr(scheduler, "taken_back", 0),
+            "scheduler/released": getattr(scheduler, "released", 0),
             "actors": len(net.sessions), "net/actors/evicted": net.sessions.evicted}

@@ -34,7 +34,12 @@ from rapid_async.wire.protocol import (
     encode,
 )
 from rapid_async.wire.receive import BadMessage, expect, recv_decoded
-from rapid_async.wire.security import CurveKeys, check_secure, require_curve
+from rapid_async.wire.security import CurveKeys, check_secure, require_curve, rollout_tag
+
+
+class HelloRefused(RuntimeError):
+    """The learner answered Hello with an ErrorReply (e.g. it serves
+    learner.max_actors actors that all deliver): retry later, with backoff."""
 
 
 class LearnerRestarted(RuntimeError):
@@ -84,6 +89,7 @@ class ActorSockets:
         self._curve = (curve_keys, server_key)
         self._hwms = (rollout_hwm, weights_hwm)
         self._pending: deque = deque()  # control messages received while waiting for a reply
+        self.session = ""  # the session secret of the last Welcome (signs rollout groups)
         self._ctx = zmq.Context()
         self._rollouts = self._weights = None
         # control: DEALER, connects to the learner's ROUTER. Requests and the
@@ -119,6 +125,9 @@ class ActorSockets:
             if isinstance(msg, cls):
                 return msg
             if isinstance(msg, ErrorReply):
+                if what == "hello":
+                    raise HelloRefused(f"learner at {self.control_endpoint} refused the hello: "
+                                       f"{msg.message}")
                 raise RuntimeError(f"learner at {self.control_endpoint} refused the {what}: {msg.message}")
             if isinstance(msg, Rejoin):
                 raise LearnerRestarted(f"learner at {self.control_endpoint} asks to rejoin: {msg.reason}")
@@ -137,10 +146,11 @@ class ActorSockets:
 
         Raises:
             TimeoutError: "no learner at <endpoint>; is rapid-learner running?".
-            RuntimeError: if the learner answers with an ErrorReply.
+            HelloRefused (a RuntimeError): if the learner answers with an ErrorReply.
         """
         self._send_control(Hello(self.actor_id, pid, engine, session))
         welcome = self._await_reply(Welcome, timeout_ms, "hello")
+        self.session = welcome.session
         welcome.rollout_endpoint = _reachable(welcome.rollout_endpoint, self.control_endpoint)
         welcome.weights_endpoint = _reachable(welcome.weights_endpoint, self.control_endpoint)
         if self._rollouts is None:
@@ -164,11 +174,17 @@ class ActorSockets:
     def send_rollout(self, group: RolloutGroup, timeout_ms: int = 1000) -> bool:
         """Queues a rollout group for the learner, waiting up to timeout_ms for room.
 
+        The group is signed with this connection's session (`session_tag`)
+        unless it carries a tag already.
+
         Returns:
             True if queued; False if the queue stayed full (the learner is behind):
             keep the group, service weights / control, and try again.
         """
         self._require_hello()
+        if not group.session_tag and self.session:
+            group.session_tag = rollout_tag(self.session, group.actor_id, group.prompt_id,
+                                            group.grant_id)
         frames = encode(group)
         if not self._rollouts.poll(timeout_ms, zmq.POLLOUT):
             return False

@@ -7,7 +7,7 @@ A message is a ZeroMQ multipart message: one msgpack header frame, then one raw
 frame per tensor field, then one raw frame per bytes field, in the order the
 message type declares them::
 
-    frame 0      msgpack map {"protocol": 2, "type": "<tag>",
+    frame 0      msgpack map {"protocol": 3, "type": "<tag>",
                               "fields": {scalar fields...},
                               "tensors": {name: {"dtype": "<i4", "shape": [K, T]}}}
     frame 1..n   raw little-endian tensor bytes (C order), one per tensor field
@@ -31,7 +31,7 @@ import msgpack
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: RolloutGroup.session_tag
 MAX_HEADER_BYTES = 64 * 1024
 MAX_NESTING = 16  # deepest list / dict nesting allowed in Welcome.settings
 
@@ -246,6 +246,10 @@ class RolloutGroup:
         created_at: unix time when the group was finished.
         info: small flat dict of str -> scalar (e.g. finish reasons counts).
         grant_id: the WorkGrant this group answers (0: none).
+        session_tag: proof that the actor's session sent it: an HMAC, keyed
+            with the session secret of its Welcome, of actor id, prompt id
+            and grant id (`wire.security.rollout_tag`; ActorSockets adds it).
+            Grant ids are logged and recorded; the secret is not.
     """
 
     actor_id: str
@@ -261,6 +265,7 @@ class RolloutGroup:
     created_at: float
     info: dict
     grant_id: int = 0
+    session_tag: str = ""
 
 
 FINISH_REASONS = ("stop", "length")
@@ -524,6 +529,7 @@ _SPECS = [
             "created_at": _float,
             "info": _flat_dict,
             "grant_id": _nonneg_int,
+            "session_tag": _str,
         },
         {
             "prompt_ids": torch.int32,
@@ -630,6 +636,17 @@ def _read_header(frame: bytes) -> dict:
         if not isinstance(header.get(key), dict):
             raise ProtocolError(f"header entry {key!r} must be a map")
     return header
+
+
+def peek_fields(frames: list[bytes]) -> dict | None:
+    """The scalar fields in the header of a message that did not decode (e.g.
+    a broken tensor frame), or None when the header itself is unreadable.
+    Nothing in them is checked: use them only to identify the sender's work."""
+    try:
+        fields = _read_header(bytes(frames[0]))["fields"] if frames else None
+    except ProtocolError:
+        return None
+    return dict(fields) if isinstance(fields, dict) else None
 
 
 def decode(frames: list[bytes]) -> Message:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from rapid_async.wire.protocol import ProtocolError, decode
+from rapid_async.wire.protocol import ProtocolError, decode, peek_fields
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,13 @@ class BadMessage:
     Attributes:
         reason: what was wrong, from ProtocolError.
         socket: "rollouts", "weights" or "control".
+        fields: the header's (unchecked) scalar fields when the header was
+            readable, else None (a broken rollout group names its grant).
     """
 
     reason: str
     socket: str
+    fields: dict | None = None
 
 
 def recv_decoded(sock: zmq.Socket, name: str, timeout_ms: int, routed: bool = False):
@@ -38,7 +41,7 @@ def recv_decoded(sock: zmq.Socket, name: str, timeout_ms: int, routed: bool = Fa
     try:
         return identity, decode(frames)
     except ProtocolError as exc:
-        return identity, BadMessage(str(exc), name)
+        return identity, BadMessage(str(exc), name, peek_fields(frames))
     except Exception as exc:  # a decoder bug must not kill the receive loop either
         return identity, BadMessage(f"could not decode ({type(exc).__name__}: {exc})", name)
 

@@ -14,6 +14,8 @@ raising ValueError that names the field and the file.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import os
 import re
@@ -168,3 +170,12 @@ def learner_curve(transport) -> tuple[CurveKeys | None, list[bytes] | None]:
         raise ValueError(f"transport.curve_public_key = {transport.curve_public_key!r} is not the "
                          f"public key of transport.curve_secret_key = {transport.curve_secret_key!r}")
     return keys, load_authorized_keys(transport.authorized_keys)
+
+
+def rollout_tag(session: str, actor_id: str, prompt_id: str, grant_id: int) -> str:
+    """The `session_tag` of a rollout group: an HMAC-SHA256 (hex, 128 bits),
+    keyed with the session secret of the actor's Welcome, of the actor id,
+    prompt id and grant id. A client that knows another actor's grant id (they
+    are logged) cannot deliver for it without that actor's secret."""
+    message = f"{actor_id}\0{prompt_id}\0{grant_id}".encode()
+    return hmac.new(session.encode(), message, hashlib.sha256).hexdigest()[:32]

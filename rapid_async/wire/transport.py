@@ -38,7 +38,8 @@ This module is the one place to import the sockets from; the code lives in
 
 from __future__ import annotations
 
-from rapid_async.wire.actor_sockets import ActorSockets, HeartbeatSocket, LearnerRestarted
+from rapid_async.wire.actor_sockets import (ActorSockets, HeartbeatSocket, HelloRefused,
+                                             LearnerRestarted)
 from rapid_async.wire.learner_sockets import (
     DEFAULT_HOST,
     MAX_INBOUND_BYTES,
@@ -52,5 +53,5 @@ from rapid_async.wire.receive import BadMessage
 from rapid_async.wire.security import CurveKeys, is_loopback, new_curve_keys
 
 __all__ = ["ActorSockets", "BadMessage", "BindError", "CurveKeys", "DEFAULT_HOST",
-           "HeartbeatSocket", "LearnerRestarted", "LearnerSockets", "MAX_INBOUND_BYTES",
+           "HeartbeatSocket", "HelloRefused", "LearnerRestarted", "LearnerSockets", "MAX_INBOUND_BYTES",
            "MAX_PEERS", "bind_error_message", "is_loopback", "new_curve_keys", "tcp_endpoint"]
