@@ -17,6 +17,7 @@ LOSSES = ("rapid", "grpo", "pg", "rapid_no_is")
 AGGREGATIONS = ("sequence-mean", "token-mean")
 ENGINES = ("hf", "vllm")
 TRUNCATED = ("keep", "zero-reward", "mask")
+BASELINES = ("paper", "loo")
 PROMPT_FORMATS = ("plain", "chat")
 _DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -87,6 +88,12 @@ class AlgoConfig:
 
     aggregation: str = "sequence-mean"
     """How token losses are averaged: sequence-mean | token-mean."""
+
+    baseline: str = "paper"
+    """Group baseline of the advantages: paper | loo. "paper" is DESIGN.md's
+    b = (1/K) sum_j wbar_j r_j, which includes the sample's own weighted reward
+    and so biases the gradient off-policy; "loo" leaves the sample out,
+    b_i = (1/(K-1)) sum_{j != i} wbar_j r_j (unbiased: see rapid_async.loss)."""
 
     temperature: float = 1.0
     """Sampling temperature, used by the actor and by the learner's log-probs."""

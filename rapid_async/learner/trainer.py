@@ -50,7 +50,7 @@ def loss_settings(cfg: Config) -> LossSettings:
     """The loss settings of a run config."""
     a = cfg.algo
     return LossSettings(algorithm=a.loss, eta=a.eta, eps=a.eps, beta=a.beta,
-                        aggregation=a.aggregation)
+                        aggregation=a.aggregation, baseline=a.baseline)
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
