@@ -65,9 +65,13 @@ def test_update_changes_weights_and_increments_version(cfg, model_dir):
     assert m["reward/mean"] == pytest.approx((1 + 0 + 0 + 1 + 0 + 1 + 0.5 + 0) / 8)
     assert m["staleness/mean"] == 0 and m["staleness/max"] == 0
     assert m["batch/tokens"] == 2 + 3 + 1 + 4 + 2 + 2 + 3 + 1
+    # Staleness 0: the engine/trainer mismatch metrics cover every token (loss/mismatch.py).
+    assert m["mismatch/tokens"] == m["batch/tokens"] and m["mismatch/k3"] > 0
+    assert 0 <= m["mismatch/ratio_outside"] <= 1 and m["mismatch/engine_abs_delta"] > 0
     # Groups generated at version 0, consumed at version 1: staleness 1.
     m = trainer.update(two_groups(version=0))
     assert trainer.version == 2 and m["staleness/mean"] == 1 and m["staleness/max"] == 1
+    assert "mismatch/k3" not in m  # no staleness-0 token
 
 
 def test_grpo_with_kl_keeps_a_frozen_reference(model_dir):

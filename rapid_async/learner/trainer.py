@@ -41,6 +41,7 @@ from rapid_async.learner.distributed import close as close_ranks
 from rapid_async.learner.policy import (Batch, PolicyLogprobs, collate, plan_microbatches,
                                         rank_rows, save_batch, splits_groups)
 from rapid_async.learner.truncation import apply_truncated
+from rapid_async.loss.mismatch import mismatch_metrics
 from rapid_async.weights import INFERENCE_DTYPES, cast_state
 
 log = logging.getLogger("rapid.learner")
@@ -307,12 +308,11 @@ class Trainer:
                    "batch/microbatches": float(max(len(p) for p in plans)),
                    "batch/padded_tokens": float(sum(len(r) * max(batch.lengths[i] for i in r)
                                                     for p in plans for r in p))}
-        fresh = (staleness == 0).float().unsqueeze(1) * batch.mask  # (B, T)
-        if fresh.sum() > 0:
-            # At staleness 0 the actor's and the learner's weights are the same
-            # bits, so |delta| is purely inference-engine vs trainer mismatch.
-            delta = (logprobs - batch.behaviour_logprobs).abs()
-            metrics["mismatch/engine_abs_delta"] = float((delta * fresh).sum() / fresh.sum())
+        # At staleness 0 the actor's and the learner's weights are the same bits,
+        # so pi vs mu is purely inference-engine vs trainer mismatch: k3 (KL(mu||pi)
+        # per token), ratios outside [0.5, 2], mean |delta| (loss/mismatch.py).
+        metrics.update(mismatch_metrics(logprobs, batch.behaviour_logprobs, batch.mask,
+                                        staleness == 0))
         if self.device.type == "cuda":
             metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics

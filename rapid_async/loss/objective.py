@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rapid_async.loss.mismatch import ratio_outside
 from rapid_async.loss.pieces import (AGGREGATIONS, ALGORITHMS, BASELINES, GRPO_DEFAULT_BETA, aggregate,
                                      clipped_token_loss, effective_sample_size, group_advantages,
                                      k3_kl, pg_token_loss, sequence_log_weights)
@@ -154,7 +155,9 @@ def compute_loss(
 
     Returns:
         The scalar loss to minimise and a dict of float diagnostics
-        (`is/*`, `ppo/clip_frac`, `kl/*`, `mismatch/mean_abs_delta`,
+        (`is/*` with `is/ess_per_group` the mean and `is/ess_min_group` the
+        smallest ESS / K of a group and `is/ratio_outside` the share of token
+        ratios outside [0.5, 2], `ppo/clip_frac`, `kl/*`, `mismatch/mean_abs_delta`,
         `loss/*`, `adv/*`, `batch/*`).
 
     Raises:
@@ -225,6 +228,7 @@ def _metrics(
         adv: (B,) advantages; clip_active: (B, T) bool; kl_ref: (B, T) or None.
     """
     with torch.no_grad():
+        ess = effective_sample_size(log_w, group_size)  # (G,) ESS / K of each group
         values = {
             "loss/total": loss.detach(),
             "loss/policy": policy_loss.detach(),
@@ -233,7 +237,9 @@ def _metrics(
             "is/weight_mean": w.mean(),
             "is/weight_max": w.max(),
             "is/truncated_frac": (w > settings.eta).to(w.dtype).mean(),
-            "is/ess_per_group": effective_sample_size(log_w, group_size).mean(),
+            "is/ess_per_group": ess.mean(),
+            "is/ess_min_group": ess.min(),
+            "is/ratio_outside": ratio_outside(delta, maskf),
             "ppo/clip_frac": _token_mean(clip_active.to(maskf.dtype), maskf),
             # Tokens come from mu: k3(p=mu, o=pi), shifted by mu, estimates KL(mu || pi).
             "kl/k3_behaviour": _token_mean(k3_kl(torch.zeros_like(delta), delta), maskf),
