@@ -18,6 +18,7 @@ AGGREGATIONS = ("sequence-mean", "token-mean")
 ENGINES = ("hf", "vllm")
 TRUNCATED = ("keep", "zero-reward", "mask")
 BASELINES = ("paper", "loo")
+RECORD_REPLAY = ("auto", "on", "off")
 PROMPT_FORMATS = ("plain", "chat")
 _DEVICE = re.compile(r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -225,6 +226,14 @@ class LearnerConfig:
     record_batches: bool = False
     """Save every mini-batch the learner trains on to RUN_DIR/batches/ (safetensors),
     to replay a run on another setup or to debug a skipped step."""
+
+    record_replay: str = "auto"
+    """Record every trained mini-batch and the weights' digests per version in
+    RUN_DIR/replay/ (zstd msgpack), so that `rapid-replay RUN_DIR` can retrain
+    offline and check each version bit for bit: on | off | auto (on for a
+    one-rank CPU learner, where it costs about 1 ms and 40 KB per step of the
+    quickstart; off on GPUs, where digesting the master weights each step is
+    O(model size) on the training thread)."""
 
     max_skipped_steps: int = 10
     """Stop with an error after this many consecutive steps skipped for a

@@ -159,7 +159,40 @@ class Trainer:
             self._record(batch)
         if self.ranks.world > 1:
             send_command(self.ranks, UPDATE, batch)
-        return self.step(batch)
+        version = self.version
+        recorder = self._replay() if self._replay_enabled() else None  # before the first step
+        metrics = self.step(batch)
+        if recorder is not None:
+            t0 = time.perf_counter()
+            metrics["replay/bytes"] = float(recorder.record(
+                batch, version, self.version, not metrics.get("guard/skipped")))
+            metrics["replay/record_s"] = time.perf_counter() - t0
+        return metrics
+
+    def _replay_enabled(self) -> bool:
+        """learner.record_replay: on, off, or auto (on for a one-rank CPU learner)."""
+        mode = self.cfg.learner.record_replay
+        if getattr(self, "_replay_off", False) or mode == "off":
+            return False
+        return mode == "on" or (self.device.type == "cpu" and self.ranks.world == 1)
+
+    def _replay(self) -> Any:
+        """The run's replay recorder (learner/replay_record.py), made at the first update."""
+        recorder = getattr(self, "_replay_recorder", None)
+        if recorder is None:
+            from rapid_async.learner.replay_record import REPLAY_DIR, ReplayRecorder
+            if (Path(self.cfg.run.run_dir) / REPLAY_DIR / "meta.json").exists():
+                # A resumed run: its record ends where the first incarnation stopped.
+                log.warning("not recording for replay: %s/%s holds the record of an earlier "
+                            "incarnation of this run", self.cfg.run.run_dir, REPLAY_DIR)
+                self._replay_off = True
+                return None
+            meta = {"seed": self.cfg.run.seed, "model_dir": str(self.model_dir.resolve()),
+                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "device": str(self.device)}
+            recorder = ReplayRecorder(self.cfg.run.run_dir, meta, self.model, self.version)
+            self._replay_recorder = recorder
+        return recorder
 
     def _record(self, batch: Batch) -> None:
         """Save the mini-batch to RUN_DIR/batches/batch-NNNNNNNN.safetensors, in order."""
