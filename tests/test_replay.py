@@ -122,3 +122,25 @@ def test_replay_of_a_real_run_passes_and_a_perturbed_record_fails_at_its_version
     result = replay_run(run_dir)
     assert not result.ok and result.version == k + 1 and result.tensor in rec["digests"]
     assert result.versions == list(range(k + 1))
+
+
+def test_trainer_records_only_fresh_runs_and_replays_in_process(tmp_path, random_model_dir):
+    from test_trainer import two_groups
+
+    from rapid_async.config import dumps_toml
+    from rapid_async.learner.trainer import Trainer
+
+    overrides = [f"run.run_dir={tmp_path / 'run'}", "learner.lr=1e-3", "run.seed=3"]
+    off = Trainer(load_config(overrides=overrides + ["learner.record_replay=off"]), random_model_dir)
+    assert not off.start_replay_record() and off.replay_recorder is None
+    cfg = load_config(overrides=overrides)  # auto: on for this one-rank CPU learner
+    trainer = Trainer(cfg, random_model_dir)
+    assert not trainer.start_replay_record(resumed=True)  # a resumed run does not record
+    assert trainer.start_replay_record()
+    for version in (0, 1, 0):
+        m = trainer.update(two_groups(version))
+        assert m["replay/bytes"] > 0
+    (tmp_path / "run" / "config.toml").write_text(dumps_toml(cfg))
+    assert read_meta(tmp_path / "run")["seed"] == 3
+    result = replay_run(tmp_path / "run")
+    assert result.ok and result.versions == [0, 1, 2, 3], result.mismatch

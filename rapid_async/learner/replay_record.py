@@ -110,6 +110,8 @@ class ReplayRecorder:
                  version: int):
         self.root = Path(run_dir) / REPLAY_DIR
         self.root.mkdir(parents=True, exist_ok=True)
+        for old in step_files(self.root.parent):  # a fresh run in a used directory
+            old.unlink()
         self.model = model
         self.index = 0
         self.bytes = 0

@@ -98,6 +98,7 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.recorded = 0
+        self.replay_recorder = None  # start_replay_record (learner/replay_record.py)
 
     def _load_model(self, model_dir: str | Path, checkpointing: bool) -> torch.nn.Module:
         """The model with float32 master weights on the learner's device, in train mode."""
@@ -160,8 +161,8 @@ class Trainer:
         if self.ranks.world > 1:
             send_command(self.ranks, UPDATE, batch)
         version = self.version
-        recorder = self._replay() if self._replay_enabled() else None  # before the first step
         metrics = self.step(batch)
+        recorder = getattr(self, "replay_recorder", None)
         if recorder is not None:
             t0 = time.perf_counter()
             metrics["replay/bytes"] = float(recorder.record(
@@ -169,30 +170,24 @@ class Trainer:
             metrics["replay/record_s"] = time.perf_counter() - t0
         return metrics
 
-    def _replay_enabled(self) -> bool:
-        """learner.record_replay: on, off, or auto (on for a one-rank CPU learner)."""
+    def start_replay_record(self, resumed: bool = False) -> bool:
+        """Record every update for `rapid-replay` from now on, if `learner.record_replay`
+        says so (on, or auto: a one-rank CPU learner); the Learner calls it before its
+        first step. Not for a resumed run (its record is the first incarnation's).
+        Returns whether it records."""
         mode = self.cfg.learner.record_replay
-        if getattr(self, "_replay_off", False) or mode == "off":
+        if mode == "off" or (mode == "auto" and (self.device.type != "cpu" or self.ranks.world > 1)):
             return False
-        return mode == "on" or (self.device.type == "cpu" and self.ranks.world == 1)
-
-    def _replay(self) -> Any:
-        """The run's replay recorder (learner/replay_record.py), made at the first update."""
-        recorder = getattr(self, "_replay_recorder", None)
-        if recorder is None:
-            from rapid_async.learner.replay_record import REPLAY_DIR, ReplayRecorder
-            if (Path(self.cfg.run.run_dir) / REPLAY_DIR / "meta.json").exists():
-                # A resumed run: its record ends where the first incarnation stopped.
-                log.warning("not recording for replay: %s/%s holds the record of an earlier "
-                            "incarnation of this run", self.cfg.run.run_dir, REPLAY_DIR)
-                self._replay_off = True
-                return None
-            meta = {"seed": self.cfg.run.seed, "model_dir": str(self.model_dir.resolve()),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "device": str(self.device)}
-            recorder = ReplayRecorder(self.cfg.run.run_dir, meta, self.model, self.version)
-            self._replay_recorder = recorder
-        return recorder
+        if resumed or self.version != 0:
+            log.warning("not recording for replay: a resumed run (the record in %s/replay "
+                        "ends where the first incarnation stopped)", self.cfg.run.run_dir)
+            return False
+        from rapid_async.learner.replay_record import ReplayRecorder
+        meta = {"seed": self.cfg.run.seed, "model_dir": str(self.model_dir.resolve()),
+                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                "device": str(self.device)}
+        self.replay_recorder = ReplayRecorder(self.cfg.run.run_dir, meta, self.model, self.version)
+        return True
 
     def _record(self, batch: Batch) -> None:
         """Save the mini-batch to RUN_DIR/batches/batch-NNNNNNNN.safetensors, in order."""
