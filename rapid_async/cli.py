@@ -1,5 +1,5 @@
 """Command-line entry points: rapid-learner, rapid-actor, rapid-run, rapid-eval, rapid-plot,
-rapid-tune, rapid-keys.
+rapid-tune, rapid-keys, rapid-replay.
 
 `rapid-tune` has subcommands: report RUN_DIR, recommend, sweep.
 
@@ -218,6 +218,28 @@ def plot(run_dir: str = typer.Argument(..., help="A run directory with metrics.j
         _fail(str(exc))
 
 
+def replay(run_dir: str = typer.Argument(..., help="A run directory recorded with learner.record_replay (RUN_DIR/replay/)."),
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the result."),
+           ) -> None:
+    """Retrain a run offline from its record and check each version's weights (rapid-replay).
+
+    Exit code 0 when every version's weight digests equal the run's, 1 at the
+    first difference (its version and tensor are printed), 2 on bad input.
+    """
+    from rapid_async.replay import replay_run
+
+    try:
+        result = replay_run(run_dir, progress=None if quiet else typer.echo)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if result.ok:
+        typer.echo(f"replayed {result.steps} steps of {run_dir}: versions {result.versions[0]}.."
+                   f"{result.versions[-1]} match the run bit for bit ({result.seconds:.1f} s)")
+        return
+    typer.echo(f"replay FAILED at version {result.version}: {result.mismatch}", err=True)
+    raise typer.Exit(1)
+
+
 tune_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                        help="Measure what limits a run, predict and recommend settings (rapid-tune).")
 
@@ -308,9 +330,10 @@ run_main = _single(run)
 plot_main = _single(plot)
 eval_main = _single(eval_)
 keys_main = _single(keys)
+replay_main = _single(replay)
 
 _COMMANDS = {"learner": learner_main, "actor": actor_main, "run": run_main, "plot": plot_main,
-             "tune": tune_main, "eval": eval_main, "keys": keys_main}
+             "tune": tune_main, "eval": eval_main, "keys": keys_main, "replay": replay_main}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:

@@ -101,6 +101,7 @@ def test_parse_overrides_rejects_malformed():
     (["run.mode=turbo"], "run.mode"),
     (["algo.loss=ppo"], "algo.loss"),
     (["algo.aggregation=sum"], "algo.aggregation"),
+    (["algo.baseline=mean"], "algo.baseline"),
     (["actor.engine=tgi"], "actor.engine"),
     (["model.inference_dtype=int8"], "model.inference_dtype"),
     (["learner.batch_groups=10", "learner.minibatch_groups=4"], "learner.batch_groups"),

@@ -17,6 +17,7 @@ from rapid_async.loss import (
     compute_loss,
     effective_sample_size,
     group_advantages,
+    group_baselines,
     k3_kl,
     loss_normalisers,
     microbatch_loss,
@@ -198,6 +199,88 @@ def test_std_scaled_rapid_by_hand():
     assert metrics["adv/mean"] == pytest.approx((-0.5 / s0 - 0.875 / s1) / 4, abs=ATOL)
 
 
+# ---------------------------------------------------------------- leave-one-out baseline
+
+
+def test_rapid_loo_by_hand_sequence_mean():
+    # baseline = "loo", K = 2: b_i = wbar_j r_j of the other row j (divisor K - 1 = 1).
+    # wbar = [2, 1.5, .5, 2] (eta = 2), r = [0, 1, .25, 1]:
+    #   group 0: b_0 = 1.5*1 = 1.5   -> A_0 = 0 - 1.5 = -1.5
+    #            b_1 = 2*0 = 0       -> A_1 = 1 - 0 = 1
+    #   group 1: b_2 = 2*1 = 2       -> A_2 = .25 - 2 = -1.75
+    #            b_3 = .5*.25 = .125 -> A_3 = 1 - .125 = .875
+    # l = -min(rho A, clip(rho, .8, 1.2) A):
+    #   row 0, A=-1.5, rho [1,2,1]: [1.5, 3 (unclipped -3 < -1.8), 1.5]       sum 6      mean 2
+    #   row 1, A=1, rho [1.5,1]:    [-1.2 (clip: 1.2 < 1.5), -1]              sum -2.2   mean -1.1
+    #   row 2, A=-1.75, rho .5:     [1.4 (clip: -1.4 < -.875)]                sum 1.4    mean 1.4
+    #   row 3, A=.875, rho [3,1]:   [-1.05 (clip: 1.05 < 2.625), -.875]       sum -1.925 mean -.9625
+    # loss = (2 - 1.1 + 1.4 - .9625) / 4 = 1.3375 / 4 = .334375
+    loss, metrics, grad = run_hand(LossSettings("rapid", baseline="loo"))
+    assert loss == pytest.approx(0.334375, abs=ATOL)
+    assert metrics["adv/mean"] == pytest.approx((-1.5 + 1 - 1.75 + 0.875) / 4, abs=ATOL)
+    assert metrics["ppo/clip_frac"] == pytest.approx(3 / 8, abs=ATOL)
+    # d l / d logp = -A rho on unclipped tokens, 0 on clipped ones, times 1/(B T_i):
+    #   row 0: [1.5, 3, 1.5] / (4*3); row 1: [0, -1, 0] / (4*2); row 2: 0; row 3: [0, -.875, 0] / 8
+    expected_grad = [[1.5 / 12, 3 / 12, 1.5 / 12], [0.0, -1 / 8, 0.0], [0.0, 0.0, 0.0], [0.0, -0.875 / 8, 0.0]]
+    torch.testing.assert_close(grad, torch.tensor(expected_grad, dtype=F64), atol=ATOL, rtol=0)
+
+
+def test_rapid_loo_by_hand_token_mean():
+    # Same token losses as above; token sums 6, -2.2, 1.4, -1.925 = 3.275 over 8 tokens.
+    loss, _, grad = run_hand(LossSettings("rapid", baseline="loo", aggregation="token-mean"))
+    assert loss == pytest.approx(3.275 / 8, abs=ATOL)
+    expected_grad = [[1.5 / 8, 3 / 8, 1.5 / 8], [0.0, -1 / 8, 0.0], [0.0, 0.0, 0.0], [0.0, -0.875 / 8, 0.0]]
+    torch.testing.assert_close(grad, torch.tensor(expected_grad, dtype=F64), atol=ATOL, rtol=0)
+
+
+def test_group_baselines_by_hand_k3():
+    # One group, K = 3: r = [1, 0, .5], wbar = [2, 1, .5] -> wbar r = [2, 0, .25], sum 2.25.
+    #   paper: b = 2.25 / 3 = .75 for every row              -> A = [.25, -.75, -.25]
+    #   loo:   b = [(0 + .25)/2, (2 + .25)/2, (2 + 0)/2]
+    #            = [.125, 1.125, 1]                          -> A = [.875, -1.125, -.5]
+    r = torch.tensor([1.0, 0.0, 0.5], dtype=F64)
+    w = torch.tensor([2.0, 1.0, 0.5], dtype=F64)
+    torch.testing.assert_close(group_baselines(r, 3, w, "paper"), torch.tensor([0.75] * 3, dtype=F64))
+    torch.testing.assert_close(group_baselines(r, 3, w, "loo"), torch.tensor([0.125, 1.125, 1.0], dtype=F64))
+    torch.testing.assert_close(group_advantages(r, 3, w, baseline="loo"),
+                               torch.tensor([0.875, -1.125, -0.5], dtype=F64))
+    torch.testing.assert_close(group_advantages(r, 3, w), torch.tensor([0.25, -0.75, -0.25], dtype=F64))
+    # Unweighted: loo b = [(0+.5)/2, (1+.5)/2, (1+0)/2] = [.25, .75, .5] -> A = [.75, -.75, 0]
+    # = K/(K-1) (r - mean r) = 1.5 * [.5, -.5, 0] (the RLOO identity).
+    torch.testing.assert_close(group_advantages(r, 3, None, baseline="loo"),
+                               torch.tensor([0.75, -0.75, 0.0], dtype=F64))
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        group_baselines(r, 3, w, "mean")
+    with pytest.raises(ValueError, match="needs group_size >= 2"):
+        group_baselines(r, 1, w, "loo")
+
+
+def test_loo_without_weights_is_k_over_k_minus_1_times_the_mean_baseline():
+    # With wbar = 1, r_i - mean_{j != i} r_j = (K/(K-1)) (r_i - mean r), so on a random batch
+    # rapid_no_is + loo has advantages 4/3 those of rapid_no_is (K = 4).
+    logp, mu, mask, rewards, _ = random_batch(11)
+    loo = row_advantages(logp, mu, mask, rewards, 4, LossSettings("rapid_no_is", baseline="loo"))
+    paper = row_advantages(logp, mu, mask, rewards, 4, LossSettings("rapid_no_is"))
+    torch.testing.assert_close(loo, paper * 4 / 3, atol=1e-12, rtol=0)
+    # With weights the two differ by more than a scale: the sample's own wbar_i r_i.
+    loo_w = row_advantages(logp, mu, mask, rewards, 4, LossSettings("rapid", baseline="loo"))
+    paper_w = row_advantages(logp, mu, mask, rewards, 4, LossSettings("rapid"))
+    assert (loo_w - paper_w * 4 / 3).abs().max() > 1e-2
+
+
+def test_loo_row_advantages_and_microbatch_loss_by_hand():
+    # The hand batch with loo: A = [-1.5, 1, -1.75, .875], row losses [2, -1.1, 1.4, -.9625] (above).
+    b = hand_batch()
+    settings = LossSettings("rapid", baseline="loo")
+    adv = row_advantages(b["logprobs"], b["behaviour_logprobs"], b["mask"], b["rewards"], 2, settings)
+    torch.testing.assert_close(adv, torch.tensor([-1.5, 1.0, -1.75, 0.875], dtype=F64))
+    rows, tokens = loss_normalisers(b["mask"])
+    parts = [microbatch_loss(b["logprobs"][h], b["behaviour_logprobs"][h], b["mask"][h], adv[h],
+                             settings, rows, tokens) for h in (slice(0, 2), slice(2, 4))]
+    # group 0: (2 - 1.1) / 4 = .225; group 1: (1.4 - .9625) / 4 = .109375; sum .334375
+    assert [p.item() for p in parts] == pytest.approx([0.225, 0.109375], abs=ATOL)
+
+
 # ---------------------------------------------------------------- the small pieces
 
 
@@ -267,9 +350,12 @@ def naive_loss(logp, mu, mask, rewards, k, s: LossSettings, ref=None):
         w = [math.exp(sum((logp[i, t] - mu[i, t]).item() for t in range(t_max) if mask[i, t])) for i in rows]
         truncated += sum(wi > s.eta for wi in w)
         c = [min(wi, s.eta) for wi in w] if s.algorithm == "rapid" else [1.0] * k
-        baseline = sum(cj * rj for cj, rj in zip(c, r)) / k
         std = statistics.stdev(r) if (s.algorithm == "grpo" or s.std_scale_advantages) else None
-        for i, r_i in zip(rows, r):
+        for n_i, (i, r_i) in enumerate(zip(rows, r)):
+            if s.baseline == "loo":  # the other K - 1 samples only
+                baseline = sum(cj * rj for j, (cj, rj) in enumerate(zip(c, r)) if j != n_i) / (k - 1)
+            else:
+                baseline = sum(cj * rj for cj, rj in zip(c, r)) / k
             adv = r_i - baseline if std is None else (r_i - baseline) / (std + 1e-4)
             total, n = 0.0, 0
             for t in range(t_max):
@@ -318,11 +404,20 @@ VARIANTS = [
     LossSettings("grpo"),
     LossSettings("pg"),
     LossSettings("pg", beta=0.1),
+    LossSettings("rapid", baseline="loo"),
+    LossSettings("rapid", eta=1.2, baseline="loo"),
+    LossSettings("rapid", eta=math.inf, eps=0.1, std_scale_advantages=True, baseline="loo"),
+    LossSettings("rapid_no_is", baseline="loo"),
+    LossSettings("grpo", baseline="loo"),
 ]
 
 
+def variant_id(s: LossSettings) -> str:
+    return f"{s.algorithm}-eta{s.eta}-eps{s.eps}-beta{s.beta}-{s.baseline}"
+
+
 @pytest.mark.parametrize("aggregation", ["sequence-mean", "token-mean"])
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda s: f"{s.algorithm}-eta{s.eta}-eps{s.eps}-beta{s.beta}")
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_matches_naive_loop(seed, variant, aggregation):
     settings = LossSettings(**{**variant.__dict__, "aggregation": aggregation})
@@ -442,7 +537,7 @@ SPLITS = {"whole groups": [0, 8, 16, 32], "rows, across groups": [0, 3, 13, 14, 
 
 @pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("aggregation", ["sequence-mean", "token-mean"])
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda s: f"{s.algorithm}-eta{s.eta}-eps{s.eps}-beta{s.beta}")
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_microbatches_add_up_to_the_full_loss_and_gradient(variant, aggregation, split):
     # Advantages from the whole mini-batch, then any split of the rows: the micro-batch
     # losses and their accumulated gradients equal compute_loss on the whole batch.
@@ -547,6 +642,8 @@ INVALID = {
                       "behaviour_logprobs must be finite on completion tokens"),
     "grpo K=1": (_with(settings=lambda kw: LossSettings("grpo"), group_size=lambda kw: 1),
                  r"need group_size >= 2"),
+    "loo K=1": (_with(settings=lambda kw: LossSettings("rapid", baseline="loo"), group_size=lambda kw: 1),
+                r"leave-one-out baseline \(baseline = 'loo'\) needs group_size >= 2"),
     "beta without ref": (_with(settings=lambda kw: LossSettings("grpo"), ref_logprobs=lambda kw: None),
                          "beta = 0.04 > 0 needs ref_logprobs"),
     "settings dict": (_with(settings=lambda kw: {"algorithm": "rapid"}), "settings must be a LossSettings"),
@@ -576,6 +673,7 @@ def test_invalid_inputs_raise(name):
         ({"beta": -0.1}, "LossSettings.beta must be a finite number >= 0"),
         ({"beta": math.inf}, "LossSettings.beta must be a finite number >= 0"),
         ({"std_scale_advantages": 1}, "LossSettings.std_scale_advantages must be true or false"),
+        ({"baseline": "mean"}, "LossSettings.baseline must be one of"),
     ],
 )
 def test_invalid_settings_raise(kwargs, message):
@@ -584,7 +682,7 @@ def test_invalid_settings_raise(kwargs, message):
 
 
 def test_settings_defaults():
-    assert LossSettings() == LossSettings("rapid", 2.0, 0.2, 0.0, "sequence-mean", False)
+    assert LossSettings() == LossSettings("rapid", 2.0, 0.2, 0.0, "sequence-mean", False, "paper")
     assert LossSettings("grpo").beta == 0.04 and LossSettings("grpo", beta=0.0).beta == 0.0
     assert LossSettings("pg").beta == 0.0 and LossSettings("grpo").scales_by_std
     with pytest.raises(AttributeError):

@@ -27,7 +27,6 @@ import pytest
 import torch
 
 from rapid_async.bench.mc import (
-    LeaveOneOut,
     ToyPolicy,
     closed_form_expectation,
     exact_gradient,
@@ -66,8 +65,9 @@ def test_toy_policy_is_a_distribution():
 
 @pytest.mark.parametrize(
     "settings",
-    [LossSettings("rapid", eta=math.inf), LossSettings("rapid", eta=1.05), LossSettings("rapid_no_is")],
-    ids=["rapid-eta-inf", "rapid-eta-1.05", "rapid_no_is"],
+    [LossSettings("rapid", eta=math.inf), LossSettings("rapid", eta=1.05), LossSettings("rapid_no_is"),
+     LossSettings("rapid", eta=1.05, baseline="loo"), LossSettings("rapid_no_is", baseline="loo")],
+    ids=["rapid-eta-inf", "rapid-eta-1.05", "rapid_no_is", "rapid-loo-eta-1.05", "rapid_no_is-loo"],
 )
 def test_closed_form_equals_enumeration_of_all_groups(settings):
     # Two-step policy with padding (completions of 1 or 2 tokens), K = 3: all 7^3 groups.
@@ -92,12 +92,37 @@ def test_on_policy_expectation_is_shrunk_true_gradient():
     torch.testing.assert_close(exact, 0.75 * exact_gradient(policy, theta, rewards), atol=1e-13, rtol=0)
 
 
-def test_bench_leave_one_out_variant_is_unbiased_for_one_token():
-    # The bench-only comparison row: b_i leaves sample i out, so E[g_hat] = grad J exactly.
+@pytest.mark.parametrize("eta", [math.inf, 1.5])
+def test_leave_one_out_baseline_is_unbiased_for_one_token(eta):
+    # algo.baseline = "loo": b_i leaves sample i out, so E[g_hat] = grad J exactly, at any eta,
+    # far off-policy (spread 2); the paper's baseline is not (its exact bias is large here).
     policy = ToyPolicy(4, 1)
     theta, mu_theta, rewards, _ = toy_problem(policy, spread=2.0, seed=5)
-    exact = tuple_expectation(policy, theta, mu_theta, rewards, 3, LeaveOneOut(eta=1.5))
-    torch.testing.assert_close(exact, exact_gradient(policy, theta, rewards), atol=1e-13, rtol=0)
+    true = exact_gradient(policy, theta, rewards)
+    loo = LossSettings("rapid", eta=eta, eps=math.inf, baseline="loo")
+    exact = tuple_expectation(policy, theta, mu_theta, rewards, 3, loo)
+    torch.testing.assert_close(exact, true, atol=1e-13, rtol=0)
+    paper = tuple_expectation(policy, theta, mu_theta, rewards, 3, LossSettings("rapid", eta=eta, eps=math.inf))
+    assert (paper - true).norm() > 0.1 * true.norm()
+
+
+def test_monte_carlo_loo_is_within_error_of_the_true_gradient():
+    # One-token completions, K = 4, 20000 groups from a stale mu (spread 2, eta 2, no clip):
+    # the loo mean is within 4 standard errors of grad J on every parameter, the paper's
+    # is more than 10 away on some (the sample's own weight in its baseline).
+    policy, k, groups = ToyPolicy(6, 1), 4, 20_000
+    theta, mu_theta, rewards, gen = toy_problem(policy, spread=2.0, seed=3)
+    true = exact_gradient(policy, theta, rewards)
+    z = {}
+    for baseline in ("paper", "loo"):
+        settings = LossSettings("rapid", eta=2.0, eps=math.inf, baseline=baseline)
+        ids = sample_groups(policy, mu_theta, groups, k, gen)
+        grads, metrics = per_group_gradients(policy, theta, mu_theta, rewards, ids, settings)
+        assert metrics["is/truncated_frac"] > 0.05  # the truncation is exercised
+        mean, se = grads.mean(dim=0), grads.std(dim=0) / math.sqrt(groups)
+        z[baseline] = ((mean - true).abs() / se).max().item()
+    assert z["loo"] < 4.0, z
+    assert z["paper"] > 10.0, z
 
 
 def independent_expectation(policy, theta, mu_theta, rewards, k, eta):

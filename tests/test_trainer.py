@@ -65,9 +65,13 @@ def test_update_changes_weights_and_increments_version(cfg, model_dir):
     assert m["reward/mean"] == pytest.approx((1 + 0 + 0 + 1 + 0 + 1 + 0.5 + 0) / 8)
     assert m["staleness/mean"] == 0 and m["staleness/max"] == 0
     assert m["batch/tokens"] == 2 + 3 + 1 + 4 + 2 + 2 + 3 + 1
+    # Staleness 0: the engine/trainer mismatch metrics cover every token (loss/mismatch.py).
+    assert m["mismatch/tokens"] == m["batch/tokens"] and m["mismatch/k3"] > 0
+    assert 0 <= m["mismatch/ratio_outside"] <= 1 and m["mismatch/engine_abs_delta"] > 0
     # Groups generated at version 0, consumed at version 1: staleness 1.
     m = trainer.update(two_groups(version=0))
     assert trainer.version == 2 and m["staleness/mean"] == 1 and m["staleness/max"] == 1
+    assert "mismatch/k3" not in m  # no staleness-0 token
 
 
 def test_grpo_with_kl_keeps_a_frozen_reference(model_dir):
@@ -101,6 +105,8 @@ def grads(model):
     ["algo.aggregation=token-mean"],
     ["algo.aggregation=token-mean", "algo.loss=grpo", "algo.beta=0.04"],
     ["algo.loss=pg"],
+    ["algo.baseline=loo"],
+    ["algo.baseline=loo", "algo.aggregation=token-mean", "algo.eta=1.2"],
 ])
 def test_microbatched_update_equals_the_full_batch_update(model_dir, overrides):
     # Budgets: one pass; whole groups (several per micro-batch); 20 tokens, which
@@ -124,6 +130,23 @@ def test_microbatched_update_equals_the_full_batch_update(model_dir, overrides):
             torch.testing.assert_close(g[k], full_g[k], atol=1e-6, rtol=1e-5)
             # AdamW's first step moves each weight by about lr * sign(grad).
             torch.testing.assert_close(w[k], full_w[k], atol=2e-6, rtol=0)
+
+
+def test_loo_baseline_reaches_the_loss(model_dir):
+    # algo.baseline goes into LossSettings. Without weights (rapid_no_is) the loo advantage
+    # is K/(K-1) = 4/3 times the paper's, with the same signs (so the same clip pattern):
+    # the whole gradient scales by exactly 4/3.
+    out = {}
+    for baseline in ("paper", "loo"):
+        cfg = load_config(overrides=["learner.lr=1e-3", "algo.loss=rapid_no_is",
+                                     f"algo.baseline={baseline}"])
+        trainer = Trainer(cfg, model_dir)
+        assert trainer.settings.baseline == baseline
+        trainer.update(six_groups())
+        out[baseline] = grads(trainer.model)
+    assert max(v.abs().max() for v in out["paper"].values()) > 1e-3
+    for k in out["loo"]:
+        torch.testing.assert_close(out["loo"][k], out["paper"][k] * 4 / 3, atol=1e-6, rtol=1e-4)
 
 
 def test_padded_tokens_respect_the_budget(model_dir):

@@ -19,9 +19,10 @@ from rapid_async.tune.model import Setting
 from tune_fixtures import fixture_run
 
 
-def write_synthetic_run(run_dir, steps: int = 10) -> None:
+def write_synthetic_run(run_dir, steps: int = 10, extra: dict | None = None) -> None:
     """A learner stepping every 0.5 s (0.3 training, 0.1 publishing, 0.1 waiting)
-    and one actor generating 8 groups per step in one call."""
+    and one actor generating 8 groups per step in one call; `extra` (step -> dict)
+    adds fields to the learner's step records."""
     (run_dir / "config.toml").parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text("[learner]\nminibatch_groups = 8\nbatch_groups = 8\n")
     learner = MetricsWriter(run_dir, "learner")
@@ -35,7 +36,8 @@ def write_synthetic_run(run_dir, steps: int = 10) -> None:
                              "learner/checkpoint_s": 0.0, "staleness/mean": 1.0,
                              "staleness/hist": hist, "is/truncated_frac": 0.01,
                              "is/ess_per_group": 0.9, "buffer/accepted": 10 * k,
-                             "buffer/dropped_stale": 2 * k, "net/weights/published": k})
+                             "buffer/dropped_stale": 2 * k, "net/weights/published": k,
+                             **((extra or {}).get(k, {}))})
         rec["time"] = t0 + 0.5 * k
         a = actor.write({"actor_id": "a0", "elapsed_s": 0.5 * k, "actor/groups": 8 * k,
                          "actor/chunks": k, "actor/gen_s": 0.2 * k, "actor/update_s": 0.05 * k,
@@ -118,6 +120,39 @@ def test_report_names_the_limiting_role_and_ranks_changes():
     gain = float(first.split("updates/s (")[1].split("%")[0])
     assert gain > 0, first
     assert "The actors limit this run" in report_text(fixture_run("stale0"))
+
+
+def test_report_shows_mismatch_and_warns_when_k3_at_staleness_0_is_large(tmp_path):
+    # mismatch/* exist only on steps with staleness-0 tokens (not on steps 3, 6, 9 here);
+    # the report means them over the steady window's steps that have them.
+    def records(k3s):
+        return {k: {"mismatch/k3": k3s[k % 2], "mismatch/ratio_outside": 0.002,
+                    "is/ratio_outside": 0.05, "is/ess_min_group": 0.5 + k / 100}
+                for k in range(1, 11) if k % 3 != 0} | {3: {}, 6: {}, 9: {}}
+
+    bad = tmp_path / "bad"
+    write_synthetic_run(bad, extra=records({0: 0.02, 1: 0.04}))
+    run = measure_run(bad)
+    first = run.steps - run.window_steps + 1  # the window's first step
+    assert 2 <= first <= 5
+    ks = [0.02 if k % 2 == 0 else 0.04 for k in range(first, 11) if k % 3 != 0]
+    assert run.mismatch_k3 == pytest.approx(sum(ks) / len(ks))
+    assert run.mismatch_ratio_outside == pytest.approx(0.002)
+    worst = min(k for k in range(first, 11) if k % 3 != 0)
+    assert run.ess_min_group == pytest.approx(0.5 + worst / 100)  # the window's worst group
+    warning = [d for d in diagnose(run) if d.startswith("Engine/trainer mismatch")]
+    assert len(warning) == 1 and "algo.temperature" in warning[0]
+    text = report_text(bad)
+    assert "Engine/trainer mismatch at staleness 0: k3 0.0" in text
+    assert f"worst group {0.5 + worst / 100:.3f}" in text and "outside [0.5, 2] 0.0500" in text
+    good = tmp_path / "good"
+    write_synthetic_run(good, extra=records({0: 0.001, 1: 0.002}))
+    assert not any(d.startswith("Engine/trainer mismatch") for d in diagnose(measure_run(good)))
+    # Old runs without the metrics: "-" in the report, no warning.
+    plain = tmp_path / "plain"
+    write_synthetic_run(plain)
+    assert "k3 - nats/token" in report_text(plain)
+    assert not any(d.startswith("Engine/trainer mismatch") for d in diagnose(measure_run(plain)))
 
 
 def test_single_changes_cover_each_knob():

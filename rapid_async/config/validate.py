@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from rapid_async.config.sections import (_DEVICE, AGGREGATIONS, COMPUTE_DTYPES, DTYPES, ENGINES,
-                                         LOSSES, MODES, PROMPT_FORMATS, TRUNCATED, Config)
+from rapid_async.config.sections import (_DEVICE, AGGREGATIONS, BASELINES, COMPUTE_DTYPES, DTYPES,
+                                         ENGINES, LOSSES, RECORD_REPLAY, MODES, PROMPT_FORMATS, TRUNCATED, Config)
 
 
 def validate_config(cfg: Config) -> Config:
@@ -30,6 +30,11 @@ def validate_config(cfg: Config) -> Config:
     _check_choice("run.mode", cfg.run.mode, MODES)
     _check_choice("algo.loss", cfg.algo.loss, LOSSES)
     _check_choice("algo.aggregation", cfg.algo.aggregation, AGGREGATIONS)
+    _check_choice("algo.baseline", cfg.algo.baseline, BASELINES)
+    _check_choice("learner.record_replay", cfg.learner.record_replay, RECORD_REPLAY)
+    if cfg.learner.record_replay == "on" and cfg.learner.devices > 1:
+        raise ValueError(f"learner.record_replay = \"on\" needs learner.devices = 1 (got "
+                         f"{cfg.learner.devices}): replay records one rank's weights; use auto or off")
     _check_choice("actor.engine", cfg.actor.engine, ENGINES)
     _check_choice("model.inference_dtype", cfg.model.inference_dtype, DTYPES)
     _check_choice("model.train_dtype", cfg.model.train_dtype, DTYPES)

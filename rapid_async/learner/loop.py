@@ -85,6 +85,7 @@ class Learner(StopOnSignal):
         self.trainer = Trainer(cfg, self.model_dir)
         self.resumed: dict[str, Any] | None = (
             resume_from_checkpoint(self.trainer, cfg, self.run_dir) if resume else None)
+        self.trainer.start_replay_record(resumed=bool(self.resumed))  # rapid-replay's record
         self.task = task_from_config(cfg)
         max_staleness = cfg.learner.max_staleness if not self.sync else cfg.updates_per_batch - 1
         self.buffer = RolloutBuffer(max_staleness=max_staleness)

@@ -42,6 +42,7 @@ from rapid_async.learner.distributed import close as close_ranks
 from rapid_async.learner.policy import (Batch, PolicyLogprobs, collate, plan_microbatches,
                                         rank_rows, save_batch, splits_groups)
 from rapid_async.learner.truncation import apply_truncated
+from rapid_async.loss.mismatch import mismatch_metrics
 from rapid_async.weights import INFERENCE_DTYPES, cast_state
 
 log = logging.getLogger("rapid.learner")
@@ -57,7 +58,7 @@ def loss_settings(cfg: Config) -> LossSettings:
     """The loss settings of a run config."""
     a = cfg.algo
     return LossSettings(algorithm=a.loss, eta=a.eta, eps=a.eps, beta=a.beta,
-                        aggregation=a.aggregation)
+                        aggregation=a.aggregation, baseline=a.baseline)
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -104,6 +105,7 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.recorded = 0
+        self.replay_recorder = None  # start_replay_record (learner/replay_record.py)
 
     def _load_model(self, model_dir: str | Path, checkpointing: bool) -> torch.nn.Module:
         """The model with float32 master weights on the learner's device, in train mode."""
@@ -163,6 +165,18 @@ class Trainer:
         batch = collate(groups, pad_id=self.pad_id)
         if self.cfg.learner.record_batches:
             self._record(batch)
+        version = self.version
+        metrics = self._step_on_every_rank(batch)
+        recorder = getattr(self, "replay_recorder", None)
+        if recorder is not None:
+            t0 = time.perf_counter()
+            metrics["replay/bytes"] = float(recorder.record(
+                batch, version, self.version, not metrics.get("guard/skipped")))
+            metrics["replay/record_s"] = time.perf_counter() - t0
+        return metrics
+
+    def _step_on_every_rank(self, batch: Batch) -> dict:
+        """One step here, and on the follower ranks (sent the batch first) if there are any."""
         if self.ranks.world == 1:
             return self.step(batch)
         send_command(self.ranks, UPDATE, batch)
@@ -173,6 +187,25 @@ class Trainer:
         except BaseException as exc:
             self.ranks.broken = f"rank 0 failed in a step: {type(exc).__name__}: {exc}"
             raise
+
+    def start_replay_record(self, resumed: bool = False) -> bool:
+        """Record every update for `rapid-replay` from now on, if `learner.record_replay`
+        says so (on, or auto: a one-rank CPU learner); the Learner calls it before its
+        first step. Not for a resumed run (its record is the first incarnation's).
+        Returns whether it records."""
+        mode = self.cfg.learner.record_replay
+        if mode == "off" or (mode == "auto" and (self.device.type != "cpu" or self.ranks.world > 1)):
+            return False
+        if resumed or self.version != 0:
+            log.warning("not recording for replay: a resumed run (the record in %s/replay "
+                        "ends where the first incarnation stopped)", self.cfg.run.run_dir)
+            return False
+        from rapid_async.learner.replay_record import ReplayRecorder
+        meta = {"seed": self.cfg.run.seed, "model_dir": str(self.model_dir.resolve()),
+                "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                "device": str(self.device)}
+        self.replay_recorder = ReplayRecorder(self.cfg.run.run_dir, meta, self.model, self.version)
+        return True
 
     def _record(self, batch: Batch) -> None:
         """Save the mini-batch to RUN_DIR/batches/batch-NNNNNNNN.safetensors, in order."""
@@ -322,12 +355,11 @@ class Trainer:
                    "batch/microbatches": float(max(len(p) for p in plans)),
                    "batch/padded_tokens": float(sum(len(r) * max(batch.lengths[i] for i in r)
                                                     for p in plans for r in p))}
-        fresh = (staleness == 0).float().unsqueeze(1) * batch.mask  # (B, T)
-        if fresh.sum() > 0:
-            # At staleness 0 the actor's and the learner's weights are the same
-            # bits, so |delta| is purely inference-engine vs trainer mismatch.
-            delta = (logprobs - batch.behaviour_logprobs).abs()
-            metrics["mismatch/engine_abs_delta"] = float((delta * fresh).sum() / fresh.sum())
+        # At staleness 0 the actor's and the learner's weights are the same bits,
+        # so pi vs mu is purely inference-engine vs trainer mismatch: k3 (KL(mu||pi)
+        # per token), ratios outside [0.5, 2], mean |delta| (loss/mismatch.py).
+        metrics.update(mismatch_metrics(logprobs, batch.behaviour_logprobs, batch.mask,
+                                        staleness == 0))
         if self.device.type == "cuda":
             metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics

@@ -54,6 +54,34 @@ How these depart from the textbook estimator of grad J = grad E_pi[r]:
    divides each micro-batch's sum by the whole mini-batch's count.
 4. No value function, no entropy bonus, no KL unless beta > 0.
 
+The leave-one-out baseline (`LossSettings.baseline = "loo"`, `algo.baseline`):
+
+    b_i = (1/(K-1)) sum_{j != i} wbar_j r_j          A_i = r_i - b_i
+
+Everything else (wbar, rho, clip, aggregation) is unchanged. It is NOT
+self-normalised (no division by sum_{j != i} wbar_j): it is the paper's b(x)
+with sample i's own term wbar_i r_i removed and the divisor K-1, so a
+comparison of the two isolates exactly that term. Why it is unbiased: the K
+completions are drawn i.i.d. from mu, so b_i is a function of the other K-1
+only and is independent of y_i. With one-token completions and the clip
+inactive, g_hat = (1/K) sum_i w_i g_i (r_i - b_i), g_i = grad log pi(y_i), and
+
+    E[w_i g_i b_i] = E_mu[w g] E[b_i] = E_pi[g] E[b_i] = 0,
+
+so E[g_hat] = E_mu[w g r] = grad J exactly, for any eta (the truncation only
+changes b_i's value, hence the variance, never the mean), any staleness and
+any K >= 2; on-policy it removes the 1 - 1/K shrink as well. The paper's
+baseline contains wbar_i r_i, which is correlated with g_i: E[g_hat] = grad J
+- (1/K) E_pi[wbar r g] (item 1 above). b_i itself estimates E_mu[wbar r], which
+is E_pi[r] only without truncation (eta = inf); that affects the variance only.
+A self-normalised b_i = sum_{j != i} wbar_j r_j / sum_{j != i} wbar_j would be
+just as unbiased for the gradient (also independent of y_i) and is a consistent
+estimate of E_pi[r] as K grows; it is not offered, to keep the comparison to the
+paper to one term. What LOO does not remove: the per-token ratio (item 2) and
+the length bias of sequence-mean (item 3) for completions of several tokens:
+in general E[g_hat] = E_mu[h r] - E_mu[h] E_mu[c r]. With wbar = 1 (rapid_no_is,
+pg, grpo) A_i^loo = (K/(K-1)) (r_i - mean r), the RLOO advantage.
+
 Modules (import every name from `rapid_async.loss`, which re-exports them):
 - `pieces.py`: the pure pieces (sequence weights, group advantages, token
   losses, the k3 KL, aggregation, effective sample size) and the names of the
@@ -67,13 +95,14 @@ from rapid_async.loss.microbatch import (loss_normalisers, microbatch_loss, part
                                          row_advantages)
 from rapid_async.loss.objective import (LossSettings, _check_inputs, _metrics, _require_positive,
                                         _token_mean, compute_loss)
-from rapid_async.loss.pieces import (AGGREGATIONS, ALGORITHMS, GRPO_DEFAULT_BETA, STD_EPS, aggregate,
-                                     clipped_token_loss, effective_sample_size, group_advantages,
-                                     k3_kl, pg_token_loss, sequence_log_weights)
+from rapid_async.loss.pieces import (AGGREGATIONS, ALGORITHMS, BASELINES, GRPO_DEFAULT_BETA, STD_EPS,
+                                     aggregate, clipped_token_loss, effective_sample_size,
+                                     group_advantages, group_baselines, k3_kl, pg_token_loss,
+                                     sequence_log_weights)
 
 __all__ = [
-    "AGGREGATIONS", "ALGORITHMS", "GRPO_DEFAULT_BETA", "STD_EPS", "LossSettings",
+    "AGGREGATIONS", "ALGORITHMS", "BASELINES", "GRPO_DEFAULT_BETA", "STD_EPS", "LossSettings",
     "aggregate", "clipped_token_loss", "compute_loss", "effective_sample_size",
-    "group_advantages", "k3_kl", "loss_normalisers", "microbatch_loss", "partial_aggregate",
-    "pg_token_loss", "row_advantages", "sequence_log_weights",
+    "group_advantages", "group_baselines", "k3_kl", "loss_normalisers", "microbatch_loss",
+    "partial_aggregate", "pg_token_loss", "row_advantages", "sequence_log_weights",
 ]

@@ -47,7 +47,8 @@ def row_advantages(
     if settings.algorithm == "rapid":
         delta = (logprobs.detach().to(dtype) - behaviour_logprobs.to(dtype)).masked_fill(~m, 0.0)  # (B, T)
         w_bar = torch.clamp(torch.exp(sequence_log_weights(delta, m.to(dtype))), max=settings.eta)  # (B,)
-    return group_advantages(rewards.detach().to(dtype), group_size, w_bar, settings.scales_by_std)
+    return group_advantages(rewards.detach().to(dtype), group_size, w_bar, settings.scales_by_std,
+                            settings.baseline)
 
 
 def loss_normalisers(loss_mask: torch.Tensor) -> tuple[float, float]:

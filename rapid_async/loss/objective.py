@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rapid_async.loss.pieces import (AGGREGATIONS, ALGORITHMS, GRPO_DEFAULT_BETA, aggregate,
+from rapid_async.loss.mismatch import ratio_outside
+from rapid_async.loss.pieces import (AGGREGATIONS, ALGORITHMS, BASELINES, GRPO_DEFAULT_BETA, aggregate,
                                      clipped_token_loss, effective_sample_size, group_advantages,
                                      k3_kl, pg_token_loss, sequence_log_weights)
 
@@ -33,6 +34,10 @@ class LossSettings:
     """How token losses become one number: "sequence-mean" or "token-mean"."""
     std_scale_advantages: bool = False
     """Divide advantages by (group reward std + 1e-4); always on for "grpo"."""
+    baseline: str = "paper"
+    """Group baseline: "paper" (1/K) sum_j wbar_j r_j, the sample included (DESIGN.md), or
+    "loo", (1/(K-1)) sum_{j != i} wbar_j r_j, the sample left out (unbiased off-policy;
+    the `rapid_async.loss` docstring). wbar_j = 1 for algorithms without weights."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -41,6 +46,8 @@ class LossSettings:
             raise ValueError(
                 f"LossSettings.aggregation must be one of {AGGREGATIONS}; got {self.aggregation!r}"
             )
+        if self.baseline not in BASELINES:
+            raise ValueError(f"LossSettings.baseline must be one of {BASELINES}; got {self.baseline!r}")
         _require_positive("eta", self.eta)
         _require_positive("eps", self.eps)
         if self.beta is None:
@@ -108,6 +115,8 @@ def _check_inputs(
         raise ValueError("rewards must be finite")
     if not torch.isfinite(behaviour_logprobs[mask.bool()]).all():
         raise ValueError("behaviour_logprobs must be finite on completion tokens (mask = 1)")
+    if settings.baseline == "loo" and group_size < 2:
+        raise ValueError(f"the leave-one-out baseline (baseline = 'loo') needs group_size >= 2; got {group_size}")
     if settings.scales_by_std and group_size < 2:
         raise ValueError(f"std-scaled advantages need group_size >= 2 (unbiased std); got {group_size}")
     if settings.beta > 0 and ref_logprobs is None:
@@ -146,7 +155,9 @@ def compute_loss(
 
     Returns:
         The scalar loss to minimise and a dict of float diagnostics
-        (`is/*`, `ppo/clip_frac`, `kl/*`, `mismatch/mean_abs_delta`,
+        (`is/*` with `is/ess_per_group` the mean and `is/ess_min_group` the
+        smallest ESS / K of a group and `is/ratio_outside` the share of token
+        ratios outside [0.5, 2], `ppo/clip_frac`, `kl/*`, `mismatch/mean_abs_delta`,
         `loss/*`, `adv/*`, `batch/*`).
 
     Raises:
@@ -167,7 +178,7 @@ def compute_loss(
     log_w = sequence_log_weights(delta.detach(), maskf)  # (B,)
     w = torch.exp(log_w)  # (B,)
     w_bar = torch.clamp(w, max=settings.eta) if settings.algorithm == "rapid" else None  # (B,)
-    adv = group_advantages(r, group_size, w_bar, settings.scales_by_std)  # (B,)
+    adv = group_advantages(r, group_size, w_bar, settings.scales_by_std, settings.baseline)  # (B,)
 
     if settings.algorithm == "pg":
         token_loss = pg_token_loss(logp, adv)  # (B, T)
@@ -217,6 +228,7 @@ def _metrics(
         adv: (B,) advantages; clip_active: (B, T) bool; kl_ref: (B, T) or None.
     """
     with torch.no_grad():
+        ess = effective_sample_size(log_w, group_size)  # (G,) ESS / K of each group
         values = {
             "loss/total": loss.detach(),
             "loss/policy": policy_loss.detach(),
@@ -225,7 +237,9 @@ def _metrics(
             "is/weight_mean": w.mean(),
             "is/weight_max": w.max(),
             "is/truncated_frac": (w > settings.eta).to(w.dtype).mean(),
-            "is/ess_per_group": effective_sample_size(log_w, group_size).mean(),
+            "is/ess_per_group": ess.mean(),
+            "is/ess_min_group": ess.min(),
+            "is/ratio_outside": ratio_outside(delta, maskf),
             "ppo/clip_frac": _token_mean(clip_active.to(maskf.dtype), maskf),
             # Tokens come from mu: k3(p=mu, o=pi), shifted by mu, estimates KL(mu || pi).
             "kl/k3_behaviour": _token_mean(k3_kl(torch.zeros_like(delta), delta), maskf),

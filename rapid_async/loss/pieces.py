@@ -11,6 +11,9 @@ import torch
 
 ALGORITHMS = ("rapid", "grpo", "pg", "rapid_no_is")
 AGGREGATIONS = ("sequence-mean", "token-mean")
+BASELINES = ("paper", "loo")
+"""Group baselines: "paper" = (1/K) sum_j wbar_j r_j (the sample included, DESIGN.md),
+"loo" = (1/(K-1)) sum_{j != i} wbar_j r_j (the sample left out; `group_baselines`)."""
 STD_EPS = 1e-4
 """Added to the group reward std before dividing (GRPO, std_scale_advantages)."""
 GRPO_DEFAULT_BETA = 0.04
@@ -30,23 +33,59 @@ def sequence_log_weights(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     return (delta * mask).sum(dim=-1)  # (B,)
 
 
-def group_advantages(
-    rewards: torch.Tensor, group_size: int, weights: torch.Tensor | None = None, std_scale: bool = False
+def group_baselines(
+    rewards: torch.Tensor, group_size: int, weights: torch.Tensor | None = None, baseline: str = "paper"
 ) -> torch.Tensor:
-    """A_i = r_i - (1/K) sum_j wbar_j r_j, optionally divided by (std_j r_j + 1e-4).
+    """Each row's baseline b_i from the weighted rewards wbar_j r_j of its group.
+
+    "paper": b_i = (1/K) sum_j wbar_j r_j, the same for the whole group (sample i included).
+    "loo":   b_i = (1/(K-1)) sum_{j != i} wbar_j r_j, the other K-1 samples only. Not
+             self-normalised: it is the paper's baseline with sample i's own term removed
+             (and the divisor K-1), so the two differ in exactly that term. b_i does not
+             depend on y_i, which is all the unbiasedness argument needs (see the
+             `rapid_async.loss` docstring); needs K >= 2.
+
+    Args:
+        rewards: (B,) rewards, group-major.
+        group_size: K, completions per prompt.
+        weights: (B,) detached baseline weights wbar_i; None means all ones.
+        baseline: one of `BASELINES`.
+
+    Returns:
+        (B,) baselines, constant (no gradient).
+    """
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}; got {baseline!r}")
+    r = rewards.view(-1, group_size)  # (G, K)
+    wr = r if weights is None else weights.view(-1, group_size) * r  # (G, K)
+    if baseline == "paper":
+        b = wr.mean(dim=1, keepdim=True).expand_as(wr)  # (G, K)
+    else:
+        if group_size < 2:
+            raise ValueError(f"the leave-one-out baseline needs group_size >= 2; got {group_size}")
+        others = ~torch.eye(group_size, dtype=torch.bool, device=wr.device)  # (K, K), j != i
+        b = (wr[:, None, :] * others).sum(dim=-1) / (group_size - 1)  # (G, K): sum over j != i
+    return b.reshape(-1).detach()  # (B,)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, weights: torch.Tensor | None = None, std_scale: bool = False,
+    baseline: str = "paper",
+) -> torch.Tensor:
+    """A_i = r_i - b_i (`group_baselines`), optionally divided by (std_j r_j + 1e-4).
 
     Args:
         rewards: (B,) rewards, group-major.
         group_size: K, completions per prompt.
         weights: (B,) detached baseline weights wbar_i; None means all ones.
         std_scale: divide by the unbiased group std of the rewards plus 1e-4.
+        baseline: "paper" (b = (1/K) sum_j wbar_j r_j) or "loo" (sample i left out).
 
     Returns:
         (B,) advantages, constant (no gradient).
     """
     r = rewards.view(-1, group_size)  # (G, K)
-    wr = r if weights is None else weights.view(-1, group_size) * r  # (G, K)
-    adv = r - wr.mean(dim=1, keepdim=True)  # (G, K)
+    adv = r - group_baselines(rewards, group_size, weights, baseline).view(-1, group_size)  # (G, K)
     if std_scale:
         adv = adv / (r.std(dim=1, keepdim=True) + STD_EPS)  # (G, K), unbiased std
     return adv.reshape(-1).detach()  # (B,)

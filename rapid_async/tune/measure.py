@@ -106,6 +106,15 @@ class RunCosts:
     """Held-out evaluations by the learner inside the window."""
     is_points: list[tuple[float, float, float]] = field(default_factory=list)
     """(staleness/mean, is/truncated_frac, is/ess_per_group) of each step in the window."""
+    mismatch_k3: float = float("nan")
+    """Mean `mismatch/k3` over the window: KL(mu || pi) per token of staleness-0 groups
+    (engine vs trainer at the same weights); nan when no step had such tokens."""
+    mismatch_ratio_outside: float = float("nan")
+    """Mean `mismatch/ratio_outside`: share of staleness-0 token ratios outside [0.5, 2]."""
+    ratio_outside: float = float("nan")
+    """Mean `is/ratio_outside`: share of all trained token ratios outside [0.5, 2]."""
+    ess_min_group: float = float("nan")
+    """Smallest `is/ess_min_group` of the window: the worst group's ESS / K."""
 
     @property
     def updates_per_s(self) -> float:
@@ -298,7 +307,13 @@ def measure_run(run_dir: str | Path) -> RunCosts:
                                           ("staleness/mean", "is/truncated_frac",
                                            "is/ess_per_group"))],
         reward=[(_num(r, "train_s"), r["reward/mean"]) for r in steps
-                if isinstance(r.get("reward/mean"), (int, float))])
+                if isinstance(r.get("reward/mean"), (int, float))],
+        mismatch_k3=_mean(inside, "mismatch/k3"),
+        mismatch_ratio_outside=_mean(inside, "mismatch/ratio_outside"),
+        ratio_outside=_mean(inside, "is/ratio_outside"),
+        ess_min_group=min((r["is/ess_min_group"] for r in inside
+                           if isinstance(r.get("is/ess_min_group"), (int, float))),
+                          default=float("nan")))
 
 
 def _mean(recs: list[dict], key: str) -> float:

@@ -6,8 +6,10 @@ the learner's seconds per update split into waiting for data, training,
 publishing, evaluating, checkpointing and the rest; per actor the generation
 seconds per group, groups per generate call, weight-apply seconds per update
 and busy fraction; the staleness distribution of consumed groups; the
-truncated-weight fraction and effective sample size of the loss; groups
-dropped as stale. Then a diagnosis (which role limits the run and the rule
+truncated-weight fraction and effective sample size of the loss (mean and
+worst group), the share of token ratios outside [0.5, 2]; the engine/trainer
+mismatch on staleness-0 tokens (`mismatch/k3`, `mismatch/ratio_outside`, with a
+warning when large); groups dropped as stale. Then a diagnosis (which role limits the run and the rule
 that says so) and single changes to the setting ranked by the cost model
 (`model`), calibrated on this very run, each with its predicted updates/s,
 staleness and dropped fraction.
@@ -29,6 +31,11 @@ DROP_LIMIT = 0.1
 """Dropping this share of generated groups or more wastes generation."""
 TRUNCATED_LIMIT = 0.05
 """Truncating this share of importance weights or more biases the loss noticeably."""
+MISMATCH_K3_LIMIT = 0.01
+"""KL(mu || pi) per token at staleness 0 (`mismatch/k3`) at or above this means the
+inference engine and the trainer disagree at the same weights."""
+MISMATCH_OUTSIDE_LIMIT = 0.01
+"""A share of staleness-0 token ratios outside [0.5, 2] at or above this: engine mismatch."""
 
 
 def single_changes(s: Setting) -> list[tuple[str, Setting]]:
@@ -111,11 +118,25 @@ def diagnose(run: Any) -> list[str]:
         out.append(f"{run.truncated_frac:.1%} of importance weights are truncated (ESS per group "
                    f"{run.ess_per_group:.2f}): the data is too stale for this learning rate; "
                    "lower learner.max_staleness or learner.buffer_groups.")
+    out += _mismatch_warnings(run)
     applying = [a.apply_s / a.window_s for a in run.actors if a.window_s > 0]
     if applying and max(applying) >= 0.2:
         out.append(f"Actors spend up to {max(applying):.0%} of their time applying weights: "
                    "a larger learner.sync_every sends fewer updates.")
     return out
+
+
+def _mismatch_warnings(run: Any) -> list[str]:
+    """The engine/trainer mismatch warning, when staleness-0 tokens show one."""
+    k3, outside = run.mismatch_k3, run.mismatch_ratio_outside
+    if not (k3 >= MISMATCH_K3_LIMIT or outside >= MISMATCH_OUTSIDE_LIMIT):  # nan: no data
+        return []
+    return [f"Engine/trainer mismatch: at staleness 0 (same weights) the learner's and the "
+            f"actor's token log-probs differ by k3 = {k3:.4f} nats per token (KL(mu || pi)) "
+            f"and {outside:.1%} of token ratios lie outside [0.5, 2]. The importance "
+            "weights then correct the engine, not staleness: check that actor and learner "
+            "use the same temperature (algo.temperature), that top-k / top-p are off, and "
+            "the inference dtype (model.inference_dtype) and kernels."]
 
 
 def _why_dropped(cfg: Any) -> str:
@@ -146,6 +167,10 @@ def ranked_changes(costs: Costs, s: Setting) -> tuple[Prediction, list[tuple[str
 
 def _ms(x: float, digits: int = 1) -> str:
     return "-" if x != x else f"{x * 1e3:.{digits}f}"
+
+
+def _num(x: float, spec: str) -> str:
+    return "-" if x != x else format(x, spec)
 
 
 def _fmt_hist(hist: dict[int, int]) -> str:
@@ -185,7 +210,10 @@ def report_text(run_dir: str | Path, top: int = 5) -> str:
     lines += [f"Staleness of consumed groups: mean {run.staleness_mean:.2f}, max "
               f"{run.staleness_max}; {_fmt_hist(run.staleness_hist)}",
               f"Loss: truncated-weight fraction {run.truncated_frac:.4f}, ESS per group "
-              f"{run.ess_per_group:.3f}",
+              f"{run.ess_per_group:.3f} (worst group {_num(run.ess_min_group, '.3f')}), token "
+              f"ratios outside [0.5, 2] {_num(run.ratio_outside, '.4f')}",
+              f"Engine/trainer mismatch at staleness 0: k3 {_num(run.mismatch_k3, '.5f')} "
+              f"nats/token, ratios outside [0.5, 2] {_num(run.mismatch_ratio_outside, '.4f')}",
               f"Groups: {run.generated} generated, {run.dropped} dropped as stale "
               f"({run.drop_frac:.0%})", "", "Diagnosis:"]
     lines += [f"  {d}" for d in diagnose(run)]
