@@ -127,7 +127,15 @@ class Actor(WeightIntake, Rejoining):
         from rapid_async.weights import WeightReceiver
 
         self.receiver = WeightReceiver(self.engine)
+        self.runner = self._episode_runner()
         self._snapshot("join")
+
+    def _episode_runner(self) -> Any:
+        """The EpisodeRunner of a run with an [env] (None: one completion per prompt)."""
+        from rapid_async.evaluate import episode_runner
+
+        return episode_runner(self.cfg, self.engine, self.tokenizer, self.task,
+                              self.prompt_settings)
 
     # -- the loop
     def run(self) -> str:
@@ -201,10 +209,14 @@ class Actor(WeightIntake, Rejoining):
         groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
                                  self.version, self.actor_id, scorer=self.scorer,
                                  prompt_settings=self.prompt_settings,
-                                 grant_id=grant_id)
+                                 grant_id=grant_id, runner=self.runner)
         self.stats["gen_s"] += sum(group.gen_seconds for group in groups)
         self.stats["chunks"] += 1
         self.stats["verifier_failures"] = sum(self.scorer.failures.values())
+        if self.runner is not None:
+            for key in ("idle_s", "gen_s", "step_s", "engine_calls", "step_failures", "turns",
+                        "env_tokens"):
+                self.stats[f"env_{key}"] = self.runner.stats[key]
         for group in groups:
             if checksum is not None:
                 group.info["weights_checksum"] = checksum
@@ -274,6 +286,9 @@ class Actor(WeightIntake, Rejoining):
         except Exception:
             pass
         self.sockets.close()
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()
