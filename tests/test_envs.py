@@ -53,7 +53,13 @@ def test_trained_ids_equal_generated_ids_across_turns(chat_setup, one_thread):
     context is the previous ids unchanged, and the learner's batch trains on them."""
     engine, tok = chat_setup
     engine.calls.clear()
-    task, runner = _runner(engine, tok)
+    check_token_in_token_out(engine, tok, engine.model, 1e-4)
+
+
+def check_token_in_token_out(engine, tok, learner_model, tolerance, concurrency=0):
+    """Play 3-turn retry episodes on `engine` (with a `calls` record) and check them
+    against what it sampled, through the wire format and the learner's batch."""
+    task, runner = _runner(engine, tok, concurrency=concurrency)
     problems = [task.train_problem(i) for i in range(3)]
     played = runner.run(problems, 2, 1.0, seed=1)
     sampled: dict[tuple, list] = {}  # context -> what the engine sampled for it
@@ -100,9 +106,9 @@ def test_trained_ids_equal_generated_ids_across_turns(chat_setup, one_thread):
         assert batch.completion_ids[r, :c].tolist() == ep.ids
     # Same weights on the learner: its log-probs at the model tokens are the engine's.
     with torch.no_grad():
-        lp = token_logprobs(engine.model, batch, 1.0)
+        lp = token_logprobs(learner_model, batch, 1.0)
     model = batch.mask.bool()
-    assert (lp[model] - batch.behaviour_logprobs[model]).abs().max() < 1e-4
+    assert (lp[model] - batch.behaviour_logprobs[model]).abs().max() < tolerance
     assert (lp[~model] == 0).all()
 
 
