@@ -214,9 +214,9 @@ class Actor(WeightIntake, Rejoining):
         self.stats["chunks"] += 1
         self.stats["verifier_failures"] = sum(self.scorer.failures.values())
         if self.runner is not None:
-            for key in ("idle_s", "gen_s", "step_s", "engine_calls", "step_failures", "turns",
-                        "env_tokens"):
+            for key in ("idle_s", "gen_s", "step_s", "engine_calls", "step_failures", "turns"):
                 self.stats[f"env_{key}"] = self.runner.stats[key]
+            self.stats["env_tokens"] = self.runner.stats["env_tokens"]
         for group in groups:
             if checksum is not None:
                 group.info["weights_checksum"] = checksum

@@ -320,7 +320,8 @@ class EnvConfig:
     """Environment that turns each problem into a multi-turn episode (see
     rapid_async.envs): empty (the task's single completion, scored once, as
     without environments), a built-in name (single, retry, python-math,
-    mbpp-feedback, reasoning-gym, verifiers) or "package.module:Class"."""
+    mbpp-feedback), an entry point of the group "rapid_async.envs" or
+    "package.module:Class"."""
 
     options: dict[str, Any] = field(default_factory=dict)
     """The [env.options] table, passed to the environment's constructor."""

@@ -52,8 +52,6 @@ _BUILTIN = {
     "retry": "rapid_async.envs.retry:RetryEnv",
     "python-math": "rapid_async.envs.python_math:PythonMathEnv",
     "mbpp-feedback": "rapid_async.envs.mbpp_feedback:MBPPFeedbackEnv",
-    "reasoning-gym": "rapid_async.envs.adapters:ReasoningGymEnv",
-    "verifiers": "rapid_async.envs.adapters:VerifiersEnv",
 }
 """Built-in environments, imported on first use: name -> "module:Class"."""
 
