@@ -81,7 +81,7 @@ def main(out: Path = typer.Option(Path("benchmarks/results/episodes-cpu.md")),
         "# Episodes per actor at once (CPU)", "",
         f"Machine: 2-core dev box, loaded (other jobs queued on the heavy lock); "
         f"{platform.processor() or platform.machine()}, torch threads 1. Command: "
-        "`flock /work/heavy.lock bin/bench-episodes`.", "",
+        "`flock /work/heavy.lock bin/bench-episodes` (here, in a worktree sharing a venv: `flock /work/heavy.lock env PYTHONPATH=$PWD .venv/bin/python -m rapid_async.bench.episodes`).", "",
         f"The hf engine on the tiny model (random weights), {episodes} episodes per setting, "
         f"{TURNS} model turns of up to {TURN_TOKENS} tokens each, every step a tool call that "
         f"takes {TOOL_S * 1000:.0f} ms (a sleep, run by the runner's 32 step threads). Idle: "
