@@ -244,3 +244,30 @@ def test_batch_select_keeps_tokens_after_env_turns():
     batch = collate([g])
     part = batch.select([0, 1])
     assert part.mask.shape[1] == 4 and part.mask[0].tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+# ---------------------------------------------------------------- config and loading
+
+
+def test_env_config_and_loading():
+    from rapid_async.config import episode_token_cap, load_config
+    from rapid_async.envs import env_factory
+
+    cfg = load_config(None, ["env.name=retry", "env.options.feedback={prompt}",
+                             "env.max_turns=4", "algo.max_new_tokens=8"])
+    assert episode_token_cap(cfg) == 32 and cfg.env.options == {"feedback": "{prompt}"}
+    env = env_factory(cfg, ArithmeticTask())()
+    assert isinstance(env, RetryEnv) and env.feedback == "{prompt}"
+    assert env_factory(load_config(None, []), ArithmeticTask()) is None  # no [env]: as before
+    path = load_config(None, ["env.name=rapid_async.envs.base:SingleTurnEnv"])
+    assert isinstance(env_factory(path, ArithmeticTask())(), SingleTurnEnv)
+    with pytest.raises(ValueError, match="unknown environment 'nope'"):
+        env_factory(load_config(None, ["env.name=nope"]), ArithmeticTask())
+    with pytest.raises(ValueError, match="bad options"):
+        env_factory(load_config(None, ["env.name=retry", "env.options.colour=1"]),
+                    ArithmeticTask())
+    with pytest.raises(ValueError, match="env.max_episode_tokens = 4 is less than one model turn"):
+        load_config(None, ["env.name=retry", "env.max_episode_tokens=4",
+                           "algo.max_new_tokens=8"])
+    with pytest.raises(ValueError, match="env.max_turns"):
+        load_config(None, ["env.max_turns=0"])
