@@ -90,9 +90,7 @@ def test_three_turn_retry_env_learns_on_cpu(tmp_path, warm_model_dir):
     """The warm model in the 3-turn retry environment: the final-answer reward
     rises over 40 updates (counted steps, not seconds)."""
     sets = [f"model.path={warm_model_dir}", "run.mode=rapid-async", "run.max_steps=40",
-            "run.eval_every=0", "run.eval_size=50", "learner.minibatch_groups=16",
-            "learner.batch_groups=16", "learner.buffer_groups=48", "actor.chunk_groups=16",
-            *RETRY]
+            "run.eval_every=0", "run.eval_size=50", *RETRY]
     records, _ = rapid_run(tmp_path, sets, timeout=900)
     steps = _learner_steps(records)
     assert len(steps) == 40
