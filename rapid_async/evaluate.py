@@ -166,6 +166,14 @@ def _generate_texts(engine: Engine, tokenizer: Any, prompts: list[list[int]], n:
     return [[decode_completion(tokenizer, c.token_ids) for c in group] for group in groups]
 
 
+def _episodes(runner: Any, chunk: list, n: int, temperature: float,
+              seed: int | None) -> tuple[list[list[str]], list[list[float]]]:
+    """With an environment: `n` episodes per problem -> transcripts and final rewards."""
+    played = runner.run(chunk, n, temperature, seed)
+    return ([[ep.transcript() for ep in eps] for eps in played],
+            [[ep.reward for ep in eps] for eps in played])
+
+
 def _batches(count: int, per_problem: int, rows: int) -> list[tuple[int, int]]:
     """(start, stop) problem ranges with at most `rows` completions each."""
     size = max(1, rows // max(per_problem, 1))
@@ -175,7 +183,7 @@ def _batches(count: int, per_problem: int, rows: int) -> list[tuple[int, int]]:
 def run_evaluation(engine: Engine, tokenizer: Any, task: Task, settings: EvalSettings,
                    progress: Callable[[int, int], None] | None = None,
                    prompt_settings: PromptSettings | None = None,
-                   scorer: Scorer | None = None) -> EvalReport:
+                   scorer: Scorer | None = None, runner: Any = None) -> EvalReport:
     """Evaluate the engine's current weights on the task's held-out problems.
 
     Args:
@@ -188,6 +196,9 @@ def run_evaluation(engine: Engine, tokenizer: Any, task: Task, settings: EvalSet
         prompt_settings: prompt format, system prompt and stop strings, as in
             training (`PromptSettings.from_config`; default: plain, no stops).
         scorer: scores completions (default: `Scorer(task)`, failures score 0).
+        runner: an `envs.EpisodeRunner` for a run with an [env]: each
+            completion is then an episode (its transcript is recorded, its
+            reward is the episode's); engine calls and limits are the runner's.
 
     Returns:
         The per-problem records and their summary.
@@ -203,6 +214,11 @@ def run_evaluation(engine: Engine, tokenizer: Any, task: Task, settings: EvalSet
     for start, stop in _batches(len(problems), per_problem, settings.rows_per_call):
         chunk = problems[start:stop]
         prompts = [encode_prompt(tokenizer, p.prompt, prompt_settings) for p in chunk]
+        if runner is not None:
+            _episode_pass(runner, records[start:stop], chunk, settings, start, threshold)
+            if progress is not None:
+                progress(stop, len(problems))
+            continue
         if settings.greedy:
             texts = [t for (t,) in _generate_texts(engine, tokenizer, prompts, 1, 0.0,
                                                    settings.max_new_tokens, None,
@@ -226,6 +242,21 @@ def run_evaluation(engine: Engine, tokenizer: Any, task: Task, settings: EvalSet
     summary["verifier_failures"] = sum(scorer.failures.values()) - failures_before
     summary["seconds"] = time.perf_counter() - t0
     return EvalReport(records, summary)
+
+
+def _episode_pass(runner: Any, records: list[ProblemRecord], chunk: list,
+                  settings: EvalSettings, start: int, threshold: float) -> None:
+    """Fill the records of one chunk of problems from environment episodes."""
+    if settings.greedy:
+        texts, rewards = _episodes(runner, chunk, 1, 0.0, None)
+        for rec, (text,), (reward,) in zip(records, texts, rewards):
+            rec.greedy_completion, rec.greedy_reward = text, reward
+    if settings.samples:
+        texts, rewards = _episodes(runner, chunk, settings.samples, settings.temperature,
+                                   settings.seed + start)
+        for rec, group, values in zip(records, texts, rewards):
+            rec.completions, rec.rewards = group, values
+            rec.correct = sum(1 for r in values if r >= threshold)
 
 
 def summarize(records: list[ProblemRecord], settings: EvalSettings,
@@ -325,6 +356,7 @@ def evaluate_model(cfg: Any, model_dir: str | Path, settings: EvalSettings, out:
         check_chat_template(tokenizer, str(model_dir))
     engine = make_engine(cfg.actor.engine, str(model_dir), cfg.model.inference_dtype,
                          resolve_device(cfg.actor.device), cfg.run.seed)
+    runner = episode_runner(cfg, engine, tokenizer, task, prompt_settings)
     try:
         with ProgressDisplay("[rapid-eval] problems", total=settings.problems) as display:
             def progress(done: int, total: int) -> None:
@@ -333,8 +365,11 @@ def evaluate_model(cfg: Any, model_dir: str | Path, settings: EvalSettings, out:
 
             report = run_evaluation(engine, tokenizer, task, settings, progress=progress,
                                     prompt_settings=prompt_settings,
-                                    scorer=Scorer(task, cfg.task.failure_reward))
+                                    scorer=Scorer(task, cfg.task.failure_reward),
+                                    runner=runner)
     finally:
+        if runner is not None:
+            runner.close()
         engine.close()
         if callable(getattr(task, "close", None)):
             task.close()
@@ -344,6 +379,19 @@ def evaluate_model(cfg: Any, model_dir: str | Path, settings: EvalSettings, out:
                "max_new_tokens": settings.max_new_tokens, "seed": settings.seed}
     path.with_suffix(".summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return report
+
+
+def episode_runner(cfg: Any, engine: Any, tokenizer: Any, task: Any,
+                   prompt_settings: PromptSettings) -> Any:
+    """The EpisodeRunner of a run config with an [env] (None without one)."""
+    from rapid_async.envs import EpisodeLimits, EpisodeRunner, env_factory
+
+    factory = env_factory(cfg, task)
+    if factory is None:
+        return None
+    return EpisodeRunner(engine, tokenizer, factory, prompt_settings,
+                         EpisodeLimits.from_config(cfg), cfg.env.concurrency,
+                         cfg.env.step_workers, cfg.task.failure_reward)
 
 
 def summary_line(summary: dict[str, float]) -> str:

@@ -68,7 +68,8 @@ def evaluate_task(actor: Any, task: EvalTask) -> EvalResult | None:
         report = run_evaluation(actor.engine, actor.tokenizer, actor.task,
                                 settings_for(task, actor.cfg), progress=heartbeat,
                                 prompt_settings=actor.prompt_settings,
-                                scorer=Scorer(actor.task, actor.cfg.task.failure_reward))
+                                scorer=Scorer(actor.task, actor.cfg.task.failure_reward),
+                                runner=getattr(actor, "runner", None))
     except Exception as exc:  # reported to the learner, which records the failure
         log.exception("actor %s: evaluation job %d failed", actor.actor_id, task.job_id)
         return EvalResult(actor.actor_id, task.job_id, version, {},

@@ -145,6 +145,16 @@ class Actor(WeightIntake, Rejoining):
         if self.prompt_settings.prompt_format == "chat":
             check_chat_template(self.tokenizer, self.model_dir)
         self.scorer = Scorer(self.task, self.cfg.task.failure_reward)
+        if getattr(self, "runner", None) is not None:
+            self.runner.close()  # a rejoin rebuilds the task: the old episodes' runner goes
+        self.runner = self._episode_runner()
+
+    def _episode_runner(self) -> Any:
+        """The EpisodeRunner of a run with an [env] (None: one completion per prompt)."""
+        from rapid_async.evaluate import episode_runner
+
+        return episode_runner(self.cfg, self.engine, self.tokenizer, self.task,
+                              self.prompt_settings)
 
     # -- the loop
     def run(self) -> str:
@@ -218,10 +228,14 @@ class Actor(WeightIntake, Rejoining):
         groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
                                  self.version, self.actor_id, scorer=self.scorer,
                                  prompt_settings=self.prompt_settings,
-                                 grant_id=grant_id)
+                                 grant_id=grant_id, runner=self.runner)
         self.stats["gen_s"] += sum(group.gen_seconds for group in groups)
         self.stats["chunks"] += 1
         self.stats["verifier_failures"] = sum(self.scorer.failures.values())
+        if self.runner is not None:
+            for key in ("idle_s", "gen_s", "step_s", "engine_calls", "step_failures", "turns"):
+                self.stats[f"env_{key}"] = self.runner.stats[key]
+            self.stats["env_tokens"] = self.runner.stats["env_tokens"]
         for group in groups:
             if checksum is not None:
                 group.info["weights_checksum"] = checksum
@@ -296,6 +310,9 @@ class Actor(WeightIntake, Rejoining):
         except Exception:
             pass
         self.sockets.close()
+        runner = getattr(self, "runner", None)
+        if runner is not None:
+            runner.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close()

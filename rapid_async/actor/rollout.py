@@ -32,7 +32,7 @@ def prompt_tokens(task: Any, tokenizer: Any, index: int, settings: PromptSetting
 def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices: list[int],
                     version: int, actor_id: str, scorer: Scorer | None = None,
                     prompt_settings: PromptSettings | None = None,
-                    grant_id: int = 0) -> list[RolloutGroup]:
+                    grant_id: int = 0, runner: Any = None) -> list[RolloutGroup]:
     """Generate and score the training prompts at `indices` with weights `version`.
 
     Args:
@@ -43,10 +43,17 @@ def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices
         scorer: reuse one Scorer to keep its failure counts (default: a new one).
         prompt_settings: default `PromptSettings.from_config(cfg, task)`.
         grant_id: the WorkGrant the indices came from, echoed in every group.
+        runner: an `envs.EpisodeRunner` when the run has an `[env]`: each
+            completion is then a multi-turn episode (`envs/rollout.py`).
 
     Returns:
         One group per index, in the same order.
     """
+    if runner is not None:
+        from rapid_async.envs.rollout import episode_groups
+
+        return episode_groups(runner, task, indices, cfg.algo.group_size, cfg.algo.temperature,
+                              version, actor_id, grant_id)
     scorer = scorer or Scorer(task, cfg.task.failure_reward)
     settings = prompt_settings or PromptSettings.from_config(cfg, task)
     problems = [task.train_problem(i) for i in indices]

@@ -17,15 +17,15 @@ from rapid_async.config.load import (_coerce, _literal, _task_option, _toml_valu
                                      parse_overrides, resolve_device)
 from rapid_async.config.sections import (_DEVICE, AGGREGATIONS, COMPUTE_DTYPES, DTYPES, ENGINES,
                                          LOSSES, MODES, PROMPT_FORMATS, TRUNCATED, ActorConfig,
-                                         AlgoConfig, Config, LearnerConfig, MetricsConfig,
+                                         AlgoConfig, Config, EnvConfig, LearnerConfig, MetricsConfig,
                                          ModelConfig, RunConfig, TaskConfig, TransportConfig)
 from rapid_async.config.validate import (_check_choice, _check_gpu_list, _check_positive,
-                                         validate_config)
+                                         episode_token_cap, validate_config)
 
 __all__ = [
     "AGGREGATIONS", "COMPUTE_DTYPES", "DTYPES", "ENGINES", "LOSSES", "MODES", "PROMPT_FORMATS",
-    "TRUNCATED", "ActorConfig", "AlgoConfig", "Config", "LearnerConfig", "MetricsConfig",
+    "TRUNCATED", "ActorConfig", "AlgoConfig", "Config", "EnvConfig", "LearnerConfig", "MetricsConfig",
     "ModelConfig", "RunConfig", "TaskConfig", "TransportConfig", "apply_dict",
-    "config_from_dict", "dumps_toml", "field_docs", "load_config", "parse_overrides",
+    "config_from_dict", "dumps_toml", "episode_token_cap", "field_docs", "load_config", "parse_overrides",
     "resolve_device", "validate_config",
 ]

@@ -107,11 +107,17 @@ def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Con
             if section == "task" and (key.startswith("options.") or key not in hints):
                 _task_option(cfg, key, value, from_set=source == "--set")
                 continue
+            if section == "env" and key.startswith("options."):
+                name = key.split(".", 1)[1]
+                cfg.env.options[name] = (_literal(value) if source == "--set"
+                                         and isinstance(value, str) else value)
+                continue
             if key not in hints:
                 raise ValueError(f"{source}: unknown field {section}.{key}; known: "
                                  f"{', '.join(hints)}")
-            if section == "task" and key == "options":
-                cfg.task.options.update(_coerce(f"{source}: task.options", value, hints[key]))
+            if section in ("task", "env") and key == "options":
+                getattr(cfg, section).options.update(
+                    _coerce(f"{source}: {section}.options", value, hints[key]))
                 continue
             setattr(obj, key, _coerce(f"{source}: {section}.{key}", value, hints[key]))
     return cfg

@@ -360,6 +360,35 @@ class MetricsConfig:
 
 
 @dataclass
+class EnvConfig:
+    name: str = ""
+    """Environment that turns each problem into a multi-turn episode (see
+    rapid_async.envs): empty (the task's single completion, scored once, as
+    without environments), a built-in name (single, retry, python-math,
+    mbpp-feedback), an entry point of the group "rapid_async.envs" or
+    "package.module:Class"."""
+
+    options: dict[str, Any] = field(default_factory=dict)
+    """The [env.options] table, passed to the environment's constructor."""
+
+    max_turns: int = 3
+    """Model turns per episode at most; the episode ends after this many
+    (scored with the reward of its last step)."""
+
+    max_episode_tokens: int = 0
+    """Tokens after the prompt per episode at most (model and env turns);
+    0: max_turns * algo.max_new_tokens. Each model turn also stops at
+    algo.max_new_tokens."""
+
+    concurrency: int = 0
+    """Episodes an actor runs at once (their model turns share one engine
+    call); 0: every episode of a work chunk (chunk_groups x group_size)."""
+
+    step_workers: int = 8
+    """Threads that run environment steps (tools, checkers) beside generation."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -369,6 +398,7 @@ class Config:
     actor: ActorConfig = field(default_factory=ActorConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
 
     @property
     def updates_per_batch(self) -> int:

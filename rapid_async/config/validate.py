@@ -104,10 +104,36 @@ def validate_config(cfg: Config) -> Config:
         raise ValueError(
             f"learner.buffer_groups = {lb.buffer_groups} must be >= "
             f"learner.minibatch_groups = {lb.minibatch_groups}")
+    _validate_env(cfg)
     _validate_metrics(cfg)
     _validate_transport(cfg)
     _check_progress(cfg)
     return cfg
+
+
+def _validate_env(cfg: Config) -> None:
+    """Environment limits: positive turns, an episode cap that fits one model turn."""
+    env = cfg.env
+    if not isinstance(env.options, dict) or not all(isinstance(k, str) for k in env.options):
+        raise ValueError("env.options must be a table with string keys")
+    _check_positive("env.max_turns", env.max_turns)
+    _check_positive("env.step_workers", env.step_workers)
+    for name in ("env.max_episode_tokens", "env.concurrency"):
+        if cfg._get(name) < 0:
+            raise ValueError(f"{name} = {cfg._get(name)} must be >= 0")
+    if 0 < env.max_episode_tokens < cfg.algo.max_new_tokens:
+        raise ValueError(
+            f"env.max_episode_tokens = {env.max_episode_tokens} is less than one model turn "
+            f"(algo.max_new_tokens = {cfg.algo.max_new_tokens}): raise it, or set 0 for "
+            "max_turns * max_new_tokens")
+
+
+def episode_token_cap(cfg: Config) -> int:
+    """Tokens after the prompt an episode may hold: env.max_episode_tokens, or
+    max_turns * algo.max_new_tokens when it is 0 (algo.max_new_tokens without an env)."""
+    if not cfg.env.name:
+        return cfg.algo.max_new_tokens
+    return cfg.env.max_episode_tokens or cfg.env.max_turns * cfg.algo.max_new_tokens
 
 
 def _validate_transport(cfg: Config) -> None:

@@ -132,9 +132,22 @@ class Learner(StopOnSignal):
         # safe to use from two threads at once (evaluation uses the trainer's).
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         settings = PromptSettings.from_config(self.cfg, self.task)
-        return GroupValidator(self.cfg.algo.group_size, int(vocab), self.cfg.algo.max_new_tokens,
-                              expected_prompt=lambda i: prompt_tokens(self.task, tokenizer, i,
-                                                                      settings))
+        expected = self._episode_prompts(tokenizer, settings)
+        if expected is None:
+            expected = lambda i: prompt_tokens(self.task, tokenizer, i, settings)  # noqa: E731
+        from rapid_async.config import episode_token_cap
+
+        # With an [env], completions are whole episodes: up to env.max_episode_tokens.
+        return GroupValidator(self.cfg.algo.group_size, int(vocab), episode_token_cap(self.cfg),
+                              expected_prompt=expected)
+
+    def _episode_prompts(self, tokenizer: Any, settings: Any) -> Any:
+        """Index -> an episode's opening ids when the run has an [env], else None."""
+        from rapid_async.envs import env_factory
+        from rapid_async.envs.rollout import EpisodePrompts
+
+        factory = env_factory(self.cfg, self.task)
+        return None if factory is None else EpisodePrompts(factory, self.task, tokenizer, settings)
 
     def _start_publisher(self) -> Any:
         """The weight publisher thread, with the current weights as its base."""

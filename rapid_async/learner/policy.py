@@ -29,7 +29,9 @@ class Batch:
         positions: (B, T) index in input_ids of the logit that predicts
             completion token t (prompt_len - 1 + t); 0 on padding.
         completion_ids: (B, T) completion tokens, 0 on padding.
-        mask: (B, T) float, 1 on real completion tokens.
+        mask: (B, T) float, 1 on the completion tokens the model generated
+            (0 on padding, and on env / tool tokens of multi-turn episodes,
+            which are in the context but take no part in the loss).
         behaviour_logprobs: (B, T) the actor's log mu, 0 on padding.
         rewards: (B,) rewards (finite floats).
         policy_versions: (B,) version that generated each row.
@@ -67,7 +69,7 @@ class Batch:
         """
         idx = torch.tensor(rows, dtype=torch.long)
         seq = max(1, int(self.attention_mask[idx].sum(dim=1).max()))
-        tok = max(1, int(self.mask[idx].sum(dim=1).max()))
+        tok = max(1, token_extent(self.mask[idx]))
         fields: dict[str, Any] = {}
         for name, value in self.__dict__.items():
             if isinstance(value, torch.Tensor):
@@ -78,6 +80,13 @@ class Batch:
                     value = value[:, :tok]
             fields[name] = value
         return Batch(**fields)
+
+
+def token_extent(mask: torch.Tensor) -> int:
+    """Width that keeps every masked token of (B, T) `mask`: last 1 + 1 (0 if none).
+    With env tokens (0) between model tokens this exceeds the row sums."""
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    return int(cols[-1]) + 1 if cols.numel() else 0
 
 
 def save_batch(batch: Batch, path: str | Path) -> None:
@@ -114,6 +123,7 @@ def collate(groups: list[Any], pad_id: int = 0) -> Batch:
         raise ValueError("collate needs at least one group")
     k = int(groups[0].completion_ids.shape[0])
     rows: list[tuple[list[int], list[int], list[float]]] = []
+    masks: list[list[float] | None] = []
     rewards: list[float] = []
     versions: list[int] = []
     truncated: list[bool] = []
@@ -125,6 +135,8 @@ def collate(groups: list[Any], pad_id: int = 0) -> Batch:
         for i in range(k):
             n = int(g.completion_lengths[i])
             rows.append((prompt, g.completion_ids[i, :n].tolist(), g.logprobs[i, :n].tolist()))
+            loss_mask = getattr(g, "loss_mask", None)  # multi-turn: 0 on env tokens
+            masks.append(None if loss_mask is None else loss_mask[i, :n].float().tolist())
             rewards.append(float(g.rewards[i]))
             versions.append(int(g.policy_version))
             truncated.append(g.finish_reasons[i] == "length")
@@ -144,7 +156,7 @@ def collate(groups: list[Any], pad_id: int = 0) -> Batch:
         if c:
             positions[r, :c] = torch.arange(p - 1, p - 1 + c)
             comp[r, :c] = torch.tensor(completion, dtype=torch.long)
-            mask[r, :c] = 1.0
+            mask[r, :c] = 1.0 if masks[r] is None else torch.tensor(masks[r])
             blp[r, :c] = torch.tensor(lps, dtype=torch.float32)
     return Batch(input_ids, attention, positions, comp, mask, blp,
                  torch.tensor(rewards, dtype=torch.float32),

@@ -46,7 +46,9 @@ class GroupValidator:
     Args:
         group_size: K, completions per prompt (algo.group_size).
         vocab_size: rows of the model's input embedding; token ids must be below it.
-        max_new_tokens: cap on completion length (algo.max_new_tokens).
+        max_new_tokens: cap on completion length (algo.max_new_tokens; with an
+            [env], the episode cap `config.episode_token_cap`: model and env
+            tokens of all turns together).
         expected_prompt: prompt index -> the prompt token ids the actor was
             meant to use (None: not checkable, only the length is bounded).
         max_prompt_tokens: bound on the prompt length when it is not checkable.
@@ -84,7 +86,8 @@ class GroupValidator:
             return "group_size", f"{k} completions, expected K = {self.group_size}"
         if t > self.max_new_tokens:
             return ("completion_too_long",
-                    f"completions padded to {t} tokens > algo.max_new_tokens = {self.max_new_tokens}")
+                    f"completions padded to {t} tokens > the cap of {self.max_new_tokens} "
+                    "(algo.max_new_tokens; env.max_episode_tokens with an [env])")
         return None
 
     def _prompt(self, group: Any, index: int) -> tuple[str, str] | None:
@@ -115,8 +118,9 @@ class GroupValidator:
             return "completion_empty", f"completion lengths {lengths.tolist()} include 0"
         if int(lengths.max()) > self.max_new_tokens:
             return ("completion_too_long",
-                    f"completion of {int(lengths.max())} tokens > algo.max_new_tokens = "
-                    f"{self.max_new_tokens}")
+                    f"completion of {int(lengths.max())} tokens > the cap of "
+                    f"{self.max_new_tokens} (algo.max_new_tokens; env.max_episode_tokens "
+                    "with an [env])")
         return None
 
     def _logprobs(self, group: Any, index: int) -> tuple[str, str] | None:

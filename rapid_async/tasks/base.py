@@ -93,6 +93,7 @@ _BUILTIN: dict[str, str] = {
     "mbpp": "rapid_async.tasks.mbpp:MBPPTask",
     "minif2f": "rapid_async.tasks.minif2f:MiniF2FTask",
     "hashbit": "rapid_async.tasks.hashbit:HashBitTask",  # benchmark-only (bin/gpu-check)
+    "reasoning_gym": "rapid_async.envs.adapters:ReasoningGymTask",  # needs .[envs]
 }
 """Built-in tasks, imported on first use: name -> "module:attribute"."""
 _PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")

@@ -250,6 +250,10 @@ class RolloutGroup:
             with the session secret of its Welcome, of actor id, prompt id
             and grant id (`wire.security.rollout_tag`; ActorSockets adds it).
             Grant ids are logged and recorded; the secret is not.
+        loss_mask: optional (K, T) int32, multi-turn episodes only: 1 on the
+            tokens the model generated, 0 on environment / tool tokens (in the
+            context, not trained); logprobs are 0 where it is 0. None (not
+            sent): every completion token is the model's (one turn).
     """
 
     actor_id: str
@@ -266,6 +270,7 @@ class RolloutGroup:
     info: dict
     grant_id: int = 0
     session_tag: str = ""
+    loss_mask: torch.Tensor | None = None
 
 
 FINISH_REASONS = ("stop", "length")
@@ -424,6 +429,25 @@ def _check_rollout_group(msg: RolloutGroup) -> None:
                             f"got {list(reasons)[:8]!r}")
     if msg.gen_seconds < 0:
         raise ProtocolError(f"gen_seconds must be >= 0, got {msg.gen_seconds}")
+    if msg.loss_mask is not None:
+        _check_loss_mask(msg.loss_mask, msg.logprobs, padding)
+
+
+def _check_loss_mask(mask: torch.Tensor, logprobs: torch.Tensor, padding: torch.Tensor) -> None:
+    """A multi-turn group's loss mask: (K, T) 0/1, 0 in the padding, at least
+    one model token per row, behaviour log-probs 0 on the env tokens."""
+    if tuple(mask.shape) != tuple(logprobs.shape):
+        raise ProtocolError(f"loss_mask shape {tuple(mask.shape)} != completion_ids shape "
+                            f"{tuple(logprobs.shape)}")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ProtocolError("loss_mask must hold only 0 (env token) and 1 (model token)")
+    if (mask[padding] != 0).any():
+        raise ProtocolError("loss_mask must be 0 in the padding (positions >= length)")
+    if (mask.sum(dim=1) < 1).any():
+        raise ProtocolError("loss_mask needs at least one model token (1) in every row")
+    if (logprobs[mask == 0] != 0).any():
+        raise ProtocolError("logprobs must be 0 where loss_mask is 0 (env tokens have no "
+                            "behaviour log-prob)")
 
 
 def _check_eval_task(msg: EvalTask) -> None:
@@ -457,6 +481,8 @@ class _Spec:
     tensors: dict[str, torch.dtype]
     blobs: tuple[str, ...] = ()
     check: Callable[[Any], None] | None = None
+    optional: tuple[str, ...] = ()
+    """Tensor fields that may be None: then they are not sent (no frame)."""
 
 
 _SPECS = [
@@ -537,8 +563,10 @@ _SPECS = [
             "completion_lengths": torch.int32,
             "logprobs": torch.float32,
             "rewards": torch.float32,
+            "loss_mask": torch.int32,
         },
         check=_check_rollout_group,
+        optional=("loss_mask",),
     ),
 ]
 _BY_TAG = {spec.tag: spec for spec in _SPECS}
@@ -603,6 +631,8 @@ def encode(msg: Message) -> list[bytes]:
     scalars = {name: check(name, getattr(msg, name)) for name, check in spec.scalars.items()}
     descs, tensor_frames = {}, []
     for name, dtype in spec.tensors.items():
+        if name in spec.optional and getattr(msg, name) is None:
+            continue  # an optional tensor that is absent: no frame, no entry
         descs[name], frame = _tensor_to_frame(name, getattr(msg, name), dtype)
         tensor_frames.append(frame)
     blob_frames = [_bytes(name, getattr(msg, name)) for name in spec.blobs]
@@ -666,20 +696,23 @@ def decode(frames: list[bytes]) -> Message:
     frames = [bytes(frame) for frame in frames]
     header = _read_header(frames[0])
     spec = _BY_TAG[header["type"]]
-    n_expected = 1 + len(spec.tensors) + len(spec.blobs)
+    values, tensor_descs = header["fields"], header["tensors"]
+    present = [name for name in spec.tensors
+               if name in tensor_descs or name not in spec.optional]
+    n_expected = 1 + len(present) + len(spec.blobs)
     if len(frames) != n_expected:
         raise ProtocolError(f"{spec.tag}: wrong number of frames: got {len(frames)}, expected {n_expected}")
-    values, tensor_descs = header["fields"], header["tensors"]
     if set(values) != set(spec.scalars):
         missing, extra = set(spec.scalars) - set(values), set(values) - set(spec.scalars)
         raise ProtocolError(f"{spec.tag}: fields missing {sorted(missing)}, unexpected {sorted(extra)}")
-    if set(tensor_descs) != set(spec.tensors):
-        raise ProtocolError(f"{spec.tag}: tensors must be {sorted(spec.tensors)}, got {sorted(tensor_descs)}")
+    if set(tensor_descs) != set(present):
+        raise ProtocolError(f"{spec.tag}: tensors must be {sorted(spec.tensors)} (optional: "
+                            f"{sorted(spec.optional)}), got {sorted(tensor_descs)}")
     kwargs = {name: check(name, values[name]) for name, check in spec.scalars.items()}
-    for i, (name, dtype) in enumerate(spec.tensors.items()):
-        kwargs[name] = _frame_to_tensor(name, tensor_descs[name], frames[1 + i], dtype)
+    for i, name in enumerate(present):
+        kwargs[name] = _frame_to_tensor(name, tensor_descs[name], frames[1 + i], spec.tensors[name])
     for i, name in enumerate(spec.blobs):
-        kwargs[name] = frames[1 + len(spec.tensors) + i]
+        kwargs[name] = frames[1 + len(present) + i]
     msg = spec.cls(**kwargs)
     if spec.check is not None:
         spec.check(msg)
