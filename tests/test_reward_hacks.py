@@ -387,7 +387,8 @@ def test_gsm8k_hostile_answers(shared_data):
         "the answer, then another": f"#### {answer} or maybe {int(answer) + 1}",
         "1 MB of digits": "1" * (1 << 20),
         "1 MB of digit-space runs": ("1 " * 1000 + "\n") * 500,
-        "1 MB of \\frac{": "\\frac{1" * (1 << 18) + f" #### {answer}}}",
+        "1 MB of \\frac{": "\\frac{1" * (1 << 18) + "}{0}",
+        "a zero denominator": f"#### {answer}/0",
         "a huge number": "#### " + "9" * 100_000,
         "a boxed bomb": "\\boxed{" + "{" * 100_000,
     }

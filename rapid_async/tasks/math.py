@@ -117,7 +117,8 @@ class MathTask(DatasetTask):
                            for i, r in enumerate(records)])
         heldout = splits[1] if heldout_size is None else splits[1][:heldout_size]
         self._set_problems(splits[0], heldout)
-        self._worker = TimedWorker("rapid_async.tasks.math:equivalent", memory_mb=memory_mb)
+        self._worker = TimedWorker("rapid_async.tasks.math:equivalent", memory_mb=memory_mb,
+                                   warmup=("1", "1"))
         self.timeouts = 0
 
     def _problem(self, prompt_id: str, record: dict) -> Problem:

@@ -48,7 +48,7 @@ from pathlib import Path
 from rapid_async.tasks import mbpp_check
 from rapid_async.tasks.base import Problem
 from rapid_async.tasks.datasets import DatasetTask, data_root, load_records, require_fields
-from rapid_async.tasks.mbpp_harness import encode
+from rapid_async.tasks.mbpp_harness import decode, encode
 from rapid_async.tasks.mbpp_inputs import constant_oracles, restore, rule_of
 from rapid_async.tasks.sandbox import Limits, RunResult, Sandbox
 
@@ -330,4 +330,8 @@ def constant_reason(expected: _Expected) -> str | None:
         return None
     if "not_none" in oracles:
         return "oracle 'not_none' and every reference output is on the same side of None"
-    return f"every test expects the same value {json.dumps(expected.values[0])[:60]}"
+    try:
+        shown = repr(decode(expected.values[0]))
+    except (ValueError, TypeError):
+        shown = json.dumps(expected.values[0])
+    return f"every test expects the same value {shown[:60]}"
