@@ -32,6 +32,8 @@ def test_types_are_kept_apart():
     assert same({1, 2}, frozenset({2, 1})) and not same({1, 2}, [1, 2])
     assert same({"a": 1, "b": 2}, {"b": 2, "a": 1}) and not same({"a": 1}, {"a": True})
     assert not same("1", 1) and not same(b"a", "a") and same(None, None) and not same(None, 0)
+    assert encode((1, 2.5, "a", None, True)) == ["t", [1, 2.5, "a", None, True]]  # JSON's own types
+    assert encode(2**70)[0] == "i" and encode(float("inf"))[0] == "f"
 
 
 def test_what_is_not_plain_equals_nothing():
@@ -89,8 +91,8 @@ def test_constant_passes():
 
 
 def test_frames_are_strict():
-    good = 'R 0 ["i","1"]\nR 1 ["n"]\nE 2\n'
-    assert parse_frames(good, 2) == ([["i", "1"], ["n"]], "ok")
+    good = 'R 0 ["i","1"]\nR 1 null\nE 2\n'
+    assert parse_frames(good, 2) == ([["i", "1"], None], "ok")
     bad = [
         'R 0 ["i","1"]\nE 1\n',  # too few
         'R 0 ["i","1"]\nR 1 ["n"]\nR 1 ["n"]\nE 2\n',  # a repeated frame

@@ -105,7 +105,8 @@ class MBPPTask(DatasetTask):
         template: prompt text with {description} and {test}.
         seed: order of training problems.
         timeout_s, cpu_s, memory_mb, processes, file_mb: sandbox limits per program
-            (file_mb also bounds the results a program can send back).
+            (file_mb also bounds the results a program can send back: Mbpp/630's
+            take 9.9 MiB, hence 16 by default).
         max_parallel: programs run at once.
         isolation: sandbox mode ("auto", "namespaces", "userns", "none").
         reference_timeout_s: wall-clock and CPU limit of a reference solution's run
@@ -122,7 +123,7 @@ class MBPPTask(DatasetTask):
                  hf_config: str | None = None, split_seed: int = 42,
                  train_fraction: float = 0.7, template: str = DEFAULT_TEMPLATE, seed: int = 0,
                  timeout_s: float = 20.0, cpu_s: int = 20, memory_mb: int = 1024,
-                 processes: int = 16, file_mb: int = 8, max_parallel: int = 4,
+                 processes: int = 16, file_mb: int = 16, max_parallel: int = 4,
                  isolation: str = "auto", reference_timeout_s: float = 300.0,
                  constant_oracles: str = "exclude"):
         super().__init__(seed)

@@ -22,10 +22,12 @@ frame, each a JSON value escaped to ASCII (no raw newline inside):
 The checker accepts a run only with exactly one R frame per call, in order,
 followed by the E frame, and nothing else (see `mbpp_check.parse_frames`).
 
-Typed encoding (`encode` / `decode`): a JSON list tagged by exact type, so
-that tuple != list and True != 1 survive the trip:
-    ["n"] None, ["b", bool], ["i", hex int], ["f", float.hex()],
-    ["c", real hex, imag hex], ["s", str], ["y", bytes hex],
+Typed encoding (`encode` / `decode`): JSON's own null, true / false, integers,
+finite floats and strings for None, bool, int (|n| < 2**62), float and str
+(JSON keeps these apart: true is not 1, 1.0 is not 1), and a list tagged by
+exact type for everything else, so that tuple != list survives the trip:
+    ["i", hex int] (larger ints), ["f", float.hex()] (inf, nan),
+    ["c", real hex, imag hex], ["y", bytes hex],
     ["l", [...]] list, ["t", [...]] tuple, ["S", [...]] set, ["F", [...]] frozenset,
     ["d", [[k, v], ...]] dict, ["m", "Counter"|"OrderedDict"|"defaultdict", [[k, v], ...]],
     ["T", "int"|"float"|"str"|...] a builtin type passed as an argument (original MBPP),
@@ -41,6 +43,7 @@ import os
 import sys
 
 MAX_DEPTH = 100
+BARE_INT = 1 << 62
 """Nesting deeper than this is not plain data (and stops cycles)."""
 _MAPPINGS = {collections.Counter: "Counter", collections.OrderedDict: "OrderedDict",
              collections.defaultdict: "defaultdict"}
@@ -55,18 +58,14 @@ def encode(value, depth=0):
     kind = _type(value)
     if depth > MAX_DEPTH:
         return ["x", "too deep"]
-    if value is None:
-        return ["n"]
-    if kind is bool:
-        return ["b", value]
+    if value is None or kind is bool or kind is str:
+        return value
     if kind is int:
-        return ["i", format(value, "x")]
+        return value if -BARE_INT < value < BARE_INT else ["i", format(value, "x")]
     if kind is float:
-        return ["f", float.hex(value)]
+        return value if value - value == 0 else ["f", float.hex(value)]  # inf - inf, nan: nan
     if kind is complex:
         return ["c", float.hex(value.real), float.hex(value.imag)]
-    if kind is str:
-        return ["s", value]
     if kind is bytes:
         return ["y", bytes.hex(value)]
     if kind in _SEQ:
@@ -81,21 +80,17 @@ def encode(value, depth=0):
 
 def decode(node, depth=0):
     """The Python value of a typed JSON tree; ValueError on anything malformed or "x"."""
+    if node is None or _type(node) in (bool, int, float, str):
+        return node
     if depth > MAX_DEPTH or not _isinstance(node, list) or not node:
         raise ValueError("not a typed value")
     tag, rest = node[0], node[1:]
-    if tag == "n" and not rest:
-        return None
-    if tag == "b" and rest and _type(rest[0]) is bool:
-        return rest[0]
     if tag == "i" and rest and _type(rest[0]) is str:
         return int(rest[0], 16)
     if tag == "f" and rest and _type(rest[0]) is str:
         return float.fromhex(rest[0])
     if tag == "c" and _len(rest) == 2:
         return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
-    if tag == "s" and rest and _type(rest[0]) is str:
-        return rest[0]
     if tag == "y" and rest and _type(rest[0]) is str:
         return bytes.fromhex(rest[0])
     if tag in ("l", "t", "S", "F") and rest and _type(rest[0]) is list:
