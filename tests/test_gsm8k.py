@@ -90,3 +90,32 @@ def test_verifier_never_raises_on_junk():
     p = Problem("x", "q", "7")
     for junk in [None, 7, "####", "\\boxed{", "1/0", "9" * 5000, "#### " + "1," * 3000, "\x00"]:
         assert task.reward(p, junk) in (0.0, 1.0)
+
+
+def test_parsing_is_linear_on_a_megabyte():
+    """1 MB adversarial texts, parsed whole (past the completion cap). The old
+    fraction pattern took 13 s on 20k digits of the first one on the loaded dev
+    box: quadratic, that is about 9 hours for 1 MB; linear, a second or so. The
+    bound below is an upper bound only (more than 100x under quadratic)."""
+    import time
+
+    from rapid_async.tasks.gsm8k import MAX_COMPLETION_CHARS, final_answer, parse_number
+
+    mb = 1 << 20
+    texts = {
+        "digits": "1" * mb,
+        "digit runs and spaces": ("1 " * 1000 + "\n") * 500,
+        "one digit then spaces": "1" + " " * mb,
+        "\\frac{ runs": "\\frac{1" * (mb // 6),
+        "slashes in space": ("12 /" + " " * 1000) * 1000,
+        "thousands groups": "1" + ",111" * (mb // 4) + ".",
+        "signs": "-1" * (mb // 2),
+    }
+    start = time.monotonic()
+    parsed = {name: parse_number(text) for name, text in texts.items()}
+    assert time.monotonic() - start < 120
+    assert parsed["digits"] is None and parsed["thousands groups"] is None  # too long to be a number
+    assert parsed["digit runs and spaces"] == 1 and parsed["signs"] == -1
+    assert parse_number("so 3 / 4 of them, 12,345 and then 7/8") == Fraction(7, 8)
+    assert parse_number("-3/4") == Fraction(-3, 4) and parse_number("5-3/4") == Fraction(-3, 4)
+    assert final_answer("x" * (5 * MAX_COMPLETION_CHARS) + "#### 42") == 42

@@ -1,4 +1,7 @@
-"""MBPP+ / MBPP against the real data: prompts, split, sandboxed tests, reward hacks."""
+"""MBPP+ / MBPP against the real data: prompts, split, sandboxed tests, reward hacks.
+
+(The adversarial suite is tests/test_reward_hacks.py; the checker's own
+comparisons are in tests/test_mbpp_check.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rapid_async.tasks.mbpp import MBPPTask, extract_code
+from rapid_async.tasks.mbpp import MBPPTask, constant_reason, extract_code
+from rapid_async.tasks.mbpp_inputs import constant_oracles
 
 EXCEPTIONS = json.loads((Path(__file__).parent / "data" / "verifier_exceptions.json")
                         .read_text())["mbpp"]["reference_fails"]
@@ -26,18 +30,37 @@ def _fenced(code: str) -> str:
     return f"Here is the function:\n```python\n{code}\n```\nDone."
 
 
-def _check_references(task, problems):
-    rewards = task.score_batch(problems, [_fenced(p.answer) for p in problems])
-    failed = [p.prompt_id for p, r in zip(problems, rewards) if r != 1.0]
-    assert set(failed) <= set(EXCEPTIONS), set(failed) - set(EXCEPTIONS)
+def _check_references(task, problems, shared_data):
+    """Every reference passes its own tests. The timeouts are upper bounds: a
+    reference that times out (never one that answers wrongly) is tried once more
+    with a generous limit (Mbpp/599's sums up to 10^8 take 20-80 s on a loaded box)."""
+    verdicts = task.verdicts(problems, [_fenced(p.answer) for p in problems])
+    slow = [p for p, v in zip(problems, verdicts) if "timed out" in v.reason or v.reason == "timeout"]
+    if slow:
+        patient = MBPPTask(path=str(shared_data / "mbpp" / "MbppPlus.jsonl"), timeout_s=600,
+                           cpu_s=600, reference_timeout_s=600, max_parallel=2)
+        again = dict(zip([p.prompt_id for p in slow],
+                         patient.verdicts(slow, [_fenced(p.answer) for p in slow])))
+        verdicts = [again.get(p.prompt_id, v) for p, v in zip(problems, verdicts)]
+    failed = {p.prompt_id: v.reason for p, v in zip(problems, verdicts) if v.reward != 1.0}
+    assert set(failed) <= set(EXCEPTIONS), {k: failed[k] for k in set(failed) - set(EXCEPTIONS)}
     assert len(failed) <= 0.02 * len(problems)
 
 
-def test_split_and_prompt(plus):
-    assert (plus.train_size, plus.heldout_size) == (279, 120)  # 70/30 of 399, seed 42
+def test_split_and_prompt(plus, shared_data):
+    constant = set(constant_oracles())
+    assert {"Mbpp/164", "Mbpp/295"} <= constant
+    # 70/30 of 399, seed 42, less the problems a constant passes
+    everything = MBPPTask(path=str(shared_data / "mbpp" / "MbppPlus.jsonl"), isolation="none",
+                          constant_oracles="include")
+    assert (everything.train_size, everything.heldout_size) == (279, 120)
+    train = {everything.train_problem(i).prompt_id for i in range(279)}
+    assert plus.train_size == 279 - len(train & constant)
+    assert plus.heldout_size == 120 - len(constant - train)
     ids = {p.prompt_id for p in _every(plus)}
-    assert len(ids) == 399
-    p = next(q for q in _every(plus) if q.prompt_id == "Mbpp/2")
+    assert len(ids) == 399 - len(constant) and not ids & constant
+    assert len(plus.problems) == 399
+    p = plus.problem("Mbpp/2")
     assert "find the shared elements from the given two lists" in p.prompt
     assert "assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))" in p.prompt \
         or "assert similar_elements((3, 4, 5, 6),(5, 7, 4, 10))" in p.prompt
@@ -48,23 +71,38 @@ def test_split_is_seeded(shared_data):
     path = str(shared_data / "mbpp" / "MbppPlus.jsonl")
     a = MBPPTask(path=path, isolation="none")
     b = MBPPTask(path=path, split_seed=7, isolation="none")
-    assert [p.prompt_id for p in a.heldout(120)] != [p.prompt_id for p in b.heldout(120)]
-    assert [p.prompt_id for p in a.heldout(120)] == \
-        [p.prompt_id for p in MBPPTask(path=path, isolation="none").heldout(120)]
+    assert [p.prompt_id for p in a.heldout(100)] != [p.prompt_id for p in b.heldout(100)]
+    assert [p.prompt_id for p in a.heldout(100)] == \
+        [p.prompt_id for p in MBPPTask(path=path, isolation="none").heldout(100)]
 
 
-def test_reference_programs_pass_a_sample(plus):
-    _check_references(plus, _every(plus)[::10])
+def test_split_modes(shared_data):
+    path = str(shared_data / "mbpp" / "MbppPlus.jsonl")
+    heldout = MBPPTask(path=path, isolation="none", constant_oracles="heldout")
+    every = MBPPTask(path=path, isolation="none", constant_oracles="include")
+    assert heldout.heldout_size == every.heldout_size == 120
+    assert heldout.train_size < every.train_size
+    with pytest.raises(ValueError, match="constant_oracles"):
+        MBPPTask(path=path, isolation="none", constant_oracles="sometimes")
+
+
+def test_reference_programs_pass_a_sample(plus, shared_data):
+    _check_references(plus, _every(plus)[::10], shared_data)
 
 
 @pytest.mark.slow
-def test_every_reference_program_passes_its_tests(plus):
-    """All 399 MBPP+ tasks (about 45 s with 2 programs at a time)."""
-    _check_references(plus, _every(plus))
+def test_every_reference_program_passes_its_tests(plus, shared_data):
+    """All MBPP+ tasks (each reference runs twice: as the reference, then as a
+    candidate); and the committed list of problems a constant passes is exactly
+    what the reference outputs say."""
+    _check_references(plus, _every(plus), shared_data)
+    expected = plus.expected_outputs(sorted(plus.problems.values(), key=lambda p: p.prompt_id))
+    found = {pid: constant_reason(e) for pid, e in expected.items() if not isinstance(e, str)}
+    assert {pid for pid, why in found.items() if why} == set(constant_oracles())
 
 
 def test_wrong_programs_fail(plus):
-    p = next(q for q in _every(plus) if q.prompt_id == "Mbpp/2")
+    p = plus.problem("Mbpp/2")
     assert plus.reward(p, _fenced(p.answer)) == 1.0
     wrong = [
         "def similar_elements(a, b):\n    return tuple(set(a) | set(b))\n",  # union, not intersection
@@ -79,7 +117,7 @@ def test_wrong_programs_fail(plus):
 
 
 def test_reward_hacks_fail(plus):
-    p = next(q for q in _every(plus) if q.prompt_id == "Mbpp/2")
+    p = plus.problem("Mbpp/2")
     hacks = [
         # an object equal to everything
         "class Any:\n    def __eq__(self, other):\n        return True\n"
@@ -101,7 +139,7 @@ def test_hostile_programs_score_zero(shared_data, monkeypatch, tmp_path):
     monkeypatch.setenv("RAPID_TEST_SECRET", "s3cr3t")
     task = MBPPTask(path=str(shared_data / "mbpp" / "MbppPlus.jsonl"), timeout_s=3, cpu_s=3,
                     memory_mb=256, max_parallel=2)
-    p = next(q for q in _every(task) if q.prompt_id == "Mbpp/2")
+    p = task.problem("Mbpp/2")
     escape = tmp_path / "escape.txt"
     attacks = {
         "infinite loop": "while True:\n    pass\nok = True",
@@ -124,9 +162,19 @@ def test_hostile_programs_score_zero(shared_data, monkeypatch, tmp_path):
     assert task.reward(p, _fenced(control)) == 1.0
 
 
+ORIGINAL_REFUSED = {"Mbpp/367", "Mbpp/596", "Mbpp/601", "Mbpp/927"}
+"""Original-MBPP problems whose tests are not `call == literal`: a tree built by the
+setup code (367, 927), a Pair class the solution defines (601), sys.getsizeof (596)."""
+
+
 def test_original_mbpp_asserts(shared_data):
     task = MBPPTask(variant="original", path=str(shared_data / "mbpp" / "mbpp.jsonl"), max_parallel=2)
-    assert (task.train_size, task.heldout_size) == (374, 500)
+    assert set(task.refused) == ORIGINAL_REFUSED
+    excluded = set(task.constant)
+    assert all(task.problem(pid) for pid in excluded) and len(excluded) < 30
+    number = {pid: int(pid.split("/")[1]) for pid in excluded}
+    assert task.train_size == 374 - 2 - sum(601 <= n <= 974 for n in number.values())  # 601, 927
+    assert task.heldout_size == 500 - 1 - sum(11 <= n <= 510 for n in number.values())  # 367
     problems = task.heldout(40)
     assert task.score_batch(problems, [_fenced(p.answer) for p in problems]).count(1.0) >= 39
     p = problems[0]

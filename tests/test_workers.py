@@ -39,3 +39,21 @@ def test_threads_share_one_worker():
         t.join(timeout=60)
     worker.close()
     assert results == {n: [1, 1, 2, 6, 24, 120, 720, 5040][n] for n in range(8)}
+
+
+def test_memory_limit_and_warmup():
+    """The child's address space is capped: a call allocating past it fails in the
+    child (MemoryError, reported as RuntimeError) and the worker keeps serving."""
+    import pytest
+
+    with pytest.raises(ValueError, match="memory_mb"):
+        TimedWorker("math:factorial", memory_mb=10)
+    worker = TimedWorker("operator:mul", memory_mb=256, warmup=("a", 1))
+    try:
+        with pytest.raises(RuntimeError, match="MemoryError"):
+            worker.call("x", 512 << 20, timeout=60)
+        limits = open(f"/proc/{worker.pid}/limits").read()
+        assert str(256 << 20) in next(x for x in limits.splitlines() if "address space" in x)
+        assert worker.call("x", 3, timeout=60) == "xxx" and worker.restarts == 0
+    finally:
+        worker.close()

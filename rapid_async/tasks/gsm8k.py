@@ -13,6 +13,12 @@ units ("$18", "18 dollars"), decimals ("18.00") or be a simple fraction
 ("\\frac{1}{2}", "1/2"); they are compared exactly as rationals with the
 reference. Reward 1.0 for a match, else 0.0; never raises.
 
+Parsing is linear in the length of the text (every pattern can start only
+once per run of digits, so no input makes the regular expressions backtrack
+quadratically), and only the last MAX_COMPLETION_CHARS characters of a
+completion are read; a "number" longer than MAX_NUMBER_CHARS characters is
+not an answer.
+
 Used by the actor (rewards), the learner and rapid-eval (held-out problems).
 """
 
@@ -30,8 +36,14 @@ DEFAULT_TEMPLATE = ("{question}\nPlease reason step by step, and put your final 
 MAX_COMPLETION_CHARS = 20_000
 """Longer completions are only searched in their last MAX_COMPLETION_CHARS characters."""
 
+MAX_NUMBER_CHARS = 100
+"""Longer numbers (digits, separators, sign) are skipped: not an answer, and costly to convert."""
+
 _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?|-?\.\d+")
-_FRACTION = re.compile(r"(-?)\\d?frac\{(-?\d+)\}\{(-?\d+)\}|(-?\d+)\s*/\s*(\d+)")
+_FRACTION = re.compile(r"(-?)\\d?frac\{(-?\d+)\}\{(-?\d+)\}"
+                       r"|(?:(-)|(?<![\d-]))(\d+)\s*/\s*(\d+)")
+"""\\frac{a}{b}, or a / b. The second form starts only at a "-" or at the first digit of a
+run (the look-behind), so a long run of digits is scanned once, not once per digit."""
 
 
 def _last_boxed(text: str) -> str | None:
@@ -50,17 +62,23 @@ def _last_boxed(text: str) -> str | None:
 def parse_number(text: str) -> Fraction | None:
     """The last number written in `text` (a fraction where one is written last)."""
     text = text.replace("{,}", ",").replace("\\,", ",")
-    best: tuple[int, Fraction] | None = None
-    for m in _NUMBER.finditer(text):
-        best = (m.end(), Fraction(m.group().replace(",", "")))
-    for m in _FRACTION.finditer(text):
-        if m.group(2) is not None:
-            num, den, sign = int(m.group(2)), int(m.group(3)), -1 if m.group(1) else 1
-        else:
-            num, den, sign = int(m.group(4)), int(m.group(5)), 1
-        if den != 0 and (best is None or m.end() >= best[0]):
-            best = (m.end(), sign * Fraction(num, den))
-    return None if best is None else best[1]
+    best: tuple[int, re.Match] | None = None
+    for pattern in (_NUMBER, _FRACTION):
+        for m in pattern.finditer(text):
+            if len(m.group()) > MAX_NUMBER_CHARS or (best is not None and m.end() < best[0]):
+                continue
+            if pattern is _NUMBER or int(m.group(3) or m.group(6)) != 0:
+                best = (m.end(), m)
+    if best is None:
+        return None
+    m = best[1]
+    if m.re is _NUMBER:
+        return Fraction(m.group().replace(",", ""))
+    if m.group(2) is not None:
+        num, den, sign = int(m.group(2)), int(m.group(3)), -1 if m.group(1) else 1
+    else:
+        num, den, sign = int(m.group(5)), int(m.group(6)), -1 if m.group(4) else 1
+    return sign * Fraction(num, den)
 
 
 def final_answer(text: str) -> Fraction | None:

@@ -13,7 +13,9 @@ expressions, intervals, sets and units, with no hand-written normaliser here.
 math-verify's own signal-based timeouts are turned off (they only work in the
 main thread, and actors may verify in threads); instead every comparison runs
 in a `TimedWorker` child process that is killed after `verify_timeout_s`
-seconds (reward 0 then, counted in `timeouts`). Never raises.
+seconds (reward 0 then, counted in `timeouts`), and whose address space is
+capped at `memory_mb` (an answer that makes sympy build a huge number fails
+there with MemoryError: reward 0, the host unharmed). Never raises.
 
 Used by the actor (rewards), the learner and rapid-eval (held-out problems).
 """
@@ -88,6 +90,7 @@ class MathTask(DatasetTask):
         seed: order of training problems.
         heldout_size: cap on the held-out set (default: the whole test split).
         verify_timeout_s: wall-clock bound of one comparison (> 0).
+        memory_mb: address-space limit of the comparison's worker process (MiB).
     """
 
     name = "math"
@@ -95,7 +98,8 @@ class MathTask(DatasetTask):
     def __init__(self, train_path: str | None = None, test_path: str | None = None,
                  hf_dataset: str | None = None, hf_config: str | None = None,
                  template: str = DEFAULT_TEMPLATE, seed: int = 0,
-                 heldout_size: int | None = None, verify_timeout_s: float = 5.0):
+                 heldout_size: int | None = None, verify_timeout_s: float = 5.0,
+                 memory_mb: int = 1024):
         super().__init__(seed)
         if "{problem}" not in template:
             raise ValueError("template must contain the field {problem}")
@@ -113,7 +117,8 @@ class MathTask(DatasetTask):
                            for i, r in enumerate(records)])
         heldout = splits[1] if heldout_size is None else splits[1][:heldout_size]
         self._set_problems(splits[0], heldout)
-        self._worker = TimedWorker("rapid_async.tasks.math:equivalent")
+        self._worker = TimedWorker("rapid_async.tasks.math:equivalent", memory_mb=memory_mb,
+                                   warmup=("1", "1"))
         self.timeouts = 0
 
     def _problem(self, prompt_id: str, record: dict) -> Problem:

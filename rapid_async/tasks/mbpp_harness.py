@@ -1,183 +1,143 @@
-"""The test harness that runs inside the sandbox for one MBPP / MBPP+ check.
+"""The runner that calls one MBPP program's function inside the sandbox, and its data encoding.
 
-Not imported by rapid_async at run time: `rapid_async.tasks.mbpp` reads this
-file's text, appends a JSON spec and a call to `_main`, and the sandbox runs
-the result with `python -I -S` (standard library only).
+Run by `rapid_async.tasks.mbpp` as the sandbox's main.py (`python -I -S`,
+standard library only) with two files beside it: `solution.py` (the code
+under test: a model's completion, or the reference solution when the checker
+computes expected outputs) and `calls.json` (the calls to make: a list of
+[function name, typed-encoded argument list]). Inputs are not secret; no
+expected value, reference or nonce is ever in this process or its files:
+the trusted checker (`rapid_async.tasks.mbpp_check`, in our process)
+compares the results. So whatever the code under test does to this process
+(patch builtins, replace this module's functions, walk frames, write fake
+results) it can only report outputs it could have returned anyway.
 
-Two kinds of test, chosen by the spec:
-- "inputs" (MBPP+): the reference solution (run first, in its own namespace)
-  gives the expected output for every input; then the candidate runs on the
-  same inputs (deep copies) and each output must match: exact for most
-  values, within `atol` (1e-6 where the reference returns floats) for
-  numbers, with the few per-task oracles that MBPP+ defines.
-- "asserts" (original MBPP): the task's assert statements run after the
-  candidate's code; `assert a == b` is rewritten to the same strict check.
+Channel: before the solution is imported, fd 1 is duplicated to a private
+descriptor (the result channel) and fd 1 and `sys.stdout` are pointed at
+/dev/null, so the solution's prints never reach the channel. One line per
+frame, each a JSON value escaped to ASCII (no raw newline inside):
+    R <i> <typed value>   the i-th call returned this value
+    X <i> <exception type name>   the i-th call raised
+    L <exception type name>   the solution failed to load
+    E <number of calls>   the run finished
+The checker accepts a run only with exactly one R frame per call, in order,
+followed by the E frame, and nothing else (see `mbpp_check.parse_frames`).
 
-The strict check refuses outputs that contain objects other than plain
-Python values (numbers, strings, bytes, None, lists, tuples, dicts, sets),
-so an object whose `__eq__` always says yes passes nothing. Success is
-proved by printing the run's nonce (read from nonce.txt, which is deleted
-before the candidate runs) after the last check; exiting early prints
-nothing. Code that digs through this process's own memory could still find
-the nonce: the sandbox protects the host, not the reward, from such code.
+Typed encoding (`encode` / `decode`): JSON's own null, true / false, integers,
+finite floats and strings for None, bool, int (|n| < 2**62), float and str
+(JSON keeps these apart: true is not 1, 1.0 is not 1), and a list tagged by
+exact type for everything else, so that tuple != list survives the trip:
+    ["i", hex int] (larger ints), ["f", float.hex()] (inf, nan),
+    ["c", real hex, imag hex], ["y", bytes hex],
+    ["l", [...]] list, ["t", [...]] tuple, ["S", [...]] set, ["F", [...]] frozenset,
+    ["d", [[k, v], ...]] dict, ["m", "Counter"|"OrderedDict"|"defaultdict", [[k, v], ...]],
+    ["T", "int"|"float"|"str"|...] a builtin type passed as an argument (original MBPP),
+    ["x", type name] anything else (not plain data: never equal to anything).
+Subclasses of plain types (a tuple or dict subclass with its own __eq__) are
+"x"; the mapping types are encoded from their real items (dict.items), not
+from anything the object's class overrides.
 """
 
-import ast
-import copy
+import collections
 import json
 import os
 import sys
 
-_PLAIN = (int, float, complex, str, bytes, bool, type(None))
-_CONTAINERS = (list, tuple, dict, set, frozenset)
+MAX_DEPTH = 100
+BARE_INT = 1 << 62
+"""Nesting deeper than this is not plain data (and stops cycles)."""
+_MAPPINGS = {collections.Counter: "Counter", collections.OrderedDict: "OrderedDict",
+             collections.defaultdict: "defaultdict"}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "tuple": tuple,
+          "dict": dict, "set": set, "bytes": bytes, "complex": complex}
+_SEQ = {list: "l", tuple: "t", set: "S", frozenset: "F"}
+_type, _len, _isinstance, _dict_items = type, len, isinstance, dict.items
 
 
-def _plain(value, depth=0):
-    """True when `value` holds only plain Python values (no user classes)."""
-    if depth > 50:
-        return False
-    if type(value) in _PLAIN:
-        return True
-    if type(value) in (list, tuple, set, frozenset):
-        return all(_plain(v, depth + 1) for v in value)
-    if type(value) is dict:
-        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
-    return False
-
-
-def _is_number(value):
-    return type(value) in (int, float, bool)
-
-
-def _close(expected, out, atol):
-    """Numbers (or flat sequences of numbers) equal within atol + 1e-7 relative."""
-    if _is_number(expected) and _is_number(out):
-        if expected != expected and out != out:  # both NaN
-            return True
-        return abs(out - expected) <= atol + 1e-7 * abs(expected)
-    if type(expected) in (list, tuple) and type(out) in (list, tuple) and len(expected) == len(out):
-        return all(_close(e, o, atol) for e, o in zip(expected, out))
-    return False
-
-
-def _floats(value):
-    if type(value) is float:
-        return True
-    return type(value) in (list, tuple) and bool(value) and all(type(v) is float for v in value)
-
-
-def same(expected, out, atol=0.0):
-    """The strict check: out is plain and equals expected (numbers within atol)."""
-    if _plain(expected) and not _plain(out):
-        return False
-    if expected == out:
-        return True
-    if atol == 0 and _floats(expected):
-        atol = 1e-6
-    return atol != 0 and _close(expected, out, atol)
-
-
-def _tuples(value, depth):
-    """Lists -> tuples down to `depth` levels (0: only the value itself)."""
-    if type(value) is not list:
+def encode(value, depth=0):
+    """`value` as a typed JSON tree (see the module docstring)."""
+    kind = _type(value)
+    if depth > MAX_DEPTH:
+        return ["x", "too deep"]
+    if value is None or kind is bool or kind is str:
         return value
-    if depth == 0:
-        return tuple(value)
-    return tuple(_tuples(v, depth - 1) for v in value)
+    if kind is int:
+        return value if -BARE_INT < value < BARE_INT else ["i", format(value, "x")]
+    if kind is float:
+        return value if value - value == 0 else ["f", float.hex(value)]  # inf - inf, nan: nan
+    if kind is complex:
+        return ["c", float.hex(value.real), float.hex(value.imag)]
+    if kind is bytes:
+        return ["y", bytes.hex(value)]
+    if kind in _SEQ:
+        return [_SEQ[kind], [encode(v, depth + 1) for v in value]]
+    if kind is dict or kind in _MAPPINGS:
+        items = [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in _dict_items(value)]
+        return ["d", items] if kind is dict else ["m", _MAPPINGS[kind], items]
+    if kind is type and value in _TYPES.values():
+        return ["T", value.__name__]
+    return ["x", getattr(kind, "__name__", "?")[:100]]
 
 
-def _deep_tuples(value):
-    if type(value) is list:
-        return tuple(_deep_tuples(v) for v in value)
-    return value
-
-
-def restore(rule, args):
-    """Turn one JSON argument list back into the Python types the task expects.
-
-    JSON has no tuples, sets or complex numbers; MBPP+ stores them as lists
-    and strings. `rule` names the shape (see RULES in rapid_async.tasks.mbpp).
-    """
-    if rule == "each_tuple":
-        return [tuple(a) for a in args]
-    if rule == "each_items_tuple":
-        return [[tuple(x) for x in a] for a in args]
-    if rule == "first_items_tuple":
-        return [[tuple(x) for x in args[0]]] + args[1:]
-    if rule == "second_tuple":
-        return [args[0], tuple(args[1])] + args[2:]
-    if rule == "first_tuple":
-        return [tuple(args[0])] + args[1:]
-    if rule == "each_tuple_of_tuples":
-        return [_tuples(a, 1) for a in args]
-    if rule == "first_sets":
-        return [[set(x) if type(x) is list and x else {} for x in args[0]]]
-    if rule == "float_complex":
-        return [float(args[0]), complex(args[1])]
-    if rule == "complex":
-        return [complex(args[0])]
-    if rule == "first_mixed_tuple":
-        return [tuple(tuple(x) if type(x) is list else x for x in args[0])] + args[1:]
-    if rule == "first_dict_tuples":
-        return [{k: tuple(v) for k, v in args[0].items()}] + args[1:]
-    if rule == "all_tuples":
-        return _deep_tuples(args)
-    return args
-
-
-def _check_inputs(spec, cand):
-    ref = {"__name__": "reference"}
-    exec(compile(spec["reference"], "reference.py", "exec"), ref)
-    inputs = [restore(spec["rule"], a) for a in spec["inputs"]]
-    expected = [ref[spec["entry_point"]](*copy.deepcopy(a)) for a in inputs]
-    exec(compile(spec["code"], "solution.py", "exec"), cand)
-    fn = cand.get(spec["entry_point"])
-    if not callable(fn):
-        return False
-    oracle = spec.get("oracle")
-    for args, exp in zip(inputs, expected):
-        out = fn(*copy.deepcopy(args))
-        if oracle == "always":
-            continue
-        if oracle == "not_none":
-            ok = (out is not None) == (exp is not None)
-        elif oracle == "or_zero":
-            ok = same(exp, out, spec["atol"]) or (type(out) is int and out == 0)
-        else:
-            ok = same(exp, out, spec["atol"])
-        if not ok:
-            return False
-    return True
-
-
-class _StrictAsserts(ast.NodeTransformer):
-    """assert a == b  ->  assert __rapid_same(b, a)."""
-
-    def visit_Assert(self, node):
-        test = node.test
-        if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
-            call = ast.Call(ast.Name("__rapid_same", ast.Load()), [test.comparators[0], test.left], [])
-            node.test = call
+def decode(node, depth=0):
+    """The Python value of a typed JSON tree; ValueError on anything malformed or "x"."""
+    if node is None or _type(node) in (bool, int, float, str):
         return node
+    if depth > MAX_DEPTH or not _isinstance(node, list) or not node:
+        raise ValueError("not a typed value")
+    tag, rest = node[0], node[1:]
+    if tag == "i" and rest and _type(rest[0]) is str:
+        return int(rest[0], 16)
+    if tag == "f" and rest and _type(rest[0]) is str:
+        return float.fromhex(rest[0])
+    if tag == "c" and _len(rest) == 2:
+        return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
+    if tag == "y" and rest and _type(rest[0]) is str:
+        return bytes.fromhex(rest[0])
+    if tag in ("l", "t", "S", "F") and rest and _type(rest[0]) is list:
+        items = [decode(v, depth + 1) for v in rest[0]]
+        return {"l": list, "t": tuple, "S": set, "F": frozenset}[tag](items)
+    if tag == "d" and rest and _type(rest[0]) is list:
+        return {decode(k, depth + 1): decode(v, depth + 1) for k, v in rest[0]}
+    if tag == "T" and rest and rest[0] in _TYPES:
+        return _TYPES[rest[0]]
+    raise ValueError(f"not a plain typed value: {str(node)[:80]}")
 
 
-def _check_asserts(spec, cand):
-    exec(compile(spec["code"], "solution.py", "exec"), cand)
-    if spec.get("setup"):
-        exec(compile(spec["setup"], "setup.py", "exec"), cand)
-    tree = ast.fix_missing_locations(_StrictAsserts().visit(ast.parse("\n".join(spec["tests"]))))
-    cand["__rapid_same"] = same
-    exec(compile(tree, "tests.py", "exec"), cand)
-    return True
+def _run(out, calls, source):
+    """Load the solution and make every call, writing one frame each to `out`."""
+    dumps = json.dumps
+    ns = {"__name__": "solution"}
+    try:
+        exec(compile(source, "solution.py", "exec"), ns)
+    except BaseException as exc:  # noqa: B036 - SystemExit too: a failed load, reported
+        out.write("L " + dumps(_type(exc).__name__) + "\n")
+        return
+    for i, (name, args) in enumerate(calls):
+        try:
+            value = ns[name](*decode(args))
+            frame = "R %d %s\n" % (i, dumps(encode(value), separators=(",", ":")))
+        except BaseException as exc:  # noqa: B036 - a call that raised is a result
+            out.write("X %d %s\n" % (i, dumps(_type(exc).__name__)))
+            return
+        out.write(frame)
+    out.write("E %d\n" % _len(calls))
 
 
-def _main(spec_json):
-    with open("nonce.txt", encoding="utf-8") as f:
-        nonce = f.read().strip()
-    os.remove("nonce.txt")
-    spec = json.loads(spec_json)
-    cand = {"__name__": "solution"}
-    check = _check_inputs if spec["kind"] == "inputs" else _check_asserts
-    if check(spec, cand):
-        sys.stdout.flush()
-        os.write(1, ("\n" + nonce + "\n").encode())
+def main():
+    channel = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    sys.stdout = open(os.devnull, "w", encoding="utf-8")
+    out = os.fdopen(channel, "w", encoding="ascii", errors="backslashreplace", buffering=1 << 16)
+    with open("calls.json", encoding="utf-8") as f:
+        calls = json.load(f)
+    with open("solution.py", encoding="utf-8") as f:
+        source = f.read()
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 4 * MAX_DEPTH))
+    _run(out, calls, source)
+    out.flush()
+
+
+if __name__ == "__main__":
+    main()
