@@ -199,7 +199,10 @@ def test_project_datasets_and_home_are_invisible():
     box = Sandbox(Limits(wall_s=10), max_parallel=1)
     if box.isolation == "none":
         pytest.skip("isolation 'none' has no mount namespace")
-    hidden = [str(REPO), str(REPO / "rapid_async"), "/work", "/work/shared/data", "/home",
+    # The checkout itself may hold the interpreter (.venv), whose own directories
+    # are bound read-only: its source, tests and README must not be there.
+    hidden = [str(REPO / "rapid_async"), str(REPO / "tests"), str(REPO / "README.md"),
+              "/work/shared/data", "/home",
               "/root/.bashrc", "/root/.ssh", "/run", "/var/run", "/sys", "/etc/passwd", "/var"]
     code = ("import json, os\nprint(json.dumps({'seen': [p for p in %r if os.path.exists(p)],"
             " 'root': os.listdir('/root') if os.path.isdir('/root') else [],"
@@ -208,7 +211,8 @@ def test_project_datasets_and_home_are_invisible():
     report = json.loads(result.stdout)
     assert report["seen"] == [], report["seen"]
     assert "/work" not in report["mounts"]
-    python_top = Path(box.python).parts[2] if box.python.startswith("/root/") else None
+    real = str(Path(box.python).resolve())  # a venv's python links to the base interpreter
+    python_top = Path(real).parts[2] if real.startswith("/root/") else None
     assert set(report["root"]) <= {python_top}, report["root"]
 
 

@@ -108,7 +108,8 @@ def test_modes_run_end_to_end(mode, tmp_path, random_model_dir):
 def test_reward_rises_on_easy_setting(tmp_path, warm_model_dir):
     # The quickstart's setting, shortened: the warm model's stray-period habit
     # is the easy thing RL fixes first, so training reward climbs within 40
-    # updates (0.29 -> about 0.5 in runs here).
+    # updates (from the held-out-target warm start on the 2-core box: training
+    # reward 0.18 -> 0.28, held-out greedy success 0.13 -> 0.64).
     overrides = ["run.mode=rapid-async", "run.max_steps=40", "run.eval_every=0",
                  "run.eval_size=100"]
     records, _ = run_learner_and_actors(tmp_path, warm_model_dir, overrides)
@@ -116,9 +117,9 @@ def test_reward_rises_on_easy_setting(tmp_path, warm_model_dir):
     assert len(learner) == 40
     first = sum(r["reward/mean"] for r in learner[:8]) / 8
     last = sum(r["reward/mean"] for r in learner[-8:]) / 8
-    assert last > first + 0.1, (first, last)
+    assert last > first + 0.05, (first, last)
     evals = [r["eval/success"] for r in records if r["role"] == "learner" and "eval/success" in r]
-    assert evals[-1] > evals[0], evals
+    assert evals[-1] > evals[0] + 0.2, evals
 
 
 def test_bad_input_is_counted_and_learner_keeps_running(tmp_path, random_model_dir):
