@@ -261,7 +261,8 @@ def tune_report(run_dir: str = typer.Argument(..., help="A run directory with me
 def tune_recommend(
         config: Optional[str] = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
         set_: list[str] = typer.Option([], "--set", help=SET_HELP + " Applied to every trial."),
-        budget_s: float = typer.Option(150.0, "--budget-s", help="Training seconds of all trials together (2 calibration trials 30% each, verification 40%)."),
+        budget_s: float = typer.Option(150.0, "--budget-s", help="Training seconds of all trials together (2 calibration trials 30% each, verification 40%); with --steps, the most each trial may take."),
+        steps: Optional[int] = typer.Option(None, "--steps", help="Each trial stops after this many updates (default: trials share --budget-s)."),
         actors: Optional[int] = typer.Option(None, "--actors", "-n", help="Actors of the config as given (default as rapid-run)."),
         root: str = typer.Option("runs/recommend", "--root", help="Where the trial runs and results go."),
         out: Optional[str] = typer.Option(None, "--out", help="TOML file of the recommended config (default ROOT/recommended.toml)."),
@@ -282,7 +283,7 @@ def tune_recommend(
                   max_actors=max_actors)
     try:
         recommend(config, budget_s, Path(root), actors=actors, fixed=set_, rules=rules,
-                  verify=verify, out=Path(out) if out else None)
+                  verify=verify, out=Path(out) if out else None, steps=steps)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc))
 

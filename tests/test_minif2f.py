@@ -52,7 +52,7 @@ def _make_task(tmp_path, shared_data, **options) -> MiniF2FTask:
     project.mkdir(exist_ok=True)
     bin_dir.mkdir(parents=True, exist_ok=True)
     lean = bin_dir / "lean"
-    visible = [str(REPO), str(shared_data), "/work/shared/data", "/root/.bashrc", "/home"]
+    visible = [str(REPO / "rapid_async"), str(REPO / "tests"), str(REPO / "README.md"), str(shared_data), "/work/shared/data", "/root/.bashrc", "/home"]
     lean.write_text(f"#!{os.path.realpath(sys.executable)} -IS\nVISIBLE = {visible!r}\n" + FAKE_LEAN)
     lean.chmod(0o755)
     return MiniF2FTask(lean_project=str(project), lean_command=f"{lean} {{file}}",

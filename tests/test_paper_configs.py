@@ -14,7 +14,12 @@ def readme_table() -> dict[str, dict[str, str]]:
     """Rows of README's "Paper configs" table: config name -> column -> cell."""
     text = (REPO / "README.md").read_text()
     section = text.split("### Paper configs", 1)[1]
-    lines = [line for line in section.splitlines() if line.startswith("|")]
+    lines = []
+    for line in section.splitlines():  # the first table after the heading, and only it
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[2:]:

@@ -210,7 +210,14 @@ def test_project_datasets_and_home_are_invisible():
     result = box.run(code)
     report = json.loads(result.stdout)
     assert report["seen"] == [], report["seen"]
-    assert "/work" not in report["mounts"]
+    # Mount points (field 5 of mountinfo) under the checkout or /work are only the
+    # interpreter's own prefix (a venv inside the checkout), never the rest.
+    prefix = str(Path(box.python).parent.parent)
+    points = [line.split()[4] for line in report["mounts"].splitlines()]
+    leaked = [m for m in points if (m.startswith(str(REPO)) or m.startswith("/work"))
+              and not (m == prefix or m.startswith(prefix + "/"))]
+    assert leaked == [], leaked
+    assert not any(m.startswith("/work/shared") for m in points)
     real = str(Path(box.python).resolve())  # a venv's python links to the base interpreter
     python_top = Path(real).parts[2] if real.startswith("/root/") else None
     assert set(report["root"]) <= {python_top}, report["root"]

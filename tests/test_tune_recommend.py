@@ -91,11 +91,12 @@ def test_write_toml_is_a_loadable_config_with_the_prediction(tmp_path):
 @pytest.mark.slow
 def test_rapid_tune_recommend_end_to_end(tmp_path, random_model_dir):
     """Two calibration trials, the search, the TOML and a verification trial on the
-    random tiny model with tiny batches (about 60 s)."""
+    random tiny model with tiny batches; each trial runs 8 updates, however slow
+    the machine (about 60 s)."""
     root = tmp_path / "rec"
     proc = subprocess.run(
         [sys.executable, "-m", "rapid_async.cli", "tune", "recommend", "--config",
-         str(REPO / "configs" / "quickstart.toml"), "--actors", "1", "--budget-s", "24",
+         str(REPO / "configs" / "quickstart.toml"), "--actors", "1", "--budget-s", "400", "--steps", "8",
          "--root", str(root), "--max-actors", "2",
          "--set", f"model.path={random_model_dir}", "--set", "run.eval_size=10",
          "--set", "algo.group_size=2", "--set", "learner.minibatch_groups=8",

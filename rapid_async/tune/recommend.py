@@ -204,8 +204,11 @@ def comparison(pred: dict[str, float], meas: dict[str, float]) -> str:
 
 def recommend(config: str | None, budget_s: float, root: Path, actors: int | None = None,
               fixed: list[str] | None = None, rules: Rules | None = None,
-              verify: bool = True, out: Path | None = None) -> dict[str, Any]:
-    """The whole `rapid-tune recommend` (see the module docstring); returns its results."""
+              verify: bool = True, out: Path | None = None,
+              steps: int | None = None) -> dict[str, Any]:
+    """The whole `rapid-tune recommend` (see the module docstring); returns its results.
+    With `steps`, every trial runs that many updates and `budget_s` bounds each
+    trial instead of being shared out, so a slow machine still measures a run."""
     from rapid_async.config import load_config
     from rapid_async.tune.calibrate import calibrate
     from rapid_async.tune.measure import measure_run
@@ -217,13 +220,17 @@ def recommend(config: str | None, budget_s: float, root: Path, actors: int | Non
     kind, devices = node_devices()
     base = Setting.from_config(cfg, actors=actors or max(1, devices - 1), devices=devices,
                                kind=kind)
-    per_trial = budget_s * (0.3 if verify else 0.5)
+    if steps is not None and steps < 4:
+        raise ValueError(f"--steps must be at least 4 (a run is measured over 4 updates), got {steps}")
+    per_trial = budget_s if steps else budget_s * (0.3 if verify else 0.5)
+    verify_s = budget_s if steps else budget_s * 0.4
+    length = (lambda s: f"{steps} updates, at most {s:.0f} s") if steps else (lambda s: f"{s:.0f} s")
     runs = []
     for i, (name, s) in enumerate(calibration_settings(base)):
-        print(f"[rapid-tune] calibration {i + 1}/2 ({name}, {per_trial:.0f} s): {s.label()}",
+        print(f"[rapid-tune] calibration {i + 1}/2 ({name}, {length(per_trial)}): {s.label()}",
               flush=True)
         run_dir = run_trial(config, [*fixed, *s.overrides()], root / f"calibrate-{i}",
-                            per_trial, s.actors)
+                            per_trial, s.actors, max_steps=steps)
         runs.append(measure_run(run_dir))
         print(f"[rapid-tune]   measured {runs[-1].updates_per_s:.2f} updates/s", flush=True)
     costs = calibrate(runs)
@@ -247,9 +254,9 @@ def recommend(config: str | None, budget_s: float, root: Path, actors: int | Non
                               "predicted": prediction_row(chosen)},
               "toml": str(toml), "compared": compared}
     if verify:
-        print(f"[rapid-tune] verification trial ({budget_s * 0.4:.0f} s)", flush=True)
+        print(f"[rapid-tune] verification trial ({length(verify_s)})", flush=True)
         run_dir = run_trial(config, [*fixed, *chosen.setting.overrides()], root / "verify",
-                            budget_s * 0.4, chosen.setting.actors)
+                            verify_s, chosen.setting.actors, max_steps=steps)
         result["recommended"]["measured"] = measured_row(measure_run(run_dir))
         print(comparison(result["recommended"]["predicted"], result["recommended"]["measured"]),
               flush=True)
