@@ -272,6 +272,20 @@ def _cli():
         if pass_k:
             _print_pass_at_k(path, pass_k, threads)
 
+    @app.command("ship-warm")
+    def ship_warm_cmd(threads: int = typer.Option(2, help="torch CPU threads.")) -> None:
+        """Build the default warm start into the package's assets (rapid_async/assets/),
+        replacing any shipped one of an older recipe; commit the result."""
+        import shutil
+
+        from rapid_async.warmstart import SHIPPED_DIR
+
+        path = ensure_warm_model(cache_dir=SHIPPED_DIR, threads=threads)
+        for old in SHIPPED_DIR.glob("warm-*"):
+            if old != path:
+                shutil.rmtree(old)
+        print(f"shipped: {path}")
+
     return app
 
 

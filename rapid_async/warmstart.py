@@ -181,10 +181,18 @@ def default_cache_dir() -> Path:
     return Path(__file__).resolve().parent.parent / ".cache" / "rapid_async"
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets"
+"""Warm-started models that ship with the package (the default recipe's, built
+once with `python -m rapid_async.tinymodel ship-warm`): a fresh clone uses it
+on any CPU instead of training for minutes, and every machine starts from the
+same weights."""
+
+
 def ensure_warm_model(cache_dir: str | Path | None = None, task=None, seed: int = 0,
                       log=print, threads: int = 2, eval_n: int = 200,
                       recipe: dict | None = None, **size: int) -> Path:
-    """Return the cached warm-started model for these settings, building it if missing.
+    """Return the warm-started model for these settings: the cached one, else the
+    one shipped in `SHIPPED_DIR`, else a new build (into the cache).
 
     The directory name carries a hash of every setting (task options, seed,
     the recipe with its target, model size, recipe version); a build writes
@@ -208,7 +216,8 @@ def ensure_warm_model(cache_dir: str | Path | None = None, task=None, seed: int 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = settings_hash(_settings(task, seed, recipe, size))
     target = root / f"warm-{task.name}-{key}"
-    if (target / "model.safetensors").exists() and (target / "warm_start.json").exists():
-        return target
+    for found in (target, SHIPPED_DIR / target.name):
+        if (found / "model.safetensors").exists() and (found / "warm_start.json").exists():
+            return found
     return warm_start(target, task=task, seed=seed, log=log, threads=threads, eval_n=eval_n,
                       recipe=recipe, **size)
