@@ -99,16 +99,30 @@ def holds(actor, state: dict, version: int) -> bool:
             and actor.receiver.state_digest == actor.receiver.buffer_digest())
 
 
-def poll_until(actor, version: int, timeout: float = 10.0) -> None:
+def poll_until(actor, version: int, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while actor.version != version and time.monotonic() < deadline:
         actor.poll_weights(timeout_ms=50)
 
 
+def wait_subscribed(stub, actor, timeout: float = 60.0) -> int:
+    """Probe the PUB with a non-message until the actor has seen one (the SUB is
+    connected and subscribed: ZeroMQ's slow joiner); returns the rejected count."""
+    before = actor.stats["rejected_updates"]
+    deadline = time.monotonic() + timeout
+    while actor.stats["rejected_updates"] == before and time.monotonic() < deadline:
+        stub.sockets._weights.send_multipart([b"\x00probe"])
+        actor.poll_weights(timeout_ms=50)
+    assert actor.stats["rejected_updates"] > before, "the actor never received from the PUB"
+    for _ in range(5):  # drain probes still in flight
+        actor.poll_weights(timeout_ms=20)
+    return actor.stats["rejected_updates"]
+
+
 def test_missed_deltas_come_from_the_chain_not_a_snapshot(stub_and_actor):
     stub, actor = stub_and_actor
     assert holds(actor, stub.states[0], 0) and actor.stats["snapshots"] == 1
-    time.sleep(0.3)  # the SUB reaches the PUB (slow joiner)
+    wait_subscribed(stub, actor)
     stub.advance()                 # 1: published
     stub.advance(publish=False)    # 2: dropped by a full queue
     stub.advance(publish=False)    # 3: dropped
@@ -122,7 +136,7 @@ def test_missed_deltas_come_from_the_chain_not_a_snapshot(stub_and_actor):
 
 def test_a_gap_the_chain_no_longer_covers_falls_back_to_a_snapshot(stub_and_actor):
     stub, actor = stub_and_actor
-    time.sleep(0.3)
+    wait_subscribed(stub, actor)
     stub.advance(publish=False, keep=False)  # 1: lost everywhere
     stub.advance()                           # 2
     poll_until(actor, 2)
@@ -131,7 +145,7 @@ def test_a_gap_the_chain_no_longer_covers_falls_back_to_a_snapshot(stub_and_acto
 
 def test_garbage_and_corrupt_updates_on_the_weights_socket_are_survived(stub_and_actor):
     stub, actor = stub_and_actor
-    time.sleep(0.3)
+    base = wait_subscribed(stub, actor)
     pub = stub.sockets._weights
     pub.send_multipart([b"\x00garbage"])  # not a message at all
     pub.send_multipart([b"\x93\x01\x02\x03", b"x" * 1000])
@@ -141,9 +155,9 @@ def test_garbage_and_corrupt_updates_on_the_weights_socket_are_survived(stub_and
     pub.send_multipart(encode(dataclasses.replace(delta, payload=bytes(flipped))))
     pub.send_multipart(encode(dataclasses.replace(delta, payload=delta.payload[:-10])))
     pub.send_multipart(encode(dataclasses.replace(delta, version=7)))  # altered header
-    deadline = time.monotonic() + 10
-    while actor.stats["rejected_updates"] < 3 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while actor.stats["rejected_updates"] < base + 3 and time.monotonic() < deadline:
         actor.poll_weights(timeout_ms=50)
-    assert actor.stats["rejected_updates"] >= 3
+    assert actor.stats["rejected_updates"] >= base + 3
     assert holds(actor, stub.states[1], 1)  # resynchronised by a snapshot, verified
     assert actor.stats["snapshots"] >= 2
