@@ -175,6 +175,21 @@ def test_ensure_warm_model_caches_by_settings(tmp_path):
         [first.name, other.name, targeted.name])
 
 
+def test_the_default_warm_model_ships_with_the_package(tmp_path):
+    """A fresh clone finds the default warm start in rapid_async/assets, built by
+    the current recipe (a recipe change without `tinymodel ship-warm` fails here)."""
+    from rapid_async import warmstart as ws
+    from rapid_async.warmstart import SHIPPED_DIR
+
+    lines = []
+    path = ensure_warm_model(tmp_path / "empty-cache", log=lines.append)
+    assert path.parent == SHIPPED_DIR and lines == []  # found, nothing built
+    report = json.loads((path / "warm_start.json").read_text())
+    assert report["settings"] == ws._settings(ArithmeticTask(), 0, ws._recipe(None), {})
+    assert report["target_reached"]
+    assert sorted(p.name for p in SHIPPED_DIR.iterdir()) == [path.name]  # no stale models
+
+
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RAPID_CACHE", str(tmp_path))
     assert tinymodel.default_cache_dir() == tmp_path
