@@ -394,3 +394,60 @@ def test_ipv6_loopback_binds_and_serves_or_fails_clearly():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "SERVED" in out.stdout or "CLEAR cannot bind tcp://[::1]" in out.stdout
+
+
+def test_a_socket_keeps_at_most_its_cap_of_connections_and_sheds_unprotected_ones_first():
+    """ConnectionGuard on a real ROUTER: 40 connections against a cap of 8; the
+    two protected ones (they said who they are) stay and still talk."""
+    import zmq
+
+    from rapid_async.wire.connections import ConnectionGuard
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    fd_of: dict[bytes, int] = {}
+    kept: set[int] = set()
+    guard = ConnectionGuard(router, "control", 8, protect=kept.__contains__,
+                            on_gone=kept.discard)
+
+    def receive_all(n):
+        got = []
+        while len(got) < n:
+            guard.pump()
+            if router.poll(50):
+                frames = router.recv_multipart(copy=False)
+                fd = frames[-1].get(zmq.SRCFD)
+                guard.seen(fd)
+                fd_of[frames[0].bytes] = fd
+                got.append(frames[-1].bytes)
+        return got
+
+    try:
+        friends = []
+        for i in range(2):
+            d = ctx.socket(zmq.DEALER)
+            d.linger, d.identity = 0, b"friend%d" % i
+            d.connect(f"tcp://127.0.0.1:{port}")
+            d.send(b"hello")
+            friends.append(d)
+        receive_all(2)
+        kept.update(fd_of[b"friend%d" % i] for i in range(2))
+        flood = []
+        for i in range(38):
+            d = ctx.socket(zmq.DEALER)
+            d.linger, d.reconnect_ivl = 0, -1
+            d.connect(f"tcp://127.0.0.1:{port}")
+            flood.append(d)
+        while guard.accepted < 40:
+            guard.pump()
+            router.poll(20)
+        guard.pump()
+        assert len(guard.open) <= 8 and guard.shut_down >= 32
+        assert kept <= set(guard.open)  # the protected two were never shed
+        for d in friends:  # ...and still reach the router
+            d.send(b"again")
+        assert receive_all(2) == [b"again", b"again"]
+    finally:
+        guard.close()
+        ctx.destroy(linger=0)

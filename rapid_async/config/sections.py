@@ -317,6 +317,12 @@ class TransportConfig:
     beyond it are dropped for a busy actor, which then catches up from the
     learner's chain of recent deltas (`delta_chain_mb`) or a snapshot."""
 
+    max_connections: int = 0
+    """Most TCP connections each learner socket keeps open; past it the least
+    recently active one without an actor session is shut down
+    (`wire/connections.py`). 0: 2 x learner.max_actors + 32 on control (an
+    actor opens two there) and learner.max_actors + 32 on rollouts and weights."""
+
     delta_chain_mb: int = 512
     """Megabytes of recent weight deltas the learner keeps for actors that
     missed some (0: keep none, such actors take a snapshot). Never more than

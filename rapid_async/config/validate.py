@@ -73,7 +73,7 @@ def validate_config(cfg: Config) -> Config:
                  "actor.rejoin_timeout_s",
                  "learner.micro_batch_tokens",
                  "learner.max_skipped_steps", "transport.delta_chain_mb",
-                 "learner.max_groups_per_actor", "learner.grant_timeout_factor",
+                 "transport.max_connections", "learner.max_groups_per_actor", "learner.grant_timeout_factor",
                  "learner.grant_timeout_min_s", "learner.stop_after_rejected_s",
                  "learner.stop_after_rejected_groups"):
         if cfg._get(name) < 0:

@@ -49,7 +49,7 @@ class ControlHandlers:
         elif isinstance(msg, Hello):
             self._hello(identity, msg)
         elif isinstance(msg, Heartbeat):
-            self._heartbeat(msg)
+            self._heartbeat(msg, identity)
         elif isinstance(msg, (WorkRequest, SnapshotRequest, DeltaRequest, ActorStats)) or (
                 isinstance(msg, EvalResult) and self.evals is not None):
             if msg.actor_id not in self.sessions:
@@ -81,10 +81,12 @@ class ControlHandlers:
         self.sockets.reply(identity, self.sockets.welcome(
             self._published_version, self.welcome_settings, session=session.token))
 
-    def _heartbeat(self, msg: Any) -> None:
+    def _heartbeat(self, msg: Any, identity: bytes | None = None) -> None:
         if not self.sessions.heartbeat(msg.actor_id, msg.session):
             self._bad("control", f"heartbeat for {msg.actor_id[:40]!r} without its session")
             return
+        if identity is not None:
+            self.sessions.beat_from(identity, msg.actor_id)
         self.scheduler.seen(msg.actor_id)
         if self.evals is not None:  # an actor evaluating for long is alive too
             self.evals.heard(msg.actor_id)

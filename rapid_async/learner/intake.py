@@ -83,6 +83,7 @@ class RolloutIntake:
             self._count(f"rollouts/dropped_{verdict}", f"{where} dropped")
             return
         self.buffer.put(group)
+        self.sockets.trust_last_rollout()
         self.counters["rollouts/groups"] += 1
         self._rejected.clear()
 

@@ -103,6 +103,7 @@ class LearnerNetwork(ControlHandlers, RolloutIntake, threading.Thread):
         self.weights_source: Any = None  # has request_snapshot(); set by the learner
         self.sessions = Sessions(cfg.learner.max_actors, cfg.learner.actor_timeout_s, scheduler,
                                  on_lost=self._actor_lost)
+        self.sockets.keeps_identity = self.sessions.holds
         self.starved: str | None = None  # why the run must stop (NoUsableGroups)
         self._rejected: Counter[str] = Counter()  # rejections since the last accepted group
         self._rejecting_since = 0.0
@@ -122,7 +123,8 @@ class LearnerNetwork(ControlHandlers, RolloutIntake, threading.Thread):
         t = self.cfg.transport
         curve_keys, allowed = learner_curve(t)  # (None, None) without CURVE
         common = dict(host=t.host, rollout_hwm=t.rollout_hwm, weights_hwm=t.weights_hwm,
-                      curve_keys=curve_keys, allowed_client_keys=allowed)
+                      curve_keys=curve_keys, allowed_client_keys=allowed,
+                      max_connections=connection_caps(self.cfg))
         if ports:
             try:
                 return LearnerSockets(control_port=t.port or ports["control"],
@@ -188,6 +190,7 @@ class LearnerNetwork(ControlHandlers, RolloutIntake, threading.Thread):
             last_expire = time.monotonic()
             while not self._halt.is_set():
                 self._drain_outbox()
+                self.sockets.pump_connections()
                 got = self._pump_rollouts()
                 self._serve_control(timeout_ms=0 if got else 5)
                 if time.monotonic() - last_expire > 1.0:
@@ -287,6 +290,15 @@ class LearnerNetwork(ControlHandlers, RolloutIntake, threading.Thread):
         self._chain_bytes += len(update.payload)
         while self._chain and self._chain_bytes > self.chain_limit_bytes:
             self._chain_bytes -= len(self._chain.popleft().payload)
+
+
+def connection_caps(cfg: Config) -> tuple[int, int, int]:
+    """Most open connections of the (control, rollouts, weights) sockets:
+    `transport.max_connections` on each, else room for `learner.max_actors`
+    actors (two control connections each: requests and heartbeats) and 32 more."""
+    n = cfg.transport.max_connections
+    actors = cfg.learner.max_actors
+    return (n, n, n) if n else (2 * actors + 32, actors + 32, actors + 32)
 
 
 def chain_budget(delta_chain_mb: int, state_bytes: int | None = None) -> int:

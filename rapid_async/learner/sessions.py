@@ -64,6 +64,7 @@ class Sessions:
         self.scheduler = scheduler
         self.on_lost = on_lost or (lambda actor_id, reason: None)
         self._by_id: dict[str, Session] = {}
+        self._beats: dict[bytes, str] = {}  # heartbeat connection -> actor id
         self.evicted = 0
         self.released = 0  # prompts taken back from actors that reconnected
 
@@ -150,6 +151,21 @@ class Sessions:
         """True if the beat carries `actor_id`'s secret (compared in constant time)."""
         session = self._by_id.get(actor_id)
         return session is not None and hmac.compare_digest(session.token, token)
+
+    def beat_from(self, identity: bytes, actor_id: str) -> None:
+        """`actor_id`'s valid heartbeats come from connection `identity`."""
+        self._beats[identity] = actor_id
+        if len(self._beats) > 2 * self.max_actors:  # oldest first; live ones beat again
+            self._beats.pop(next(iter(self._beats)))
+
+    def holds(self, identity: bytes | None) -> bool:
+        """True if connection `identity` belongs to a live session: its Hello
+        connection or the one its heartbeats come from (kept open over others)."""
+        if identity is None:
+            return False
+        if self._beats.get(identity) in self._by_id:
+            return True
+        return any(s.identity == identity for s in self._by_id.values())
 
     def bound(self, identity: bytes, actor_id: str) -> bool:
         """True if `actor_id` said Hello on this connection."""

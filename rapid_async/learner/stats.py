@@ -36,4 +36,8 @@ def net_stats(net: Any, scheduler: Any) -> dict[str, Any]:
             "scheduler/revoked_at_round": scheduler.revoked_at_round,
             "scheduler/taken_back": getattr(scheduler, "taken_back", 0),
             "scheduler/released": getattr(scheduler, "released", 0),
-            "actors": len(net.sessions), "net/actors/evicted": net.sessions.evicted}
+            "actors": len(net.sessions), "net/actors/evicted": net.sessions.evicted,
+            **{f"net/connections/{name}": len(g.open)
+               for name, g in list(getattr(net.sockets, "guards", {}).items())},
+            "net/connections/shut_down": sum(
+                g.shut_down for g in list(getattr(net.sockets, "guards", {}).values()))}

@@ -14,6 +14,7 @@ from collections import OrderedDict
 import zmq
 import zmq.auth.thread
 
+from rapid_async.wire.connections import ConnectionGuard
 from rapid_async.wire.protocol import Message, RolloutGroup, WeightUpdate, Welcome, encode
 from rapid_async.wire.receive import BadMessage, expect, recv_decoded
 from rapid_async.wire.security import CurveCredentials, CurveKeys, check_secure, require_curve
@@ -58,6 +59,8 @@ class LearnerSockets:
         allowed_client_keys: actors' public keys; when given, only they may connect.
         allow_insecure: allow a non-loopback host without CURVE.
         advertise_host: host put in the endpoints sent to actors (default: host).
+        max_connections: most open connections per socket, as (control,
+            rollouts, weights); 0 in a place: no cap (`wire/connections.py`).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class LearnerSockets:
         allowed_client_keys: list[bytes] | None = None,
         allow_insecure: bool = False,
         advertise_host: str | None = None,
+        max_connections: tuple[int, int, int] = (0, 0, 0),
     ):
         check_secure(host, curve_keys is not None, allow_insecure)
         self._ctx = zmq.Context()
@@ -81,6 +85,15 @@ class LearnerSockets:
         # Control identities that have sent anything, newest last; bounded (an
         # LRU of MAX_PEERS) so that many short-lived connections cannot grow it.
         self.peers: OrderedDict[bytes, None] = OrderedDict()
+        # Connection caps: the control connection of an identity that holds an
+        # actor session (`keeps_identity`, set by the learner) and a rollouts
+        # connection that delivered an accepted group are shut down last.
+        self.keeps_identity = lambda identity: False
+        self._fd_identity: dict[int, bytes] = {}
+        self._trusted_rollouts: set[int] = set()
+        self.last_rollout_fd: int | None = None
+        self._max_connections = max_connections
+        self.guards: dict[str, ConnectionGuard] = {}
         try:
             if curve_keys is not None:
                 self._start_curve(allowed_client_keys)
@@ -96,9 +109,36 @@ class LearnerSockets:
             # control: ROUTER, bound here, one DEALER per actor. Default HWMs. A
             # reply to an actor that has gone is dropped silently (never blocks).
             self._control = self._bind(zmq.ROUTER, host, control_port)
+            self._guard_all()
         except BaseException:
             self.close()
             raise
+
+    def _guard_all(self) -> None:
+        control, rollouts, weights = self._max_connections
+        self.guards = {
+            "control": ConnectionGuard(
+                self._control, "control", control,
+                protect=lambda fd: self.keeps_identity(self._fd_identity.get(fd)),
+                on_gone=lambda fd: self._fd_identity.pop(fd, None)),
+            "rollouts": ConnectionGuard(self._rollouts, "rollouts", rollouts,
+                                        protect=self._trusted_rollouts.__contains__,
+                                        on_gone=self._trusted_rollouts.discard),
+            "weights": ConnectionGuard(self._weights, "weights", weights)}
+
+    def pump_connections(self) -> None:
+        """Apply the sockets' connection events; shut connections down past the caps."""
+        for guard in self.guards.values():
+            guard.pump()
+
+    def trust_last_rollout(self) -> None:
+        """The last rollout received was accepted: its connection is kept over others."""
+        if self.last_rollout_fd is not None:
+            self._trusted_rollouts.add(self.last_rollout_fd)
+
+    def open_connections(self) -> dict[str, int]:
+        """Open connections per socket (as the monitors last reported them)."""
+        return {name: len(g.open) for name, g in self.guards.items()}
 
     def _start_curve(self, allowed_client_keys: list[bytes] | None) -> None:
         require_curve()
@@ -161,8 +201,13 @@ class LearnerSockets:
 
     def recv_rollout(self, timeout_ms: int = 0) -> RolloutGroup | BadMessage | None:
         """Next rollout group, a BadMessage for an undecodable one, or None after timeout_ms."""
-        got = recv_decoded(self._rollouts, "rollouts", timeout_ms)
-        return None if got is None else expect(got[1], RolloutGroup, "rollouts")
+        source: list = []
+        got = recv_decoded(self._rollouts, "rollouts", timeout_ms, source=source)
+        if got is None:
+            return None
+        self.last_rollout_fd = source[0]
+        self.guards["rollouts"].seen(source[0])
+        return expect(got[1], RolloutGroup, "rollouts")
 
     def publish(self, update: WeightUpdate) -> None:
         """Sends a weight update to every connected actor (never blocks; slow ones drop it)."""
@@ -170,8 +215,12 @@ class LearnerSockets:
 
     def poll_control(self, timeout_ms: int = 0) -> tuple[bytes, Message | BadMessage] | None:
         """Next control request as (actor identity, message or BadMessage), or None after timeout_ms."""
-        got = recv_decoded(self._control, "control", timeout_ms, routed=True)
+        source: list = []
+        got = recv_decoded(self._control, "control", timeout_ms, routed=True, source=source)
         if got is not None:
+            if source[0] is not None:
+                self._fd_identity[source[0]] = got[0]
+                self.guards["control"].seen(source[0])
             self.peers[got[0]] = None
             self.peers.move_to_end(got[0])
             while len(self.peers) > MAX_PEERS:
@@ -190,6 +239,8 @@ class LearnerSockets:
 
     def close(self) -> None:
         """Closes the sockets at once (linger 0) and the context."""
+        for guard in getattr(self, "guards", {}).values():
+            guard.close()
         for name in ("_rollouts", "_weights", "_control"):
             sock = getattr(self, name, None)
             if sock is not None:

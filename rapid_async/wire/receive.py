@@ -32,11 +32,22 @@ class BadMessage:
     fields: dict | None = None
 
 
-def recv_decoded(sock: zmq.Socket, name: str, timeout_ms: int, routed: bool = False):
-    """Receives one whole multipart message; returns (identity, msg | BadMessage) or None on timeout."""
+def recv_decoded(sock: zmq.Socket, name: str, timeout_ms: int, routed: bool = False,
+                 source: list | None = None):
+    """Receives one whole multipart message; returns (identity, msg | BadMessage) or None on timeout.
+    With `source` (a list), the file descriptor of the connection it came from
+    is appended to it (ZeroMQ's SRCFD; None where unknown)."""
     if not sock.poll(timeout_ms, zmq.POLLIN):
         return None
-    frames = sock.recv_multipart()
+    if source is None:
+        frames = sock.recv_multipart()
+    else:
+        raw = sock.recv_multipart(copy=False)
+        try:
+            source.append(raw[-1].get(zmq.SRCFD))
+        except zmq.ZMQError:
+            source.append(None)
+        frames = [f.bytes for f in raw]
     identity = frames.pop(0) if routed else None
     try:
         return identity, decode(frames)
