@@ -48,10 +48,11 @@ class Clock:
 
 @pytest.fixture
 def clock(monkeypatch):
-    from rapid_async.learner import evaluation
+    from rapid_async.learner import eval_loop, evaluation
 
     fake = Clock()
     monkeypatch.setattr(evaluation, "time", fake)
+    monkeypatch.setattr(eval_loop, "time", fake)
     return fake
 
 
@@ -227,7 +228,7 @@ def test_an_evaluation_of_an_actor_that_leaves_goes_to_the_next(network):
 
 def test_learner_evaluations_ask_record_and_give_up_clearly(tmp_path, monkeypatch):
     from rapid_async.config import load_config
-    from rapid_async.learner import evaluation
+    from rapid_async.learner import eval_loop
     from rapid_async.learner.evaluation import LearnerEvaluations, task_settings
     from rapid_async.metrics import MetricsWriter, read_metrics
 
@@ -251,7 +252,7 @@ def test_learner_evaluations_ask_record_and_give_up_clearly(tmp_path, monkeypatc
     assert rec["eval/time"] == evals.version_clock[11]["time"], "placed at v11's time"
     # shut-down: the start job's actor left and no actor is connected
     assert board.release("a0", "the actor left") == [jobs[0].job_id]
-    monkeypatch.setattr(evaluation, "NO_ACTOR_GRACE_S", 0.1)
+    monkeypatch.setattr(eval_loop, "NO_ACTOR_GRACE_S", 0.1)
     final = evals.final_job(13)
     assert final.kind == "final" and evals.final_job(13) is final
     waited = evals.wait(final, 13, check=lambda: None, actors_connected=lambda: False)
