@@ -299,6 +299,17 @@ class ActorConfig:
     """Seconds between an actor's heartbeats, sent from a thread of their own,
     also while the engine generates."""
 
+    inflight: bool = False
+    """In-flight weight updates (rapid-async): the actor applies new weights
+    between decode steps instead of only between chunks, and each group
+    carries per-token policy versions (its staleness is its oldest token's).
+    hf engine only; the vLLM engine takes weights between chunks as before."""
+
+    inflight_recompute: bool = False
+    """With `inflight`: after an update, re-prefill prompt + generated tokens
+    under the new weights (default: keep the KV cache computed with the old
+    ones, as PipelineRL does)."""
+
 
 @dataclass
 class TransportConfig:
