@@ -277,3 +277,63 @@ def test_an_update_mid_sequence_records_two_versions_and_exact_logprobs(model_di
 def test_without_a_hook_completions_carry_no_versions(engine, prompts):
     groups = engine.generate(GenerateRequest(prompts=prompts[:1], n=2, max_new_tokens=4, seed=1))
     assert all(c.versions is None for c in groups[0])
+
+
+# ---------------------------------------------------------------- continuous batching
+
+def test_continuous_batching_returns_every_completion_once_and_matches_greedy(engine, prompts):
+    """5 prompts x 2 rows through 3 slots: each finished row's slot takes the
+    next waiting one; greedy completions equal those of each prompt alone."""
+    eos = min(engine.eos_token_ids)
+    request = GenerateRequest(prompts=prompts, n=2, temperature=0.0, max_new_tokens=9,
+                              max_batch=3)
+    groups = engine.generate(request)
+    assert [len(g) for g in groups] == [2] * len(prompts)
+    for prompt, group in zip(prompts, groups):
+        alone = engine.generate(GenerateRequest(prompts=[prompt], n=1, temperature=0.0,
+                                                max_new_tokens=9))[0][0]
+        for c in group:
+            assert c.token_ids == alone.token_ids
+            assert c.finish_reason == alone.finish_reason
+            torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(alone.logprobs),
+                                       atol=1e-4, rtol=0)
+    assert all(c.token_ids[-1] == eos or len(c.token_ids) == 9 for g in groups for c in g)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_continuous_batching_logprobs_are_exact_with_and_without_an_update(model_dir, prompts,
+                                                                           recompute):
+    """Sampled rows through 4 slots, stop strings cutting some short so that
+    slots refill mid-run: every log-prob equals teacher forcing under the
+    weights of its label (recompute: all of a row's context under the new ones)."""
+    engine, old, new = HFEngine(model_dir, seed=0), HFEngine(model_dir), HFEngine(model_dir)
+    state = _perturbed_state(engine)
+    new.load_weights(state)
+    s = 5
+    hook, _ = _switching_hook(engine, state, at_step=s)
+    tokenizer = build_tokenizer()
+    stops = tuple(tokenizer.convert_ids_to_tokens(list(range(5, 9))))
+    request = GenerateRequest(prompts=prompts, n=3, temperature=1.0, max_new_tokens=10,
+                              seed=4, step_hook=hook, recompute=recompute, max_batch=4,
+                              stop=stops)
+    engine.tokenizer = tokenizer
+    groups = engine.generate(request)
+    assert [len(g) for g in groups] == [3] * len(prompts)
+    lengths = [len(c.token_ids) for g in groups for c in g]
+    assert min(lengths) < 10 and max(lengths) == 10, lengths  # rows ended early: slots refilled
+    checked = {0: 0, 1: 0}
+    for prompt, group in zip(prompts, groups):
+        for c in group:
+            assert c.versions == sorted(c.versions)
+            y, versions = c.token_ids, torch.tensor(c.versions)
+            old_lp, _ = teacher_forced(old.model, prompt, y, 1.0)
+            new_lp, _ = teacher_forced(new.model, prompt, y, 1.0)
+            got = torch.tensor(c.logprobs)
+            at0 = versions == 0
+            torch.testing.assert_close(got[at0], old_lp[at0], atol=1e-4, rtol=0)
+            checked[0] += int(at0.sum())
+            if recompute or bool(at0.all()) or not bool(at0.any()):
+                # rows begun after the update (and recompute) are pure new weights
+                torch.testing.assert_close(got[~at0], new_lp[~at0], atol=1e-4, rtol=0)
+                checked[1] += int((~at0).sum())
+    assert checked[0] > 10 and checked[1] > 10, checked

@@ -69,6 +69,9 @@ class GenerateRequest:
             cache computed with the old ones (the default keeps it, as
             PipelineRL does; the log-probs are those of the distribution the
             token was sampled from either way).
+        max_batch: continuous batching (hf engine): at most this many rows
+            (prompt x sample) in flight; a finished row's slot takes the next
+            waiting one (0: every row in one batch).
     """
 
     prompts: list[list[int]]
@@ -80,6 +83,7 @@ class GenerateRequest:
     stop: tuple[str, ...] = ()
     step_hook: Callable[[], int] | None = None
     recompute: bool = False
+    max_batch: int = 0
 
 
 def stop_window(stops: tuple[str, ...] | list[str]) -> int:

@@ -184,6 +184,10 @@ class HFEngine:
         generator = self._generator
         if request.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        if 0 < request.max_batch < len(request.prompts) * request.n:
+            from rapid_async.engines.hf_continuous import generate_continuous
+
+            return generate_continuous(self, request, generator)
         ids, mask = self._left_pad(request.prompts, request.n)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         batch, width = ids.shape
