@@ -134,6 +134,10 @@ class Actor(WeightIntake, Rejoining):
                                   resolve_device(cfg.actor.device),
                                   cfg.run.seed + (os.getpid() % 10007))
         self.receiver = WeightReceiver(self.engine)
+        if cfg.actor.inflight and not getattr(self.engine, "supports_step_hook", False):
+            log.warning("actor.inflight: the %s engine cannot take weights between decode "
+                        "steps; it takes them between chunks (lower actor.chunk_groups for "
+                        "fresher weights)", self.engine_name)
 
     def _load_task(self) -> None:
         """Task, prompt settings and scorer of the current config."""

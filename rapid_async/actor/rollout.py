@@ -69,7 +69,7 @@ def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices
     outs = engine.generate(GenerateRequest(
         prompts=prompts, n=cfg.algo.group_size, temperature=cfg.algo.temperature,
         max_new_tokens=cfg.algo.max_new_tokens, stop=settings.stop, step_hook=step_hook,
-        recompute=cfg.actor.inflight_recompute))
+        recompute=cfg.actor.inflight_recompute, max_batch=cfg.actor.max_batch_rows))
     gen_s = (time.perf_counter() - t0) / max(len(indices), 1)
     flat_problems = [p for p, comps in zip(problems, outs) for _ in comps]
     texts = [decode_completion(tokenizer, c.token_ids) for comps in outs for c in comps]

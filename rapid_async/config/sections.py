@@ -310,6 +310,11 @@ class ActorConfig:
     under the new weights (default: keep the KV cache computed with the old
     ones, as PipelineRL does)."""
 
+    max_batch_rows: int = 0
+    """Continuous batching (hf engine): at most this many completions (prompt x
+    sample rows) in flight per engine call; a finished row's slot takes the
+    next waiting row of the chunk. 0: the whole chunk in one batch."""
+
 
 @dataclass
 class TransportConfig:

@@ -70,7 +70,7 @@ def validate_config(cfg: Config) -> Config:
                  "run.max_seconds", "run.eval_samples", "run.eval_timeout_s",
                  "learner.max_staleness", "learner.weight_decay",
                  "learner.grad_clip", "algo.beta", "transport.port",
-                 "actor.rejoin_timeout_s",
+                 "actor.rejoin_timeout_s", "actor.max_batch_rows",
                  "learner.micro_batch_tokens",
                  "learner.max_skipped_steps", "transport.delta_chain_mb",
                  "learner.max_groups_per_actor", "learner.grant_timeout_factor",
