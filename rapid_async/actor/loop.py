@@ -52,6 +52,10 @@ __all__ = ["Actor", "make_engine"]
 log = logging.getLogger("rapid.actor")
 
 
+class _Abandoned(Exception):
+    """Raised by the in-flight step hook when the actor rejoined mid-generation."""
+
+
 class Actor(WeightIntake, Rejoining):
     """One actor: sockets, engine, task and the weights it holds.
 
@@ -231,12 +235,16 @@ class Actor(WeightIntake, Rejoining):
         if not self._grant_valid(learner):  # granted by a learner (connection) since gone
             self.stats["dropped_on_rejoin"] += len(indices)
             return
-        groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
-                                 self.version, self.actor_id, scorer=self.scorer,
-                                 prompt_settings=self.prompt_settings,
-                                 grant_id=grant_id, runner=self.runner,
-                                 step_hook=self._step_hook(checksums)
-                                 if self.cfg.actor.inflight else None)
+        try:
+            groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
+                                     self.version, self.actor_id, scorer=self.scorer,
+                                     prompt_settings=self.prompt_settings,
+                                     grant_id=grant_id, runner=self.runner,
+                                     step_hook=self._step_hook(checksums)
+                                     if self.cfg.actor.inflight else None)
+        except _Abandoned:  # rejoined mid-generation: the work is the old learner's
+            self.stats["dropped_on_rejoin"] += len(indices)
+            return
         self.stats["gen_s"] += sum(group.gen_seconds for group in groups)
         self.stats["chunks"] += 1
         self.stats["verifier_failures"] = sum(self.scorer.failures.values())
@@ -260,9 +268,13 @@ class Actor(WeightIntake, Rejoining):
     def _step_hook(self, checksums: dict) -> Any:
         """The engine's between-steps call for in-flight updates: apply every
         queued update, note the checksum of each new version, return it."""
+        epoch = self.stats["rejoins"]
+
         def hook() -> int:
             before = self.version
             self.poll_weights()
+            if self.stats["rejoins"] != epoch or self.version is None:
+                raise _Abandoned  # the engine may have been rebuilt: stop generating
             if self.version != before:
                 self.stats["inflight_updates"] += 1
                 checksums.setdefault(self.version, self.receiver.checksum)
