@@ -140,8 +140,9 @@ class Actor(WeightIntake, Rejoining):
         self.receiver = WeightReceiver(self.engine)
         if cfg.actor.inflight and not getattr(self.engine, "supports_step_hook", False):
             log.warning("actor.inflight: the %s engine cannot take weights between decode "
-                        "steps; it takes them between chunks (lower actor.chunk_groups for "
-                        "fresher weights)", self.engine_name)
+                        "steps; it takes them between %d sub-chunks of each chunk "
+                        "(actor.inflight_subchunks)", self.engine_name,
+                        cfg.actor.inflight_subchunks)
 
     def _load_task(self) -> None:
         """Task, prompt settings and scorer of the current config."""

@@ -61,10 +61,16 @@ def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices
                               version, actor_id, grant_id)
     scorer = scorer or Scorer(task, cfg.task.failure_reward)
     settings = prompt_settings or PromptSettings.from_config(cfg, task)
+    if step_hook is not None and not getattr(engine, "supports_step_hook", False):
+        # No weights mid-generation (vLLM): take them between sub-chunks instead.
+        pieces = max(1, min(cfg.actor.inflight_subchunks, len(indices)))
+        size = -(-len(indices) // pieces)
+        return [g for start in range(0, len(indices), size)
+                for g in generate_groups(engine, tokenizer, task, cfg,
+                                         indices[start:start + size], step_hook(), actor_id,
+                                         scorer, settings, grant_id)]
     problems = [task.train_problem(i) for i in indices]
     prompts = [prompt_tokens(task, tokenizer, i, settings) for i in indices]
-    if not getattr(engine, "supports_step_hook", False):
-        step_hook = None
     t0 = time.perf_counter()
     outs = engine.generate(GenerateRequest(
         prompts=prompts, n=cfg.algo.group_size, temperature=cfg.algo.temperature,

@@ -303,7 +303,13 @@ class ActorConfig:
     """In-flight weight updates (rapid-async): the actor applies new weights
     between decode steps instead of only between chunks, and each group
     carries per-token policy versions (its staleness is its oldest token's).
-    hf engine only; the vLLM engine takes weights between chunks as before."""
+    hf engine; the vLLM engine cannot take weights mid-generation here, so it
+    generates each chunk in `inflight_subchunks` pieces and takes weights
+    between them (each group then has one version)."""
+
+    inflight_subchunks: int = 4
+    """With `inflight` on an engine without between-step updates (vLLM): how
+    many generate calls a chunk is split into, weights taken between them."""
 
     inflight_recompute: bool = False
     """With `inflight`: after an update, re-prefill prompt + generated tokens
