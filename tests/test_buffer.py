@@ -130,3 +130,32 @@ def test_the_prompts_of_stale_and_waiting_groups_are_known():
     assert [g.prompt_id for g in buf.take(1, version=3, timeout=0)] == ["1"]
     assert buf.pop_dropped() == ["0", "2"] and buf.pop_dropped() == []
     assert buf.prompt_ids() == ["3"]
+
+
+def test_a_group_with_in_flight_updates_is_as_stale_as_its_oldest_token():
+    """Per-token versions 2, 2, 2 | 4 (runs [k, version, count]): the group's
+    policy_version is 2 and the buffer measures staleness from it, not from 4."""
+    import torch
+
+    from rapid_async.actor.rollout import pack_group
+    from rapid_async.engines.base import Completion
+
+    completions = [Completion([5, 6, 7], [-0.1, -0.2, -0.3], "stop", versions=[2, 2, 4]),
+                   Completion([8], [-0.5], "stop", versions=[4])]
+    group = pack_group("a", "7", 4, [1, 2], completions, [1.0, 0.0], 0.1)
+    assert group.policy_version == 2 and group.newest_version() == 4
+    assert group.version_runs.tolist() == [[0, 2, 2], [0, 4, 1], [1, 4, 1]]
+    assert group.token_versions().tolist() == [[2, 2, 4], [4, 0, 0]]
+    same = pack_group("a", "8", 4, [1, 2], [Completion([5], [-0.1], versions=[4])] * 2,
+                      [1.0, 0.0], 0.1)
+    assert same.version_runs is None and same.policy_version == 4  # one version: no runs
+    buf = RolloutBuffer(max_staleness=2)
+    buf.put(group)
+    buf.put(same)
+    assert buf.take(1, version=5, timeout=0) == [same]  # 5 - 2 = 3 > 2: dropped
+    assert buf.dropped_stale == 1 and buf.pop_dropped() == ["7"]
+    buf.put(group)
+    taken = buf.take(1, version=4, timeout=0)
+    buf.record_consumed(taken, version=4)
+    assert buf.stats()["staleness/hist"] == {"2": 1}
+    assert torch.equal(taken[0].version_runs, group.version_runs)

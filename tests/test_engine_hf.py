@@ -213,3 +213,127 @@ def test_stop_strings_end_completions_at_the_completing_token(random_model_dir):
         assert stop_length(c.token_ids, tok.decode, stops) in (None, len(c.token_ids))
     assert ended_by_stop >= 5  # a random 32-token vocabulary hits "5" often
     assert stop_length([4, 5, 9, 9], lambda ids: "".join(map(str, ids)), ("59",)) == 3
+
+
+# ---------------------------------------------------------------- in-flight weight updates
+
+def _switching_hook(engine, state, at_step):
+    """A step hook that loads `state` into `engine` before decode step `at_step`
+    (label 0 before, 1 after), counting its calls."""
+    calls = {"n": 0}
+
+    def hook():
+        calls["n"] += 1  # call 1 is before the prefill (step 0), call s + 1 before step s
+        if calls["n"] == at_step + 1:
+            engine.load_weights(state)
+        return 0 if calls["n"] <= at_step else 1
+
+    return hook, calls
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_an_update_mid_sequence_records_two_versions_and_exact_logprobs(model_dir, prompts,
+                                                                        recompute):
+    """Tokens before the update are scored under the old weights; after it, under
+    the new ones on top of the old KV cache (kept) or on a fresh prefill (recompute)."""
+    engine, old, new = HFEngine(model_dir, seed=0), HFEngine(model_dir), HFEngine(model_dir)
+    state = _perturbed_state(engine)
+    new.load_weights(state)
+    s = 4
+    hook, calls = _switching_hook(engine, state, at_step=s)
+    groups = engine.generate(GenerateRequest(prompts=prompts, n=3, temperature=1.0,
+                                             max_new_tokens=10, seed=3, step_hook=hook,
+                                             recompute=recompute))
+    assert calls["n"] >= s + 1
+    mixed = 0
+    for prompt, group in zip(prompts, groups):
+        for c in group:
+            assert c.versions == [0 if i < s else 1 for i in range(len(c.token_ids))]
+            y = c.token_ids
+            seg1, _ = teacher_forced(old.model, prompt, y[:s], 1.0)
+            torch.testing.assert_close(torch.tensor(c.logprobs[:s]), seg1, atol=1e-4, rtol=0)
+            if len(y) <= s:
+                continue
+            mixed += 1
+            with torch.no_grad():
+                if recompute:
+                    logits = new.model(torch.tensor([prompt + y])).logits[0, len(prompt) - 1:-1]
+                    logits = logits[s:]
+                else:  # KV of prompt + y[:s-1] from the old weights, the rest from the new
+                    past = old.model(torch.tensor([prompt + y[:s - 1]]),
+                                     use_cache=True).past_key_values
+                    logits = new.model(torch.tensor([y[s - 1:-1]]), past_key_values=past,
+                                       use_cache=True).logits[0]
+            seg2 = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(y[s:])[:, None])
+            torch.testing.assert_close(torch.tensor(c.logprobs[s:]), seg2.squeeze(-1),
+                                       atol=1e-4, rtol=0)
+            # and they are not what the other mode would have given
+            pure_new, _ = teacher_forced(new.model, prompt, y, 1.0)
+            if not recompute:
+                assert not torch.allclose(torch.tensor(c.logprobs[s:]), pure_new[s:], atol=1e-4)
+    assert mixed >= 5
+
+
+def test_without_a_hook_completions_carry_no_versions(engine, prompts):
+    groups = engine.generate(GenerateRequest(prompts=prompts[:1], n=2, max_new_tokens=4, seed=1))
+    assert all(c.versions is None for c in groups[0])
+
+
+# ---------------------------------------------------------------- continuous batching
+
+def test_continuous_batching_returns_every_completion_once_and_matches_greedy(engine, prompts):
+    """5 prompts x 2 rows through 3 slots: each finished row's slot takes the
+    next waiting one; greedy completions equal those of each prompt alone."""
+    eos = min(engine.eos_token_ids)
+    request = GenerateRequest(prompts=prompts, n=2, temperature=0.0, max_new_tokens=9,
+                              max_batch=3)
+    groups = engine.generate(request)
+    assert [len(g) for g in groups] == [2] * len(prompts)
+    for prompt, group in zip(prompts, groups):
+        alone = engine.generate(GenerateRequest(prompts=[prompt], n=1, temperature=0.0,
+                                                max_new_tokens=9))[0][0]
+        for c in group:
+            assert c.token_ids == alone.token_ids
+            assert c.finish_reason == alone.finish_reason
+            torch.testing.assert_close(torch.tensor(c.logprobs), torch.tensor(alone.logprobs),
+                                       atol=1e-4, rtol=0)
+    assert all(c.token_ids[-1] == eos or len(c.token_ids) == 9 for g in groups for c in g)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_continuous_batching_logprobs_are_exact_with_and_without_an_update(model_dir, prompts,
+                                                                           recompute):
+    """Sampled rows through 4 slots, stop strings cutting some short so that
+    slots refill mid-run: every log-prob equals teacher forcing under the
+    weights of its label (recompute: all of a row's context under the new ones)."""
+    engine, old, new = HFEngine(model_dir, seed=0), HFEngine(model_dir), HFEngine(model_dir)
+    state = _perturbed_state(engine)
+    new.load_weights(state)
+    s = 5
+    hook, _ = _switching_hook(engine, state, at_step=s)
+    tokenizer = build_tokenizer()
+    stops = tuple(tokenizer.convert_ids_to_tokens(list(range(5, 9))))
+    request = GenerateRequest(prompts=prompts, n=3, temperature=1.0, max_new_tokens=10,
+                              seed=4, step_hook=hook, recompute=recompute, max_batch=4,
+                              stop=stops)
+    engine.tokenizer = tokenizer
+    groups = engine.generate(request)
+    assert [len(g) for g in groups] == [3] * len(prompts)
+    lengths = [len(c.token_ids) for g in groups for c in g]
+    assert min(lengths) < 10 and max(lengths) == 10, lengths  # rows ended early: slots refilled
+    checked = {0: 0, 1: 0}
+    for prompt, group in zip(prompts, groups):
+        for c in group:
+            assert c.versions == sorted(c.versions)
+            y, versions = c.token_ids, torch.tensor(c.versions)
+            old_lp, _ = teacher_forced(old.model, prompt, y, 1.0)
+            new_lp, _ = teacher_forced(new.model, prompt, y, 1.0)
+            got = torch.tensor(c.logprobs)
+            at0 = versions == 0
+            torch.testing.assert_close(got[at0], old_lp[at0], atol=1e-4, rtol=0)
+            checked[0] += int(at0.sum())
+            if recompute or bool(at0.all()) or not bool(at0.any()):
+                # rows begun after the update (and recompute) are pure new weights
+                torch.testing.assert_close(got[~at0], new_lp[~at0], atol=1e-4, rtol=0)
+                checked[1] += int((~at0).sum())
+    assert checked[0] > 10 and checked[1] > 10, checked

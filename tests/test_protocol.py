@@ -437,3 +437,52 @@ def test_grant_id_and_session_travel_and_are_checked():
     frames = _reheader(encode(Heartbeat("a0", "s")), lambda h: h["fields"].pop("session"))
     with pytest.raises(ProtocolError, match="missing \\['session'\\]"):
         decode(frames)
+
+
+# ---------------------------------------------------------------- per-token versions (in-flight)
+
+def _runs(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def test_version_runs_round_trip_and_expand_to_per_token_versions():
+    # lengths [3, 1]: completion 0 has 2 tokens of version 3 then 1 of version 5
+    group = _valid_group(version_runs=_runs([[0, 3, 2], [0, 5, 1], [1, 4, 1]]))
+    back = decode(encode(group))
+    _assert_groups_equal(group, back)
+    assert torch.equal(back.version_runs, group.version_runs)
+    assert back.token_versions().tolist() == [[3, 3, 5], [4, 0, 0]]
+    assert back.newest_version() == 5
+    plain = decode(encode(_valid_group()))  # without runs: every token is policy_version's
+    assert plain.version_runs is None
+    assert plain.token_versions().tolist() == [[3, 3, 3], [3, 0, 0]]
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([[0, 3, 3]], "tokens covered per completion \\[3, 0\\] != completion_lengths \\[3, 1\\]"),
+    ([[0, 3, 2], [0, 5, 2], [1, 3, 1]], "tokens covered"),
+    ([[0, 5, 2], [0, 3, 1], [1, 3, 1]], "must strictly increase"),
+    ([[0, 3, 2], [0, 3, 1], [1, 3, 1]], "must strictly increase"),
+    ([[0, 3, 3], [2, 3, 1]], "outside \\[0, 2\\)"),
+    ([[1, 3, 1], [0, 3, 3]], "out of order"),
+    ([[0, 3, 3], [1, 3, 0], [1, 4, 1]], "count >= 1"),
+    ([[0, 4, 3], [1, 5, 1]], "oldest token's version 4 must be the group's policy_version 3"),
+    ([[0, 3, 3, 1]], "must be \\(R, 3\\)"),
+])
+def test_malformed_version_runs_are_refused_by_encode_and_decode(rows, match):
+    bad = _valid_group(version_runs=_runs(rows))
+    with pytest.raises(ProtocolError, match=match):
+        encode(bad)
+    frames = encode(_valid_group(version_runs=_runs([[0, 3, 3], [1, 3, 1]])))
+    header = msgpack.unpackb(frames[0])
+    header["tensors"]["version_runs"]["shape"] = list(bad.version_runs.shape)
+    frames[0] = msgpack.packb(header)
+    frames[-1] = bad.version_runs.numpy().tobytes()
+    with pytest.raises(ProtocolError, match=match):
+        decode(frames)
+
+
+def test_version_runs_must_be_int64():
+    group = _valid_group(version_runs=torch.tensor([[0, 3, 3], [1, 3, 1]], dtype=torch.int32))
+    with pytest.raises(ProtocolError, match="'version_runs' must have dtype torch.int64"):
+        encode(group)

@@ -99,3 +99,39 @@ def test_chat_model_goes_through_rapid_run_on_gsm8k(chat_model, shared_data, tmp
     assert actor and actor[-1]["actor/groups"] >= 6 and actor[-1]["actor/verifier_failures"] == 0
     config = (run_dir / "config.toml").read_text()
     assert 'name = "gsm8k"' in config and 'prompt_format = "chat"' in config
+
+
+class NoStepHookEngine(HFEngine):
+    """The hf engine as an engine without between-step updates (like vLLM here)."""
+
+    supports_step_hook = False
+
+
+@pytest.mark.parametrize("engine_cls, mixed", [(HFEngine, True), (NoStepHookEngine, False)])
+def test_inflight_groups_carry_their_versions(random_model_dir, one_thread, engine_cls, mixed):
+    """With a step hook that moves the version on every call: the hf engine
+    gives groups spanning versions (policy_version = the oldest token's); an
+    engine without step hooks generates in sub-chunks, one version per group."""
+    cfg = load_config(overrides=["algo.max_new_tokens=5", "algo.group_size=2",
+                                 "actor.inflight=true", "actor.inflight_subchunks=2"])
+    tok = AutoTokenizer.from_pretrained(random_model_dir)
+    engine, calls = engine_cls(random_model_dir, seed=3), []
+
+    def hook():
+        calls.append(len(calls))
+        return 10 + len(calls)
+
+    groups = generate_groups(engine, tok, ArithmeticTask(), cfg, [0, 1, 2, 3], version=10,
+                             actor_id="a", step_hook=hook)
+    assert [g.prompt_id for g in groups] == ["0", "1", "2", "3"]
+    for g in groups:
+        assert decode(encode(g)).policy_version == g.policy_version  # valid on the wire
+    if mixed:
+        assert len(calls) >= 5  # before the prefill and between decode steps
+        assert all(g.version_runs is not None and g.policy_version == 11 for g in groups)
+        assert all(g.token_versions()[0, :5].tolist() == [11, 12, 13, 14, 15] for g in groups
+                   if int(g.completion_lengths[0]) == 5)
+    else:
+        assert len(calls) == 2  # once per sub-chunk
+        assert [g.policy_version for g in groups] == [11, 11, 12, 12]
+        assert all(g.version_runs is None for g in groups)

@@ -84,3 +84,12 @@ def test_the_explanation_says_what_was_wrong():
     group = dataclasses.replace(_group(), completion_ids=torch.tensor([[5, 2, 0], [99, 6, 2]],
                                                                       dtype=torch.int32))
     assert "99 >= vocabulary size 32" in _validator().check(group, 3, 0, 5)[1]
+
+
+def test_a_token_newer_than_the_published_version_is_refused():
+    """In-flight updates: the oldest token (policy_version 2) is fine, but a
+    token claiming version 6 > published 5 cannot have been generated."""
+    runs = lambda newest: torch.tensor([[0, 2, 1], [0, newest, 1], [1, 2, 3]], dtype=torch.int64)
+    assert _reason(_group(version_runs=runs(5))) is None
+    reason, text = _validator().check(_group(version_runs=runs(6)), 3, 1, 5)
+    assert reason == "version_future" and "a token of policy_version 6" in text

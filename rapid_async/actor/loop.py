@@ -52,6 +52,10 @@ __all__ = ["Actor", "make_engine"]
 log = logging.getLogger("rapid.actor")
 
 
+class _Abandoned(Exception):
+    """Raised by the in-flight step hook when the actor rejoined mid-generation."""
+
+
 class Actor(WeightIntake, Rejoining):
     """One actor: sockets, engine, task and the weights it holds.
 
@@ -106,7 +110,8 @@ class Actor(WeightIntake, Rejoining):
                                         "rejected_updates": 0, "truncated": 0,
                                         "verifier_failures": 0, "eval_s": 0.0, "evals": 0,
                                         "rejoins": 0, "dropped_on_rejoin": 0, "bad_control": 0,
-                                        "reconfigured": 0}
+                                        "reconfigured": 0, "inflight_updates": 0,
+                                        "mixed_groups": 0}
 
     @property
     def version(self) -> int | None:
@@ -133,6 +138,11 @@ class Actor(WeightIntake, Rejoining):
                                   resolve_device(cfg.actor.device),
                                   cfg.run.seed + (os.getpid() % 10007))
         self.receiver = WeightReceiver(self.engine)
+        if cfg.actor.inflight and not getattr(self.engine, "supports_step_hook", False):
+            log.warning("actor.inflight: the %s engine cannot take weights between decode "
+                        "steps; it takes them between %d sub-chunks of each chunk "
+                        "(actor.inflight_subchunks)", self.engine_name,
+                        cfg.actor.inflight_subchunks)
 
     def _load_task(self) -> None:
         """Task, prompt settings and scorer of the current config."""
@@ -221,14 +231,21 @@ class Actor(WeightIntake, Rejoining):
         against what it served for that version)."""
         from rapid_async.actor.rollout import generate_groups
 
-        learner, checksum = self._grant_learner, self.receiver.checksum
+        learner = self._grant_learner
+        checksums = {self.version: self.receiver.checksum}
         if not self._grant_valid(learner):  # granted by a learner (connection) since gone
             self.stats["dropped_on_rejoin"] += len(indices)
             return
-        groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
-                                 self.version, self.actor_id, scorer=self.scorer,
-                                 prompt_settings=self.prompt_settings,
-                                 grant_id=grant_id, runner=self.runner)
+        try:
+            groups = generate_groups(self.engine, self.tokenizer, self.task, self.cfg, indices,
+                                     self.version, self.actor_id, scorer=self.scorer,
+                                     prompt_settings=self.prompt_settings,
+                                     grant_id=grant_id, runner=self.runner,
+                                     step_hook=self._step_hook(checksums)
+                                     if self.cfg.actor.inflight else None)
+        except _Abandoned:  # rejoined mid-generation: the work is the old learner's
+            self.stats["dropped_on_rejoin"] += len(indices)
+            return
         self.stats["gen_s"] += sum(group.gen_seconds for group in groups)
         self.stats["chunks"] += 1
         self.stats["verifier_failures"] = sum(self.scorer.failures.values())
@@ -237,8 +254,9 @@ class Actor(WeightIntake, Rejoining):
                 self.stats[f"env_{key}"] = self.runner.stats[key]
             self.stats["env_tokens"] = self.runner.stats["env_tokens"]
         for group in groups:
-            if checksum is not None:
-                group.info["weights_checksum"] = checksum
+            self.stats["mixed_groups"] += group.version_runs is not None
+            if checksums.get(group.policy_version) is not None:
+                group.info["weights_checksum"] = checksums[group.policy_version]
         for i, group in enumerate(groups):
             self.stats["tokens"] += int(group.completion_lengths.sum())
             self.stats["truncated"] += int(group.info.get("truncated", 0))
@@ -247,6 +265,23 @@ class Actor(WeightIntake, Rejoining):
                     self.stats["dropped_on_rejoin"] += len(groups) - i
                 return
             self.stats["groups"] += 1
+
+    def _step_hook(self, checksums: dict) -> Any:
+        """The engine's between-steps call for in-flight updates: apply every
+        queued update, note the checksum of each new version, return it."""
+        epoch = self.stats["rejoins"]
+
+        def hook() -> int:
+            before = self.version
+            self.poll_weights()
+            if self.stats["rejoins"] != epoch or self.version is None:
+                raise _Abandoned  # the engine may have been rebuilt: stop generating
+            if self.version != before:
+                self.stats["inflight_updates"] += 1
+                checksums.setdefault(self.version, self.receiver.checksum)
+            return self.version
+
+        return hook
 
     def _grant_valid(self, learner: Any) -> bool:
         """False once the grant's learner has gone or we rejoined since (a

@@ -32,7 +32,8 @@ def prompt_tokens(task: Any, tokenizer: Any, index: int, settings: PromptSetting
 def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices: list[int],
                     version: int, actor_id: str, scorer: Scorer | None = None,
                     prompt_settings: PromptSettings | None = None,
-                    grant_id: int = 0, runner: Any = None) -> list[RolloutGroup]:
+                    grant_id: int = 0, runner: Any = None,
+                    step_hook: Any = None) -> list[RolloutGroup]:
     """Generate and score the training prompts at `indices` with weights `version`.
 
     Args:
@@ -45,6 +46,10 @@ def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices
         grant_id: the WorkGrant the indices came from, echoed in every group.
         runner: an `envs.EpisodeRunner` when the run has an `[env]`: each
             completion is then a multi-turn episode (`envs/rollout.py`).
+        step_hook: in-flight weight updates (`actor.inflight`, engines with
+            `supports_step_hook`): called between decode steps, applies queued
+            weights and returns the version held; each group then carries
+            per-token versions and its oldest token's version.
 
     Returns:
         One group per index, in the same order.
@@ -56,12 +61,21 @@ def generate_groups(engine: Any, tokenizer: Any, task: Any, cfg: Config, indices
                               version, actor_id, grant_id)
     scorer = scorer or Scorer(task, cfg.task.failure_reward)
     settings = prompt_settings or PromptSettings.from_config(cfg, task)
+    if step_hook is not None and not getattr(engine, "supports_step_hook", False):
+        # No weights mid-generation (vLLM): take them between sub-chunks instead.
+        pieces = max(1, min(cfg.actor.inflight_subchunks, len(indices)))
+        size = -(-len(indices) // pieces)
+        return [g for start in range(0, len(indices), size)
+                for g in generate_groups(engine, tokenizer, task, cfg,
+                                         indices[start:start + size], step_hook(), actor_id,
+                                         scorer, settings, grant_id)]
     problems = [task.train_problem(i) for i in indices]
     prompts = [prompt_tokens(task, tokenizer, i, settings) for i in indices]
     t0 = time.perf_counter()
     outs = engine.generate(GenerateRequest(
         prompts=prompts, n=cfg.algo.group_size, temperature=cfg.algo.temperature,
-        max_new_tokens=cfg.algo.max_new_tokens, stop=settings.stop))
+        max_new_tokens=cfg.algo.max_new_tokens, stop=settings.stop, step_hook=step_hook,
+        recompute=cfg.actor.inflight_recompute, max_batch=cfg.actor.max_batch_rows))
     gen_s = (time.perf_counter() - t0) / max(len(indices), 1)
     flat_problems = [p for p, comps in zip(problems, outs) for _ in comps]
     texts = [decode_completion(tokenizer, c.token_ids) for comps in outs for c in comps]
@@ -78,6 +92,9 @@ def pack_group(actor_id: str, prompt_id: str, version: int, prompt: list[int],
                gen_seconds: float, grant_id: int = 0) -> RolloutGroup:
     """K completions of one prompt as padded tensors (K, T), 0 in the padding."""
     k = len(completions)
+    runs = version_runs(completions)
+    if runs is not None:
+        version = int(runs[:, 1].min())
     t = max(1, max(len(c.token_ids) for c in completions))
     ids = torch.zeros((k, t), dtype=torch.int32)
     lps = torch.zeros((k, t), dtype=torch.float32)
@@ -94,4 +111,23 @@ def pack_group(actor_id: str, prompt_id: str, version: int, prompt: list[int],
         completion_lengths=lengths, logprobs=lps,
         rewards=torch.tensor(rewards, dtype=torch.float32), finish_reasons=reasons,
         gen_seconds=gen_seconds, created_at=time.time(),
-        info={"truncated": sum(r == "length" for r in reasons)}, grant_id=grant_id)
+        info={"truncated": sum(r == "length" for r in reasons)}, grant_id=grant_id,
+        version_runs=runs)
+
+
+def version_runs(completions: list[Completion]) -> torch.Tensor | None:
+    """Run-length per-token versions [k, version, count] of completions that
+    recorded them (in-flight updates), or None when every token of the group
+    has the same version (then `policy_version` alone says it)."""
+    if any(c.versions is None for c in completions):
+        return None
+    rows = []
+    for k, c in enumerate(completions):
+        for version in c.versions:
+            if rows and rows[-1][0] == k and rows[-1][1] == version:
+                rows[-1][2] += 1
+            else:
+                rows.append([k, int(version), 1])
+    if len({row[1] for row in rows}) <= 1:
+        return None
+    return torch.tensor(rows, dtype=torch.int64)

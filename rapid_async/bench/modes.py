@@ -30,6 +30,9 @@ MODE_OVERRIDES = {
                     "learner.buffer_groups=96", "actor.chunk_groups=32",
                     "learner.max_staleness=4", "learner.sync_every=1"],
 }
+# rapid-async with in-flight weight updates (actor.inflight: new weights
+# between decode steps, per-token versions, staleness of the oldest token).
+MODE_OVERRIDES["rapid-async-inflight"] = MODE_OVERRIDES["rapid-async"] + ["actor.inflight=true"]
 
 
 def summarise(run_dir: Path, target: float) -> dict:
@@ -56,6 +59,10 @@ def summarise(run_dir: Path, target: float) -> dict:
         "learner_busy": steps[-1]["learner/busy_frac"] if steps else float("nan"),
         "actor_busy": last_actor.get("actor/busy_frac", float("nan")),
         "mean_staleness": (sum(r["staleness/mean"] for r in steps) / len(steps)) if steps else float("nan"),
+        "staleness_hist": steps[-1].get("staleness/hist", {}) if steps else {},
+        "mixed_frac": (sum(r.get("trained/mixed_version_groups", 0) for r in steps)
+                       / max(1, sum(len(r.get("trained/prompts", [])) for r in steps))),
+        "inflight_updates": last_actor.get("actor/inflight_updates", 0),
     }
 
 
@@ -138,6 +145,7 @@ def write_table(rows: list[dict], out: Path, target: float, budget_s: float, see
             f"{statistics.mean(r['gen_tokens_per_s'] for r in rs):.0f} | "
             f"{statistics.mean(r['learner_busy'] for r in rs):.0%} | "
             f"{statistics.mean(r['actor_busy'] for r in rs):.0%} |")
+    lines += _inflight_section(rows)
     lines += ["", "## Targets", ""]
     if {"grpo", "rapid-sync", "rapid-async"} <= summary.keys():
         g, s, a = summary["grpo"], summary["rapid-sync"], summary["rapid-async"]
@@ -156,6 +164,38 @@ def write_table(rows: list[dict], out: Path, target: float, budget_s: float, see
             f"points -> {'met' if min(s['final'], a['final']) >= g['final'] - 0.02 else 'NOT met'}",
         ]
     out.write_text("\n".join(lines) + "\n")
+
+
+def _hist(hist: dict) -> str:
+    total = max(1, sum(hist.values()))
+    return ", ".join(f"{k}: {v / total:.0%}" for k, v in sorted(hist.items(), key=lambda kv: int(kv[0])))
+
+
+def _inflight_section(rows: list[dict]) -> list[str]:
+    """rapid-async with and without in-flight updates: actor idle, staleness, time to target."""
+    pair = [m for m in ("rapid-async", "rapid-async-inflight") if any(r["mode"] == m for r in rows)]
+    if len(pair) < 2:
+        return []
+    lines = ["", "## In-flight weight updates (rapid-async)", "",
+             "Staleness of a group is its oldest token's; the histogram is of the groups "
+             "consumed by each run (all seeds summed).", "",
+             "| mode | actor idle | time to target (s, mean) | mean staleness | staleness histogram "
+             "| groups spanning versions | in-flight updates per run |",
+             "|---|---|---|---|---|---|---|"]
+    for mode in pair:
+        rs = [r for r in rows if r["mode"] == mode]
+        hist: dict = {}
+        for r in rs:
+            for k, v in r["staleness_hist"].items():
+                hist[k] = hist.get(k, 0) + v
+        ttt = statistics.mean(r["time_to_target"] if r["time_to_target"] is not None
+                              else r["train_s"] for r in rs)
+        lines.append(
+            f"| {mode} | {statistics.mean(1 - r['actor_busy'] for r in rs):.0%} | {ttt:.1f} | "
+            f"{statistics.mean(r['mean_staleness'] for r in rs):.2f} | {_hist(hist)} | "
+            f"{statistics.mean(r['mixed_frac'] for r in rs):.0%} | "
+            f"{statistics.mean(r['inflight_updates'] for r in rs):.0f} |")
+    return lines
 
 
 if __name__ == "__main__":

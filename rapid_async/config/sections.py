@@ -299,6 +299,28 @@ class ActorConfig:
     """Seconds between an actor's heartbeats, sent from a thread of their own,
     also while the engine generates."""
 
+    inflight: bool = False
+    """In-flight weight updates (rapid-async): the actor applies new weights
+    between decode steps instead of only between chunks, and each group
+    carries per-token policy versions (its staleness is its oldest token's).
+    hf engine; the vLLM engine cannot take weights mid-generation here, so it
+    generates each chunk in `inflight_subchunks` pieces and takes weights
+    between them (each group then has one version)."""
+
+    inflight_subchunks: int = 4
+    """With `inflight` on an engine without between-step updates (vLLM): how
+    many generate calls a chunk is split into, weights taken between them."""
+
+    inflight_recompute: bool = False
+    """With `inflight`: after an update, re-prefill prompt + generated tokens
+    under the new weights (default: keep the KV cache computed with the old
+    ones, as PipelineRL does)."""
+
+    max_batch_rows: int = 0
+    """Continuous batching (hf engine): at most this many completions (prompt x
+    sample rows) in flight per engine call; a finished row's slot takes the
+    next waiting row of the chunk. 0: the whole chunk in one batch."""
+
 
 @dataclass
 class TransportConfig:

@@ -64,13 +64,13 @@ def validate_config(cfg: Config) -> Config:
                  "actor.learner_timeout_s",
                  "transport.rollout_hwm", "transport.weights_hwm",
                  "learner.logprob_chunk_tokens", "learner.devices", "learner.max_actors",
-                 "actor.heartbeat_s", "learner.actor_timeout_s"):
+                 "actor.heartbeat_s", "learner.actor_timeout_s", "actor.inflight_subchunks"):
         _check_positive(name, cfg._get(name))
     for name in ("run.eval_every", "run.checkpoint_every", "run.checkpoint_minutes",
                  "run.max_seconds", "run.eval_samples", "run.eval_timeout_s",
                  "learner.max_staleness", "learner.weight_decay",
                  "learner.grad_clip", "algo.beta", "transport.port",
-                 "actor.rejoin_timeout_s",
+                 "actor.rejoin_timeout_s", "actor.max_batch_rows",
                  "learner.micro_batch_tokens",
                  "learner.max_skipped_steps", "transport.delta_chain_mb",
                  "transport.max_connections", "learner.max_groups_per_actor", "learner.grant_timeout_factor",

@@ -35,11 +35,15 @@ class Completion:
             distribution (temperature applied); same length as token_ids.
         finish_reason: "stop" (EOS or a stop string emitted) or "length"
             (max_new_tokens hit).
+        versions: with a request's `step_hook`: the label (policy version)
+            the hook returned before the forward pass that sampled each token;
+            same length as token_ids. None without a hook.
     """
 
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str = "stop"
+    versions: list[int] | None = None
 
 
 @dataclass
@@ -54,6 +58,20 @@ class GenerateRequest:
         seed: optional seed for reproducible sampling.
         stop: stop strings: a completion ends with the token that completes
             the first of them (that token is kept), finish_reason "stop".
+        step_hook: in-flight weight updates (engines with
+            `supports_step_hook`): called before every forward pass, between
+            decode steps; it may change the engine's weights in place (the
+            actor applies queued deltas there) and returns the label of the
+            weights the next pass uses (the policy version), recorded per
+            token in `Completion.versions`.
+        recompute: after a step_hook changed the label, re-prefill prompt +
+            generated tokens under the new weights instead of keeping the KV
+            cache computed with the old ones (the default keeps it, as
+            PipelineRL does; the log-probs are those of the distribution the
+            token was sampled from either way).
+        max_batch: continuous batching (hf engine): at most this many rows
+            (prompt x sample) in flight; a finished row's slot takes the next
+            waiting one (0: every row in one batch).
     """
 
     prompts: list[list[int]]
@@ -63,6 +81,9 @@ class GenerateRequest:
     seed: int | None = None
     extra: dict = field(default_factory=dict)
     stop: tuple[str, ...] = ()
+    step_hook: Callable[[], int] | None = None
+    recompute: bool = False
+    max_batch: int = 0
 
 
 def stop_window(stops: tuple[str, ...] | list[str]) -> int:

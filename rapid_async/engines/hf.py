@@ -40,12 +40,19 @@ def parse_dtype(name: str) -> torch.dtype:
 class HFEngine:
     """Sample completions with transformers, in one batch per request.
 
+    Supports in-flight weight updates (`supports_step_hook`): a request's
+    `step_hook` runs between decode steps and may rewrite the weights in
+    place; the KV cache is kept across the change, or rebuilt under the new
+    weights with `request.recompute`.
+
     Args:
         model_dir: a Hugging Face model directory (config + safetensors).
         device: torch device, e.g. "cpu" or "cuda:0".
         dtype: inference dtype name, see `DTYPES`.
         seed: seeds sampling for requests that carry no seed of their own.
     """
+
+    supports_step_hook = True
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: str = "float32",
                  seed: int = 0):
@@ -177,16 +184,31 @@ class HFEngine:
         generator = self._generator
         if request.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        if 0 < request.max_batch < len(request.prompts) * request.n:
+            from rapid_async.engines.hf_continuous import generate_continuous
+
+            return generate_continuous(self, request, generator)
         ids, mask = self._left_pad(request.prompts, request.n)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        batch = ids.shape[0]
+        batch, width = ids.shape
         tokens_out = torch.zeros((batch, request.max_new_tokens), dtype=torch.long)
         logprobs_out = torch.zeros((batch, request.max_new_tokens), dtype=torch.float32)
+        versions_out = torch.zeros((batch, request.max_new_tokens), dtype=torch.long)
         lengths = torch.full((batch,), request.max_new_tokens, dtype=torch.long)
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         eos = torch.tensor(sorted(self.eos_token_ids), device=self.device)
+        hook = request.step_hook
+        label = hook() if hook is not None else 0
         past, step_ids, step_pos = None, ids, positions
         for step in range(request.max_new_tokens):
+            if hook is not None and step > 0:
+                new_label = hook()
+                if new_label != label and request.recompute:
+                    # Re-prefill everything so far under the new weights.
+                    past = None
+                    step_ids = torch.cat([ids, tokens_out[:, :step].to(self.device)], dim=-1)
+                    step_pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                label = new_label
             out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                              past_key_values=past, use_cache=True)
             past = out.past_key_values
@@ -194,6 +216,7 @@ class HFEngine:
             tokens = torch.where(done, self.pad_token_id, tokens)
             tokens_out[:, step] = tokens.cpu()
             logprobs_out[:, step] = logprobs.cpu()
+            versions_out[:, step] = label
             finished_now = ~done & torch.isin(tokens, eos)
             if request.stop:
                 finished_now |= self._hit_stop(tokens_out, step, ~done & ~finished_now,
@@ -205,21 +228,25 @@ class HFEngine:
             step_ids = tokens[:, None]
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        return self._collect(tokens_out, logprobs_out, lengths, done.cpu(), request.n)
+        return self._collect(tokens_out, logprobs_out, lengths, done.cpu(), request.n,
+                             versions_out if hook is not None else None)
 
     @staticmethod
     def _collect(tokens: torch.Tensor, logprobs: torch.Tensor, lengths: torch.Tensor,
-                 stopped: torch.Tensor, n: int) -> list[list[Completion]]:
+                 stopped: torch.Tensor, n: int,
+                 versions: torch.Tensor | None = None) -> list[list[Completion]]:
         """Cut each row at its length and group rows by prompt.
 
         Args:
             tokens: (B, T) sampled ids; logprobs: (B, T); lengths: (B,);
-            stopped: (B,) whether the row emitted EOS; n: rows per prompt.
+            stopped: (B,) whether the row emitted EOS; n: rows per prompt;
+            versions: (B, T) weight label per token (None: no step hook).
         """
         completions = [
             Completion(token_ids=tokens[row, :length].tolist(),
                        logprobs=logprobs[row, :length].tolist(),
-                       finish_reason="stop" if bool(stopped[row]) else "length")
+                       finish_reason="stop" if bool(stopped[row]) else "length",
+                       versions=None if versions is None else versions[row, :length].tolist())
             for row, length in enumerate(lengths.tolist())
         ]
         return [completions[i:i + n] for i in range(0, len(completions), n)]

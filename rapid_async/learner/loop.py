@@ -249,6 +249,7 @@ class Learner(StopOnSignal):
     def update(self, minibatch: list[Any]) -> dict[str, Any]:
         """One optimizer step on a mini-batch; returns its metrics."""
         self.buffer.record_consumed(minibatch, self.trainer.version)
+        newest = self._newest_token_staleness(minibatch, self.trainer.version)
         t0 = time.perf_counter()
         metrics = self.trainer.update(minibatch)
         self.taken = [g for g in self.taken if all(g is not m for m in minibatch)]
@@ -260,11 +261,24 @@ class Learner(StopOnSignal):
         if not metrics.get("guard/skipped"):
             metrics["trained/grants"] = [g.grant_id for g in minibatch]
         metrics["trained/unverified"] = sum(not self.net.verified(g) for g in minibatch)
+        # In-flight updates: groups whose tokens span versions (staleness is
+        # the oldest token's; this is how much newer their newest token was).
+        metrics.update(newest)
         metrics["dropped/prompts"] = self.buffer.pop_dropped()
         self.trainer.data_position = self.scheduler.next_index
         self.clock["busy"] += time.perf_counter() - t0
         self.clock["tokens"] += metrics["batch/tokens"]
         return metrics
+
+    @staticmethod
+    def _newest_token_staleness(minibatch: list[Any], version: int) -> dict[str, float]:
+        """In-flight updates: how many groups span versions, and the mean
+        staleness of their newest tokens (a group's staleness is its oldest's)."""
+        newest = [g.newest_version() if hasattr(g, "newest_version") else g.policy_version
+                  for g in minibatch]
+        return {"trained/mixed_version_groups":
+                sum(getattr(g, "version_runs", None) is not None for g in minibatch),
+                "staleness/newest_token_mean": sum(version - v for v in newest) / len(newest)}
 
     def publish(self, metrics: dict[str, Any], end_of_round: bool, force: bool = False) -> None:
         """Hand new weights to the publisher thread when it is time, or now with

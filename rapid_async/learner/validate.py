@@ -16,7 +16,8 @@ Reasons (metric `rollouts/rejected_<reason>`):
     completion_empty     a completion has no tokens (the loss needs at least one;
                          real engines always return one: EOS is included)
     completion_too_long  more than algo.max_new_tokens tokens (padded width too)
-    version_future       policy_version newer than any published weights
+    version_future       policy_version (or a token's, with version_runs) newer than
+                         any published weights
     version_below_grant  policy_version older than the grant's minimum version
     logprob_range        a behaviour log-prob below MIN_BEHAVIOUR_LOGPROB
     reward_range         a reward outside [-MAX_ABS_REWARD, MAX_ABS_REWARD]
@@ -138,6 +139,11 @@ class GroupValidator:
 
     def _version(self, group: Any, min_version: int, published: int) -> tuple[str, str] | None:
         v = group.policy_version
+        newest = group.newest_version() if hasattr(group, "newest_version") else v
+        if newest > published:
+            return ("version_future",
+                    f"a token of policy_version {newest} is newer than the published "
+                    f"version {published}")
         if v > published:
             return ("version_future",
                     f"policy_version {v} is newer than the published version {published}")

@@ -31,7 +31,7 @@ import msgpack
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 3  # 3: RolloutGroup.session_tag
+PROTOCOL_VERSION = 4  # 3: RolloutGroup.session_tag; 4: RolloutGroup.version_runs
 MAX_HEADER_BYTES = 64 * 1024
 MAX_NESTING = 16  # deepest list / dict nesting allowed in Welcome.settings
 
@@ -232,7 +232,9 @@ class RolloutGroup:
     Attributes:
         actor_id: the actor that generated the group.
         prompt_id: the task's id of the prompt.
-        policy_version: the weight version that generated every completion.
+        policy_version: the weight version that generated the group's oldest
+            token (every token, unless `version_runs` says otherwise); the
+            learner's staleness of the group is measured from it.
         prompt_ids: (P,) int32 prompt token ids.
         completion_ids: (K, T) int32 completion token ids, right-padded with 0.
         completion_lengths: (K,) int32 number of real tokens in each row (<= T).
@@ -254,6 +256,14 @@ class RolloutGroup:
             tokens the model generated, 0 on environment / tool tokens (in the
             context, not trained); logprobs are 0 where it is 0. None (not
             sent): every completion token is the model's (one turn).
+        version_runs: optional (R, 3) int64, in-flight weight updates only:
+            run-length per-token policy versions, one row [k, version, count]
+            per run of `count` consecutive tokens of completion k generated
+            with weights `version`; rows of each completion in order, in
+            completion order, versions strictly increasing within a
+            completion, counts summing to its length, and the smallest
+            version equal to `policy_version`. None (not sent): every token
+            is `policy_version`'s.
     """
 
     actor_id: str
@@ -271,6 +281,27 @@ class RolloutGroup:
     grant_id: int = 0
     session_tag: str = ""
     loss_mask: torch.Tensor | None = None
+    version_runs: torch.Tensor | None = None
+
+    def token_versions(self) -> torch.Tensor:
+        """(K, T) int64 policy version of every completion token (0 in the padding)."""
+        k, t = self.completion_ids.shape
+        out = torch.zeros((k, t), dtype=torch.int64)
+        if self.version_runs is None:
+            for row, n in enumerate(self.completion_lengths.tolist()):
+                out[row, :n] = self.policy_version
+            return out
+        filled = [0] * k
+        for row, version, count in self.version_runs.tolist():
+            out[row, filled[row]:filled[row] + count] = version
+            filled[row] += count
+        return out
+
+    def newest_version(self) -> int:
+        """The newest policy version among the group's tokens."""
+        if self.version_runs is None or not self.version_runs.numel():
+            return self.policy_version
+        return int(self.version_runs[:, 1].max())
 
 
 FINISH_REASONS = ("stop", "length")
@@ -431,6 +462,37 @@ def _check_rollout_group(msg: RolloutGroup) -> None:
         raise ProtocolError(f"gen_seconds must be >= 0, got {msg.gen_seconds}")
     if msg.loss_mask is not None:
         _check_loss_mask(msg.loss_mask, msg.logprobs, padding)
+    if msg.version_runs is not None:
+        _check_version_runs(msg.version_runs, lengths.tolist(), msg.policy_version)
+
+
+def _check_version_runs(runs: torch.Tensor, lengths: list[int], policy_version: int) -> None:
+    """Per-token versions as runs [k, version, count]: completions in order,
+    each covered exactly by runs of strictly increasing versions (weights only
+    move forward during a generation), the oldest equal to policy_version."""
+    if runs.dim() != 2 or runs.shape[1] != 3 or runs.shape[0] < 1:
+        raise ProtocolError(f"version_runs must be (R, 3) rows [k, version, count] with R >= 1, "
+                            f"got shape {tuple(runs.shape)}")
+    covered, last, previous_row = [0] * len(lengths), [-1] * len(lengths), -1
+    for row, version, count in runs.tolist():
+        if not 0 <= row < len(lengths) or row < previous_row:
+            raise ProtocolError(f"version_runs: completion index {row} is outside [0, "
+                                f"{len(lengths)}) or out of order")
+        if version < 0 or count < 1:
+            raise ProtocolError(f"version_runs: run {[row, version, count]} needs version >= 0 "
+                                "and count >= 1")
+        if version <= last[row]:
+            raise ProtocolError(f"version_runs: versions of completion {row} must strictly "
+                                f"increase, got {version} after {last[row]}")
+        covered[row] += count
+        last[row], previous_row = version, row
+    if covered != lengths:
+        raise ProtocolError(f"version_runs: tokens covered per completion {covered} != "
+                            f"completion_lengths {lengths}")
+    oldest = int(runs[:, 1].min())
+    if oldest != policy_version:
+        raise ProtocolError(f"version_runs: the oldest token's version {oldest} must be the "
+                            f"group's policy_version {policy_version}")
 
 
 def _check_loss_mask(mask: torch.Tensor, logprobs: torch.Tensor, padding: torch.Tensor) -> None:
@@ -564,9 +626,10 @@ _SPECS = [
             "logprobs": torch.float32,
             "rewards": torch.float32,
             "loss_mask": torch.int32,
+            "version_runs": torch.int64,
         },
         check=_check_rollout_group,
-        optional=("loss_mask",),
+        optional=("loss_mask", "version_runs"),
     ),
 ]
 _BY_TAG = {spec.tag: spec for spec in _SPECS}
