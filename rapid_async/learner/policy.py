@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from rapid_async.learner.packing import pack_sequences
+
 
 @dataclass
 class Batch:
@@ -240,7 +242,7 @@ LOGPROB_CHUNK_TOKENS = 256
 
 
 def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float,
-                   chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> torch.Tensor:
+                   chunk_tokens: int = LOGPROB_CHUNK_TOKENS, packing: bool = False) -> torch.Tensor:
     """log pi_theta of each completion token under the tempered distribution.
 
     Runs the model body once, takes the hidden states at the N completion
@@ -256,11 +258,12 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float,
         batch: the collated mini-batch (or micro-batch).
         temperature: sampling temperature used by the actor.
         chunk_tokens: completion tokens per lm_head call.
+        packing: packed rows of whole sequences (see `PolicyLogprobs`).
 
     Returns:
         (B, T) float32 log-probs, 0 where batch.mask is 0. Differentiable.
     """
-    return PolicyLogprobs(model, temperature, chunk_tokens)(
+    return PolicyLogprobs(model, temperature, chunk_tokens, packing)(
         batch.input_ids, batch.attention_mask, batch.positions, batch.completion_ids, batch.mask)
 
 
@@ -275,24 +278,33 @@ class PolicyLogprobs(torch.nn.Module):
         model: a Hugging Face causal LM.
         temperature: sampling temperature used by the actor.
         chunk_tokens: completion tokens per lm_head call.
+        packing: run the body on packed rows of whole sequences (`pack_sequences`)
+            instead of the padded rows; same log-probs, fewer padding tokens.
     """
 
     def __init__(self, model: torch.nn.Module, temperature: float,
-                 chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
+                 chunk_tokens: int = LOGPROB_CHUNK_TOKENS, packing: bool = False):
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens
+        self.packing = packing
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 positions: torch.Tensor, completion_ids: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         """(B, T) float32 log-probs from the Batch fields of the same names."""
         model = self.model
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state  # (B, L, H)
         rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
-        h = hidden[rows, positions[rows, cols]]  # (N, H)
+        if self.packing:
+            packed = pack_sequences(input_ids, attention_mask)
+            hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                                         use_cache=False).last_hidden_state  # (P, C, H)
+            h = hidden[packed.bins[rows], packed.offsets[rows] + positions[rows, cols]]  # (N, H)
+        else:
+            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                         use_cache=False).last_hidden_state  # (B, L, H)
+            h = hidden[rows, positions[rows, cols]]  # (N, H)
         targets = completion_ids[rows, cols]  # (N,)
         head = model.get_output_embeddings()
         cap = getattr(model.config, "final_logit_softcapping", None)
