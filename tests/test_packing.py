@@ -160,3 +160,20 @@ def test_trainer_update_with_packing_equals_padded(tmp_path):
             torch.testing.assert_close(w[name], base_w[name], rtol=1e-4, atol=1e-6)
     assert out[(True, 60)][0]["batch/microbatches"] > 1
     assert out[(True, 0)][0]["batch/padded_tokens"] < base_m["batch/padded_tokens"]
+
+
+def test_keeping_the_head_activations_gives_the_recomputed_gradients():
+    model = qwen2_gqa()
+    batch = collate(random_groups(6, n_groups=2))
+    grads = []
+    for keep in (0, 2**40):  # always recompute, never recompute
+        model.zero_grad(set_to_none=True)
+        policy = PolicyLogprobs(model, 0.9, chunk_tokens=4)
+        policy.keep_logits_bytes = keep
+        lp = policy(batch.input_ids, batch.attention_mask, batch.positions, batch.completion_ids,
+                    batch.mask)
+        lp.sum().backward()
+        grads.append((lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for name in grads[0][1]:
+        torch.testing.assert_close(grads[0][1][name], grads[1][1][name], rtol=1e-6, atol=1e-7)

@@ -239,6 +239,10 @@ def rank_rows(lengths: list[int], group_size: int, rank: int, world: int) -> lis
 
 LOGPROB_CHUNK_TOKENS = 256
 """Completion tokens per lm_head chunk: one chunk's (chunk, V) logits exist at a time."""
+KEEP_LOGITS_BYTES = 64 * 2**20
+"""Below this many bytes of float32 (N, V) logits the backward keeps the chunks'
+activations instead of recomputing each lm_head chunk (checkpointing saves
+memory only where the logits are large: Qwen's 151,936-token vocabulary)."""
 
 
 def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float,
@@ -248,9 +252,10 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float,
     Runs the model body once, takes the hidden states at the N completion
     positions only, and computes the N sampled tokens' log-probs through
     `lm_head` in chunks of `chunk_tokens`: no (B, L, V) or (B, T, V) tensor
-    exists, only one (chunk, V) block at a time. With gradients on, each chunk
-    is recomputed in the backward pass (activation checkpointing), so the
-    autograd graph holds (N, H) hidden states, not (N, V) logits.
+    exists, only one (chunk, V) block at a time. With gradients on and (N, V)
+    float32 logits over `KEEP_LOGITS_BYTES`, each chunk is recomputed in the
+    backward pass (activation checkpointing), so the autograd graph holds
+    (N, H) hidden states, not (N, V) logits; below it nothing is recomputed.
 
     Args:
         model: a Hugging Face causal LM (`get_decoder()` the body, returning
@@ -289,6 +294,7 @@ class PolicyLogprobs(torch.nn.Module):
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens
         self.packing = packing
+        self.keep_logits_bytes = KEEP_LOGITS_BYTES
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 positions: torch.Tensor, completion_ids: torch.Tensor,
@@ -309,10 +315,12 @@ class PolicyLogprobs(torch.nn.Module):
         head = model.get_output_embeddings()
         cap = getattr(model.config, "final_logit_softcapping", None)
         pieces = []
+        recompute = (torch.is_grad_enabled() and h.requires_grad
+                     and h.shape[0] * head.weight.shape[0] * 4 > self.keep_logits_bytes)
         for i in range(0, h.shape[0], self.chunk_tokens):
             args = (head, h[i:i + self.chunk_tokens], targets[i:i + self.chunk_tokens],
                     self.temperature, cap)
-            if torch.is_grad_enabled() and h.requires_grad:
+            if recompute:
                 pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False))
             else:
                 pieces.append(chunk_logprobs(*args))
