@@ -239,6 +239,13 @@ class LearnerConfig:
     CPU), float32 or bfloat16 (autocast; master weights and optimizer state
     stay in float32)."""
 
+    packing: bool = False
+    """Run the forward/backward on packed rows of whole sequences (position ids
+    restarting per sequence; attention never crosses one: SDPA's block-diagonal
+    mask on CPU, flash-attention varlen where installed) instead of padded rows,
+    with micro-batches and ranks balanced by real tokens. Same log-probs and
+    gradients; micro_batch_tokens then counts packed tokens."""
+
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass instead of keeping its
     activations (less memory, about a third more compute)."""

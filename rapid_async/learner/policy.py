@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from rapid_async.learner.packing import pack_sequences
+
 
 @dataclass
 class Batch:
@@ -237,18 +239,23 @@ def rank_rows(lengths: list[int], group_size: int, rank: int, world: int) -> lis
 
 LOGPROB_CHUNK_TOKENS = 256
 """Completion tokens per lm_head chunk: one chunk's (chunk, V) logits exist at a time."""
+KEEP_LOGITS_BYTES = 64 * 2**20
+"""Below this many bytes of float32 (N, V) logits the backward keeps the chunks'
+activations instead of recomputing each lm_head chunk (checkpointing saves
+memory only where the logits are large: Qwen's 151,936-token vocabulary)."""
 
 
 def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float,
-                   chunk_tokens: int = LOGPROB_CHUNK_TOKENS) -> torch.Tensor:
+                   chunk_tokens: int = LOGPROB_CHUNK_TOKENS, packing: bool = False) -> torch.Tensor:
     """log pi_theta of each completion token under the tempered distribution.
 
     Runs the model body once, takes the hidden states at the N completion
     positions only, and computes the N sampled tokens' log-probs through
     `lm_head` in chunks of `chunk_tokens`: no (B, L, V) or (B, T, V) tensor
-    exists, only one (chunk, V) block at a time. With gradients on, each chunk
-    is recomputed in the backward pass (activation checkpointing), so the
-    autograd graph holds (N, H) hidden states, not (N, V) logits.
+    exists, only one (chunk, V) block at a time. With gradients on and (N, V)
+    float32 logits over `KEEP_LOGITS_BYTES`, each chunk is recomputed in the
+    backward pass (activation checkpointing), so the autograd graph holds
+    (N, H) hidden states, not (N, V) logits; below it nothing is recomputed.
 
     Args:
         model: a Hugging Face causal LM (`get_decoder()` the body, returning
@@ -256,11 +263,12 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, temperature: float,
         batch: the collated mini-batch (or micro-batch).
         temperature: sampling temperature used by the actor.
         chunk_tokens: completion tokens per lm_head call.
+        packing: packed rows of whole sequences (see `PolicyLogprobs`).
 
     Returns:
         (B, T) float32 log-probs, 0 where batch.mask is 0. Differentiable.
     """
-    return PolicyLogprobs(model, temperature, chunk_tokens)(
+    return PolicyLogprobs(model, temperature, chunk_tokens, packing)(
         batch.input_ids, batch.attention_mask, batch.positions, batch.completion_ids, batch.mask)
 
 
@@ -275,32 +283,44 @@ class PolicyLogprobs(torch.nn.Module):
         model: a Hugging Face causal LM.
         temperature: sampling temperature used by the actor.
         chunk_tokens: completion tokens per lm_head call.
+        packing: run the body on packed rows of whole sequences (`pack_sequences`)
+            instead of the padded rows; same log-probs, fewer padding tokens.
     """
 
     def __init__(self, model: torch.nn.Module, temperature: float,
-                 chunk_tokens: int = LOGPROB_CHUNK_TOKENS):
+                 chunk_tokens: int = LOGPROB_CHUNK_TOKENS, packing: bool = False):
         super().__init__()
         self.model = model
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens
+        self.packing = packing
+        self.keep_logits_bytes = KEEP_LOGITS_BYTES
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 positions: torch.Tensor, completion_ids: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         """(B, T) float32 log-probs from the Batch fields of the same names."""
         model = self.model
-        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     use_cache=False).last_hidden_state  # (B, L, H)
         rows, cols = mask.nonzero(as_tuple=True)  # (N,), (N,)
-        h = hidden[rows, positions[rows, cols]]  # (N, H)
+        if self.packing:
+            packed = pack_sequences(input_ids, attention_mask)
+            hidden = model.get_decoder()(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                                         use_cache=False).last_hidden_state  # (P, C, H)
+            h = hidden[packed.bins[rows], packed.offsets[rows] + positions[rows, cols]]  # (N, H)
+        else:
+            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                         use_cache=False).last_hidden_state  # (B, L, H)
+            h = hidden[rows, positions[rows, cols]]  # (N, H)
         targets = completion_ids[rows, cols]  # (N,)
         head = model.get_output_embeddings()
         cap = getattr(model.config, "final_logit_softcapping", None)
         pieces = []
+        recompute = (torch.is_grad_enabled() and h.requires_grad
+                     and h.shape[0] * head.weight.shape[0] * 4 > self.keep_logits_bytes)
         for i in range(0, h.shape[0], self.chunk_tokens):
             args = (head, h[i:i + self.chunk_tokens], targets[i:i + self.chunk_tokens],
                     self.temperature, cap)
-            if torch.is_grad_enabled() and h.requires_grad:
+            if recompute:
                 pieces.append(checkpoint(chunk_logprobs, *args, use_reentrant=False))
             else:
                 pieces.append(chunk_logprobs(*args))

@@ -41,6 +41,7 @@ from rapid_async.learner.distributed import (CHECKPOINT, GATHER, PARAMS, UPDATE,
 from rapid_async.learner.distributed import close as close_ranks
 from rapid_async.learner.policy import (Batch, PolicyLogprobs, collate, plan_microbatches,
                                         rank_rows, save_batch, splits_groups)
+from rapid_async.learner.packing import packed_rank_rows, packed_tokens, plan_packed_microbatches
 from rapid_async.learner.truncation import apply_truncated
 from rapid_async.loss.mismatch import mismatch_metrics
 from rapid_async.weights import INFERENCE_DTYPES, cast_state
@@ -92,8 +93,10 @@ class Trainer:
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
         temperature, chunk = cfg.algo.temperature, cfg.learner.logprob_chunk_tokens
-        self.policy = PolicyLogprobs(self.model, temperature, chunk)
-        self.ref_policy = PolicyLogprobs(self.ref_model, temperature, chunk) if self.ref_model else None
+        packing = cfg.learner.packing
+        self.policy = PolicyLogprobs(self.model, temperature, chunk, packing)
+        self.ref_policy = (PolicyLogprobs(self.ref_model, temperature, chunk, packing)
+                           if self.ref_model else None)
         if self.ranks.world > 1:
             shard(self.policy, self.model, self.device, self.ranks.world)
             if self.ref_policy is not None:
@@ -260,9 +263,13 @@ class Trainer:
 
     def _plan(self, batch: Batch, rank: int) -> list[list[int]]:
         """Micro-batches (row indices of `batch`) of the groups that `rank` trains on."""
-        lengths, k = batch.lengths, batch.group_size
-        mine = rank_rows(lengths, k, rank, self.ranks.world)
-        local = plan_microbatches([lengths[i] for i in mine], k, self.cfg.learner.micro_batch_tokens)
+        lengths, k, budget = batch.lengths, batch.group_size, self.cfg.learner.micro_batch_tokens
+        if self.cfg.learner.packing:  # balanced by real tokens
+            mine = packed_rank_rows(lengths, k, rank, self.ranks.world)
+            local = plan_packed_microbatches([lengths[i] for i in mine], k, budget)
+        else:
+            mine = rank_rows(lengths, k, rank, self.ranks.world)
+            local = plan_microbatches([lengths[i] for i in mine], k, budget)
         return [[mine[i] for i in rows] for rows in local]
 
     def _advantages_first(self, batch: Batch, plan: list[list[int]]) -> torch.Tensor:
@@ -353,7 +360,7 @@ class Trainer:
                    "staleness/max": float(staleness.max()),
                    "batch/tokens": float(batch.mask.sum()),
                    "batch/microbatches": float(max(len(p) for p in plans)),
-                   "batch/padded_tokens": float(sum(len(r) * max(batch.lengths[i] for i in r)
+                   "batch/padded_tokens": float(sum(self._run_tokens([batch.lengths[i] for i in r])
                                                     for p in plans for r in p))}
         # At staleness 0 the actor's and the learner's weights are the same bits,
         # so pi vs mu is purely inference-engine vs trainer mismatch: k3 (KL(mu||pi)
@@ -363,6 +370,10 @@ class Trainer:
         if self.device.type == "cuda":
             metrics["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return metrics
+
+    def _run_tokens(self, lengths: list[int]) -> int:
+        """Tokens one pass over sequences of these lengths runs: padded or packed."""
+        return packed_tokens(lengths) if self.cfg.learner.packing else len(lengths) * max(lengths)
 
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Model and optimizer state to save (`checkpoint.capture`). With several
