@@ -21,6 +21,7 @@ from rapid_async.learner.trainer import Trainer
 from rapid_async.tinymodel import init_model_dir
 from rapid_async.weights import WeightReceiver, digest
 from rapid_async.weights.publisher import WeightPublisher
+from test_system import MODES, _inference_digest, run_learner_and_actors
 from test_trainer import SMALL, two_groups
 from test_weights_publisher import Collector
 
@@ -205,3 +206,36 @@ def test_resume_refuses_other_adapter_shapes_and_mixed_checkpoints(model_dir, tm
                             plain.tokenizer)
     with pytest.raises(ValueError, match="no LoRA adapter"):
         checkpoint.load(Trainer(make_cfg(), model_dir), full)
+
+
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("mode,engine", [
+    ("rapid-async", "hf"), pytest.param("rapid-sync", "hf", marks=SLOW),
+    pytest.param("grpo", "hf", marks=SLOW),  # algo.beta > 0: the reference is the base
+    pytest.param("rapid-async", "vllm", marks=[SLOW, pytest.mark.vllm])])
+def test_lora_runs_end_to_end_and_actors_hold_the_merged_weights(mode, engine, tmp_path,
+                                                                  random_model_dir):
+    """Real learner and actor processes: the actor's final weights (its digest) are
+    the checkpoint's merged weights cast to the inference dtype."""
+    if engine == "vllm":
+        pytest.importorskip("vllm")
+    steps = 6
+    overrides = MODES[mode] + LORA + [f"run.max_steps={steps}", "run.eval_every=0",
+                                      "run.eval_size=20", "algo.group_size=4",
+                                      "algo.max_new_tokens=4", "learner.lr=1e-2",
+                                      f"actor.engine={engine}"]
+    records, logs = run_learner_and_actors(tmp_path, random_model_dir, overrides,
+                                           timeout=600 if engine == "vllm" else 300)
+    learner = [r for r in records if r["role"] == "learner" and "loss/policy" in r]
+    assert [r["version"] for r in learner] == list(range(1, steps + 1))
+    actor = [r for r in records if r["role"] == "actor"]
+    assert actor[-1]["actor/deltas"] >= 1 and max(r["version"] for r in actor) == steps
+    ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    assert ckpt.name.endswith(f"{steps:08d}") and (ckpt / "adapter").is_dir()
+    assert actor[-1]["weights/state_digest"] == _inference_digest(ckpt, "float32")
+    mism = [r["mismatch/engine_abs_delta"] for r in learner if "mismatch/engine_abs_delta" in r]
+    # the engine runs the merged weights the learner trains (vLLM: its own kernels, ~1e-6)
+    assert mism and max(mism) < (1e-3 if engine == "vllm" else 1e-4), mism
+    assert "Traceback" not in logs

@@ -79,15 +79,18 @@ class Trainer:
     Args:
         cfg: the run config.
         model_dir: Hugging Face model directory to start from.
+        model: a causal LM already built, used instead of loading model_dir's
+            weights (benchmarks build large shapes from code); the tokenizer
+            still comes from model_dir.
     """
 
-    def __init__(self, cfg: Config, model_dir: str | Path):
+    def __init__(self, cfg: Config, model_dir: str | Path, model: torch.nn.Module | None = None):
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         torch.manual_seed(cfg.run.seed)
         self.ranks, self.device = init_ranks(resolve_device(cfg.learner.device))
         self.compute_dtype = resolve_compute_dtype(cfg.learner.compute_dtype, self.device)
-        self.model = self._load_model(model_dir, cfg.learner.activation_checkpointing)
+        self.model = self._load_model(model_dir, cfg.learner.activation_checkpointing, model)
         self.hf_model = self.model  # the plain transformers model (LoRA: peft's base model)
         self.lora = bool(cfg.learner.lora)
         if self.lora:  # learner/lora.py: peft adapters, the rest frozen
@@ -120,10 +123,13 @@ class Trainer:
         self.recorded = 0
         self.replay_recorder = None  # start_replay_record (learner/replay_record.py)
 
-    def _load_model(self, model_dir: str | Path, checkpointing: bool) -> torch.nn.Module:
+    def _load_model(self, model_dir: str | Path, checkpointing: bool,
+                    model: torch.nn.Module | None = None) -> torch.nn.Module:
         """The model with float32 master weights on the learner's device, in train mode."""
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=INFERENCE_DTYPES[self.cfg.model.train_dtype]).to(self.device)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=INFERENCE_DTYPES[self.cfg.model.train_dtype])
+        model = model.to(self.device)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
