@@ -5,11 +5,8 @@ RUN_DIR/checkpoints/step-NNNNNNNN, a Hugging Face model directory (config,
 safetensors weights, tokenizer) plus
 
     trainer_state.pt        optimizer state and RNG states (CPU, CUDA, Python)
-    adapter/                with `learner.lora`: the peft adapter (adapter_config.json,
-                            adapter_model.safetensors), which resume loads over
-                            the base model; the model weights beside it are the
-                            merged ones and the optimizer state is the adapters'
-                            (learner/lora.py)
+    adapter/                `learner.lora`: the peft adapter, loaded on resume (the
+                            weights are the merged ones; learner/lora.py)
     rapid_checkpoint.json   version, data position, the prompts that were
                             granted but not yet trained (handed out again on
                             resume), the run config, and `extra` (stop reason)
@@ -61,12 +58,9 @@ class Snapshot:
     model_state: dict[str, torch.Tensor]
     trainer_state: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
-    adapter_state: dict[str, torch.Tensor] | None = None
-    """LoRA: the adapter weights (peft's keys); None without LoRA."""
-    adapter_model: Any = None
-    """LoRA: the peft model, for its adapter config (not changed by training)."""
-    base_dir: str = ""
-    """LoRA: the base model directory the adapters apply to."""
+    adapter_state: dict[str, torch.Tensor] | None = None  # LoRA: the adapters (peft's keys)
+    adapter_model: Any = None  # LoRA: the peft model (its adapter config)
+    base_dir: str = ""  # LoRA: the base model directory
 
 
 # ---------------------------------------------------------------- copies
@@ -142,7 +136,9 @@ def capture(trainer: Any, pending: list[int], meta: dict[str, Any] | None = None
     buffers = buffers or HostBuffers()
     seen: dict = {}
     model_state, optimizer_state = trainer.checkpoint_state()  # several ranks: gathered on rank 0
-    model_state = _copy_tree(model_state, buffers, ("model",), seen)
+    if not (getattr(trainer, "lora", False) and trainer.device.type == "cpu"):
+        # (LoRA on CPU: the merged tensors are new and the rest frozen; no copy needed)
+        model_state = _copy_tree(model_state, buffers, ("model",), seen)
     optimizer = _copy_tree(optimizer_state, buffers, ("optimizer",), seen)
     adapters = getattr(trainer, "adapter_state", lambda: None)()
     if adapters is not None:
@@ -285,18 +281,13 @@ def load(trainer: Any, path: str | Path) -> dict[str, Any]:
         raise ValueError("--resume with learner.devices > 1 is not supported yet: resume on one "
                          "rank (learner.devices = 1), or start from the checkpoint's model "
                          "directory with model.path")
+    from rapid_async.learner import lora
+
     path = Path(path)
     if getattr(trainer, "lora", False):  # the base stays as loaded; the adapters come back
-        from rapid_async.learner.lora import ADAPTER_DIR, load_adapter
-
-        load_adapter(trainer.model, path / ADAPTER_DIR, trainer.cfg.learner)
+        lora.load_adapter(trainer.model, path / lora.ADAPTER_DIR, trainer.cfg.learner)
     else:
-        from rapid_async.learner.lora import ADAPTER_DIR
-
-        if (path / ADAPTER_DIR).is_dir():
-            raise ValueError(f"{path} holds LoRA adapters (learner.lora = true); resume with "
-                             "learner.lora = true, or start a new run from its merged weights "
-                             f"with model.path = {str(path)!r}")
+        lora.refuse_adapters(path)
         loaded = AutoModelForCausalLM.from_pretrained(path, dtype=trainer.model.dtype)
         trainer.model.load_state_dict(loaded.state_dict())
     state = torch.load(path / STATE_FILE, weights_only=True)

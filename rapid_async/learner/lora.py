@@ -185,6 +185,15 @@ def adapter_settings(directory: Path) -> dict[str, Any]:
     return out
 
 
+def refuse_adapters(path: Path) -> None:
+    """Refuse to resume a LoRA checkpoint without `learner.lora` (its optimizer
+    state is the adapters')."""
+    if (Path(path) / ADAPTER_DIR).is_dir():
+        raise ValueError(f"{path} holds LoRA adapters: resume with learner.lora = true, or "
+                         f"start a new run from its merged weights with model.path = "
+                         f"{str(path)!r}")
+
+
 def load_adapter(peft_model: torch.nn.Module, directory: Path, learner: Any) -> None:
     """Load a checkpoint's adapter weights into `peft_model`.
 
