@@ -165,6 +165,8 @@ def row_text(row: dict) -> str:
     spec, r = row["spec"], row["result"]
     head = (f"| {spec['shape']} | {spec['method']} | {spec['dtype']} | "
             f"{row['estimate_gib']:.1f} | ")
+    if "not_run" in r:
+        return head + "not run (--estimate-only) | | | | | | |"
     if "skipped" in r:
         return head + f"does not fit ({r['skipped']}) | | | | | | |"
     if "error" in r:
@@ -214,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--completion", type=int, default=16)
     parser.add_argument("--timeout", type=float, default=1800)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/lora-cpu.md")
+    parser.add_argument("--estimate-only", action="store_true",
+                        help="write the memory estimates and fit checks; run nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -229,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
                 need, free = estimate_gib(shape, method, dtype), available_gib()
                 if need > free - RESERVE_GIB:
                     result = {"skipped": f"needs ~{need:.1f} GiB, {free:.1f} GiB available"}
+                elif args.estimate_only:
+                    result = {"not_run": True}
                 else:
                     result = run_child(spec, args.timeout)
                 rows.append({"spec": spec, "estimate_gib": need, "result": result})
