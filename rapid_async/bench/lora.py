@@ -185,6 +185,9 @@ def write_table(rows: list[dict], args: argparse.Namespace, before: str, after: 
         f"(shared), {available_gib():.1f} GiB available at the end; torch threads "
         f"{next((r['result'].get('threads') for r in rows if 'threads' in r['result']), '?')}.",
         f"Load (`uptime`) before: {before}", f"Load after: {after}", "",
+        *(["**Estimates only (`--estimate-only`): no cell was run; run `bin/bench-lora` "
+           "(alone, under the heavy lock) for measured peaks and seconds.**", ""]
+          if args.estimate_only else []),
         "Model: Qwen2 at the named shape, built from code (random init), vocabulary 151,936, "
         "tied embeddings; weights in the listed dtype (this CPU has AVX2 but no AVX-512 BF16 "
         "or AMX, so bfloat16 arithmetic is emulated: slower, half the memory). The learner's "
