@@ -274,6 +274,29 @@ class LearnerConfig:
     """Stop with an error after this many consecutive steps skipped for a
     non-finite loss or gradient norm (0: never stop)."""
 
+    lora: bool = False
+    """Train LoRA adapters (peft) instead of every weight: only the adapters
+    are trainable and in the optimizer, the KL reference (algo.beta) is the
+    base with the adapters off, and actors are sent the merged weights
+    W + (alpha / rank) B A cast to model.inference_dtype (they need no LoRA
+    code). One learner rank only (learner.devices = 1)."""
+
+    lora_rank: int = 16
+    """r: rank of each adapter (A is r x in, B is out x r)."""
+
+    lora_alpha: float = 32.0
+    """LoRA alpha: the adapter's output is scaled by alpha / rank."""
+
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input while training, in [0, 1). Above 0 the
+    learner's log-probs are noisy versions of the actors' (merged weights, no
+    dropout): keep 0 for exact importance ratios."""
+
+    lora_target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names of the Linear modules that get adapters (peft's target_modules;
+    the default is every projection of a Qwen2 / Llama decoder layer)."""
+
 
 @dataclass
 class ActorConfig:

@@ -104,11 +104,31 @@ def validate_config(cfg: Config) -> Config:
         raise ValueError(
             f"learner.buffer_groups = {lb.buffer_groups} must be >= "
             f"learner.minibatch_groups = {lb.minibatch_groups}")
+    _validate_lora(cfg)
     _validate_env(cfg)
     _validate_metrics(cfg)
     _validate_transport(cfg)
     _check_progress(cfg)
     return cfg
+
+
+def _validate_lora(cfg: Config) -> None:
+    """LoRA settings: a positive rank and alpha, dropout in [0, 1), named target
+    modules, one learner rank."""
+    lb = cfg.learner
+    _check_positive("learner.lora_rank", lb.lora_rank)
+    if not (math.isfinite(lb.lora_alpha) and lb.lora_alpha > 0):
+        raise ValueError(f"learner.lora_alpha = {lb.lora_alpha} must be a finite number > 0")
+    if not 0 <= lb.lora_dropout < 1:
+        raise ValueError(f"learner.lora_dropout = {lb.lora_dropout} must be in [0, 1)")
+    if not lb.lora_target_modules or not all(
+            isinstance(m, str) and m.strip() for m in lb.lora_target_modules):
+        raise ValueError(f"learner.lora_target_modules = {lb.lora_target_modules!r}: name the "
+                         "Linear modules that get adapters, e.g. [\"q_proj\", \"v_proj\"]")
+    if lb.lora and lb.devices > 1:
+        raise ValueError(f"learner.lora = true needs learner.devices = 1 (got {lb.devices}): "
+                         "LoRA with several FSDP learner ranks is not supported; an adapter "
+                         "run fits one device, or set learner.lora = false")
 
 
 def _validate_env(cfg: Config) -> None:

@@ -5,6 +5,8 @@ RUN_DIR/checkpoints/step-NNNNNNNN, a Hugging Face model directory (config,
 safetensors weights, tokenizer) plus
 
     trainer_state.pt        optimizer state and RNG states (CPU, CUDA, Python)
+    adapter/                `learner.lora`: the peft adapter, loaded on resume (the
+                            weights are the merged ones; learner/lora.py)
     rapid_checkpoint.json   version, data position, the prompts that were
                             granted but not yet trained (handed out again on
                             resume), the run config, and `extra` (stop reason)
@@ -56,6 +58,9 @@ class Snapshot:
     model_state: dict[str, torch.Tensor]
     trainer_state: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    adapter_state: dict[str, torch.Tensor] | None = None  # LoRA: the adapters (peft's keys)
+    adapter_model: Any = None  # LoRA: the peft model (its adapter config)
+    base_dir: str = ""  # LoRA: the base model directory
 
 
 # ---------------------------------------------------------------- copies
@@ -131,14 +136,21 @@ def capture(trainer: Any, pending: list[int], meta: dict[str, Any] | None = None
     buffers = buffers or HostBuffers()
     seen: dict = {}
     model_state, optimizer_state = trainer.checkpoint_state()  # several ranks: gathered on rank 0
-    model_state = _copy_tree(model_state, buffers, ("model",), seen)
+    if not (getattr(trainer, "lora", False) and trainer.device.type == "cpu"):
+        # (LoRA on CPU: the merged tensors are new and the rest frozen; no copy needed)
+        model_state = _copy_tree(model_state, buffers, ("model",), seen)
     optimizer = _copy_tree(optimizer_state, buffers, ("optimizer",), seen)
+    adapters = getattr(trainer, "adapter_state", lambda: None)()
+    if adapters is not None:
+        adapters = _copy_tree(adapters, buffers, ("adapter",), {})
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()  # the non-blocking copies have landed
     return Snapshot(version=trainer.version, data_position=trainer.data_position,
                     pending=sorted(int(i) for i in pending), model_state=model_state,
                     trainer_state={"optimizer": optimizer, "rng": rng_state()},
-                    meta=dict(meta or {}))
+                    meta=dict(meta or {}), adapter_state=adapters,
+                    adapter_model=trainer.model if adapters is not None else None,
+                    base_dir=str(getattr(trainer, "model_dir", "")))
 
 
 # ---------------------------------------------------------------- files
@@ -161,6 +173,11 @@ def write(snapshot: Snapshot, run_dir: str | Path, model: Any, tokenizer: Any) -
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=dict(snapshot.model_state))
     tokenizer.save_pretrained(tmp)
+    if snapshot.adapter_state is not None:
+        from rapid_async.learner.lora import ADAPTER_DIR, save_adapter
+
+        save_adapter(tmp / ADAPTER_DIR, snapshot.adapter_state, snapshot.adapter_model,
+                     str(Path(snapshot.base_dir).resolve()) if snapshot.base_dir else "")
     torch.save(snapshot.trainer_state, tmp / STATE_FILE)
     (tmp / MARKER).write_text(json.dumps({  # written last: it marks a complete checkpoint
         "version": snapshot.version, "data_position": snapshot.data_position,
@@ -264,9 +281,15 @@ def load(trainer: Any, path: str | Path) -> dict[str, Any]:
         raise ValueError("--resume with learner.devices > 1 is not supported yet: resume on one "
                          "rank (learner.devices = 1), or start from the checkpoint's model "
                          "directory with model.path")
+    from rapid_async.learner import lora
+
     path = Path(path)
-    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=trainer.model.dtype)
-    trainer.model.load_state_dict(loaded.state_dict())
+    if getattr(trainer, "lora", False):  # the base stays as loaded; the adapters come back
+        lora.load_adapter(trainer.model, path / lora.ADAPTER_DIR, trainer.cfg.learner)
+    else:
+        lora.refuse_adapters(path)
+        loaded = AutoModelForCausalLM.from_pretrained(path, dtype=trainer.model.dtype)
+        trainer.model.load_state_dict(loaded.state_dict())
     state = torch.load(path / STATE_FILE, weights_only=True)
     if any(isinstance(k, str) for k in state["optimizer"].get("state", {})):
         raise ValueError(f"{path} was written by several learner ranks (optimizer state keyed by "
@@ -374,7 +397,7 @@ class Checkpointer:
         self.check()
         snapshot = capture(trainer, pending, meta, self.buffers)
         self.last_version, self.last_time = snapshot.version, time.monotonic()
-        args = (snapshot, trainer.model, trainer.tokenizer)
+        args = (snapshot, getattr(trainer, "hf_model", trainer.model), trainer.tokenizer)
         if background:
             self._thread = threading.Thread(target=self._write, args=args,
                                             name="checkpoint-writer", daemon=True)

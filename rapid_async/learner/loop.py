@@ -160,9 +160,10 @@ class Learner(StopOnSignal):
             self.weight_stats = stats
 
         gather = self.trainer.publish_params if self.trainer.ranks.world > 1 else None
-        publisher = WeightPublisher(self.trainer.model, self.cfg.model.inference_dtype,
+        source = self.trainer.published_weights()  # the model, or LoRA's merged view
+        publisher = WeightPublisher(source, self.cfg.model.inference_dtype,
                                     on_update=published, on_snapshot=self.net.snapshot_ready,
-                                    gather=gather)
+                                    gather=gather, fill=getattr(source, "fill", None))
         publisher.begin(self.trainer.version)
         self.published_version = self.trainer.version  # the newest version handed over
         self.net.set_published(self.trainer.version)

@@ -15,6 +15,10 @@ stays, `guard/skipped_steps` counts it). With several learner ranks
 (`distributed.py`, FSDP2) every rank runs `step` on its own groups of the
 same mini-batch and the result equals one rank's.
 
+With `learner.lora` the model is a peft model (`learner/lora.py`): only the
+adapters are in the optimizer, the KL reference is the base (adapters off),
+and what is published and checkpointed as weights is the merged view.
+
 Checkpoints of this state (weights, optimizer, version, RNG, data position)
 are written and loaded by `rapid_async.learner.checkpoint`.
 """
@@ -38,6 +42,7 @@ from rapid_async.loss import (LossSettings, compute_loss, loss_normalisers, micr
 from rapid_async.learner.distributed import (CHECKPOINT, GATHER, PARAMS, UPDATE, SameOnEveryRank,
                                              all_sum_, full_tensor, init_ranks, send_command,
                                              shard)
+from rapid_async.learner import lora
 from rapid_async.learner.distributed import close as close_ranks
 from rapid_async.learner.policy import (Batch, PolicyLogprobs, collate, plan_microbatches,
                                         rank_rows, save_batch, splits_groups)
@@ -75,33 +80,43 @@ class Trainer:
     Args:
         cfg: the run config.
         model_dir: Hugging Face model directory to start from.
+        model: a causal LM already built, used instead of loading model_dir's
+            weights (benchmarks build large shapes from code); the tokenizer
+            still comes from model_dir.
     """
 
-    def __init__(self, cfg: Config, model_dir: str | Path):
+    def __init__(self, cfg: Config, model_dir: str | Path, model: torch.nn.Module | None = None):
         self.cfg = cfg
         self.model_dir = Path(model_dir)
         torch.manual_seed(cfg.run.seed)
         self.ranks, self.device = init_ranks(resolve_device(cfg.learner.device))
         self.compute_dtype = resolve_compute_dtype(cfg.learner.compute_dtype, self.device)
-        self.model = self._load_model(model_dir, cfg.learner.activation_checkpointing)
+        self.model = self._load_model(model_dir, cfg.learner.activation_checkpointing, model)
+        self.hf_model = self.model  # the plain transformers model (LoRA: peft's base model)
+        self.lora = bool(cfg.learner.lora)
+        if self.lora:  # learner/lora.py: peft adapters, the rest frozen
+            self.model = lora.wrap(self.model, cfg.learner)
+            self.hf_model = self.model.get_base_model()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.settings = loss_settings(cfg)
-        self.ref_model = None
-        if self.settings.beta > 0:
+        temperature, chunk = cfg.algo.temperature, cfg.learner.logprob_chunk_tokens
+        packing = cfg.learner.packing
+        self.policy = PolicyLogprobs(self.hf_model, temperature, chunk, packing)
+        self.ref_model, self.ref_policy = None, None
+        if self.settings.beta > 0 and self.lora:  # the base: the adapters off, no copy
+            self.ref_policy = lora.AdapterOff(self.policy, self.model)
+        elif self.settings.beta > 0:
             self.ref_model = copy.deepcopy(self.model).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
-        temperature, chunk = cfg.algo.temperature, cfg.learner.logprob_chunk_tokens
-        packing = cfg.learner.packing
-        self.policy = PolicyLogprobs(self.model, temperature, chunk, packing)
-        self.ref_policy = (PolicyLogprobs(self.ref_model, temperature, chunk, packing)
-                           if self.ref_model else None)
+            self.ref_policy = PolicyLogprobs(self.ref_model, temperature, chunk, packing)
         if self.ranks.world > 1:
             shard(self.policy, self.model, self.device, self.ranks.world)
-            if self.ref_policy is not None:
+            if self.ref_model is not None:
                 shard(self.ref_policy, self.ref_model, self.device, self.ranks.world)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learner.lr,
+        self.optimizer = torch.optim.AdamW(lora.trainable_parameters(self.model),
+                                           lr=cfg.learner.lr,
                                            weight_decay=cfg.learner.weight_decay)
         self.version = 0
         self.data_position = 0
@@ -110,14 +125,22 @@ class Trainer:
         self.recorded = 0
         self.replay_recorder = None  # start_replay_record (learner/replay_record.py)
 
-    def _load_model(self, model_dir: str | Path, checkpointing: bool) -> torch.nn.Module:
+    def _load_model(self, model_dir: str | Path, checkpointing: bool,
+                    model: torch.nn.Module | None = None) -> torch.nn.Module:
         """The model with float32 master weights on the learner's device, in train mode."""
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=INFERENCE_DTYPES[self.cfg.model.train_dtype]).to(self.device)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=INFERENCE_DTYPES[self.cfg.model.train_dtype])
+        model = model.to(self.device)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         return model.train()
+
+    def published_weights(self) -> Any:
+        """What the weight publisher publishes: the model (its `named_parameters`),
+        or with LoRA the merged view (`lora.MergedWeights`: base names, W + scale B A)."""
+        return lora.MergedWeights(self.model) if self.lora else self.model
 
     def inference_state(self) -> dict[str, torch.Tensor]:
         """The weights as the actors must hold them: cast to the inference dtype.
@@ -149,7 +172,7 @@ class Trainer:
         (cast on the device first), the others return {}."""
         dtype = self.cfg.model.inference_dtype
         if self.ranks.world == 1:
-            return cast_state(self.model.state_dict(), dtype)
+            return cast_state(self.published_weights().state_dict(), dtype)
         target, full = INFERENCE_DTYPES[dtype], {}
         for name, tensor in self.model.state_dict().items():
             whole = full_tensor(tensor.detach())
@@ -375,11 +398,15 @@ class Trainer:
         """Tokens one pass over sequences of these lengths runs: padded or packed."""
         return packed_tokens(lengths) if self.cfg.learner.packing else len(lengths) * max(lengths)
 
+    def adapter_state(self) -> dict[str, torch.Tensor] | None:
+        """The LoRA adapter weights a checkpoint saves (None without LoRA)."""
+        return lora.adapter_state(self.model) if self.lora else None
+
     def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Model and optimizer state to save (`checkpoint.capture`). With several
         ranks, rank 0 calls it and the followers join the gather."""
-        if self.ranks.world == 1:
-            return self.model.state_dict(), self.optimizer.state_dict()
+        if self.ranks.world == 1:  # LoRA: the merged weights; the optimizer holds adapters only
+            return self.published_weights().state_dict(), self.optimizer.state_dict()
         send_command(self.ranks, CHECKPOINT)
         return self.gather_checkpoint_state()
 

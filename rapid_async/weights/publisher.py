@@ -51,15 +51,22 @@ class WeightPublisher(threading.Thread):
             `named_parameters` order, when the model is sharded over several
             learner ranks (a collective: `Trainer.publish_params`); None: the
             model's own parameters.
+        fill: called on the training thread with the staging buffer's views
+            (in `named_parameters` order) to write the weights into them, cast,
+            instead of copying `gather()`'s list (LoRA: `MergedWeights.fill`
+            merges one tensor at a time). `model` then only needs
+            `named_parameters()`.
     """
 
     def __init__(self, model: torch.nn.Module, dtype: str,
                  on_update: Callable[[WeightUpdate, dict], None],
                  on_snapshot: Callable[[WeightUpdate], None] | None = None,
-                 gather: Callable[[], list[torch.Tensor]] | None = None):
+                 gather: Callable[[], list[torch.Tensor]] | None = None,
+                 fill: Callable[[list[torch.Tensor]], None] | None = None):
         super().__init__(name="weight-publisher", daemon=True)
         self.params = [p for _, p in model.named_parameters()]
         self.gather = gather or (lambda: [p.detach() for p in self.params])
+        self.fill = fill or (lambda views: torch._foreach_copy_(views, self.gather()))
         self.layout = Layout.from_model(model, dtype)
         self.device = self.params[0].device
         self.on_update, self.on_snapshot = on_update, on_snapshot
@@ -88,7 +95,7 @@ class WeightPublisher(threading.Thread):
     def _copy_params(self, index: int) -> None:
         """Cast the parameters into buffer `index` (async on CUDA; an event marks the end)."""
         with torch.no_grad():
-            torch._foreach_copy_(self.views[index], self.gather())
+            self.fill(self.views[index])
         if self._stream is not None:
             self._event = torch.cuda.Event()
             self._event.record()
