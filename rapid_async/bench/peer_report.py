@@ -69,7 +69,7 @@ def _ratio_line(name: str, r: dict[str, Any]) -> str:
 def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:
     """Write the markdown table and the JSON of `results` (see module docstring)."""
     target = meta["target"]
-    summaries = [summarise(r, target) for r in results]
+    summaries = [summarise(r, target, meta["seconds"]) for r in results]
     med = medians(summaries)
     rat = {clock: ratios(med, clock) for clock in ("train_s", "wall_s")}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -88,6 +88,8 @@ def write_report(results: list[dict[str, Any]], meta: dict[str, Any], out: Path)
         f"problems (`run_evaluation`, run.eval_size of them); budget {budget} of training. "
         + ("A run stops at its first evaluation at or above the target (`--full` runs the "
            "whole budget). " if meta["stop_at_target"] else "")
+        + "rapid-run gets 30 s more on its learner's clock, which starts before the actor's "
+        "start-up; evaluations past the budget (+5%) on the training clock do not count. "
         + f"TRL evaluates every {meta['eval_every_s']:g} training seconds, rapid-run every "
         f"{meta['eval_every']} versions (the eval gap column is the median seen).",
         "",
