@@ -66,7 +66,13 @@ def test_summary_and_ratios_by_hand():
 
 
 def test_report_written_with_not_reached(tmp_path):
-    results = [_result("trl-on-policy", 0, [None]), _result("rapid-async", 0, [20.0])]
+    results = [_result("trl-on-policy", 0, [None]), _result("rapid-async", 0, [20.0]),
+               _result("rapid-sync", 0, [None])]
+    results[2]["profile"] = {"steps": 9, "actor/gen_s": 4.5, "actor/chunks": 9,
+                             "learner/busy_s": 3.6, "train_s": 10.0, "first_train_s": 2.0,
+                             "first_wait_s": 2.0, "learner/wait_s": 5.0, "learner/publish_s": 0.5,
+                             "learner/checkpoint_s": 0.0, "elapsed_s": 9.0, "actor/update_s": 1.0,
+                             "actor/eval_s": 0.3, "actor/idle_s": 2.0}
     meta = {"command": "python -m rapid_async.bench.peer --seeds 1", "seeds": 1, "seconds": 120.0,
             "target": 0.6, "stop_at_target": True, "eval_every_s": 5.0, "eval_every": 10,
             "config": "configs/quickstart.toml", "note": "test", "cpus": 2}
@@ -76,8 +82,10 @@ def test_report_written_with_not_reached(tmp_path):
     assert "| trl-on-policy | not reached | not reached | 0/1 |" in text
     assert "| rapid-async | 20.0 | 25.0 | 1/1 |" in text
     assert "| 2.50 | 3.00 |" in text  # uptime before / after
+    assert "| rapid-sync | 10.0 | 2.0 s (20%) | 3.0 s (30%) | 3.6 s (36%) | 0.5 s (5%) |" in text
+    assert "(1.43x)" in text
     data = json.loads(out.with_suffix(".json").read_text())
-    assert data["medians"]["rapid-async"]["train_s"] == 20.0 and len(data["runs"]) == 2
+    assert data["medians"]["rapid-async"]["train_s"] == 20.0 and len(data["runs"]) == 3
 
 
 def _write_metrics(run_dir: Path, records: list[dict]) -> None:
@@ -161,3 +169,32 @@ def test_trl_side_records_real_held_out_success(tmp_path, warm_model_dir):
                             prompt_settings=PromptSettings.from_config(cfg, task))
     assert rows[0]["success"] == report.summary["success"]
     assert Path(result["model_dir"]).resolve() == Path(warm_model_dir).resolve()
+
+
+def test_round_model_by_hand():
+    from rapid_async.bench.peer_report import round_model
+
+    # 9 updates (2.25 rounds of 4), 9 chunks of 0.5 s, updates of 0.4 s, 8 s from
+    # the first step to the last: 4.0 s per round = 4 x 0.5 + 4 x 0.4 + 0.4 other
+    p = {"steps": 9, "actor/gen_s": 4.5, "actor/chunks": 9, "learner/busy_s": 3.6,
+         "train_s": 10.0, "first_train_s": 2.0}
+    m = round_model(p, 4)
+    assert m["chunks"] == 4 and m["g"] == 0.5 and m["u"] == pytest.approx(0.4)
+    assert m["measured"] == pytest.approx(4.0) and m["other"] == pytest.approx(0.4)
+    # pipelined: first chunk, then 3 x max(g, u), then the last update, + other
+    assert m["pipelined"] == pytest.approx(0.5 + 3 * 0.5 + 0.4 + 0.4)
+    assert m["speedup"] == pytest.approx(4.0 / 2.8)
+
+
+def test_wait_profile_from_records(tmp_path):
+    from rapid_async.bench.peer import wait_profile
+
+    recs = [{"role": "actor", "actor_id": "a", "elapsed_s": 1.0, "actor/gen_s": 0.5},
+            {"role": "learner", "loss/policy": 0.0, "train_s": 12.0, "learner/wait_s": 11.0},
+            {"role": "learner", "loss/policy": 0.0, "train_s": 20.0, "learner/wait_s": 14.0,
+             "learner/busy_s": 4.0, "learner/publish_s": 1.5},
+            {"role": "actor", "actor_id": "a", "elapsed_s": 9.0, "actor/gen_s": 5.0,
+             "actor/chunks": 6}]
+    p = wait_profile(recs)
+    assert p["first_wait_s"] == 11.0 and p["learner/wait_s"] == 14.0 and p["steps"] == 2
+    assert p["actor/gen_s"] == 5.0 and p["elapsed_s"] == 9.0 and p["actor/update_s"] == 0.0

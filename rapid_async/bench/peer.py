@@ -104,7 +104,31 @@ def rapid_rows(run_dir: Path, launched: float) -> dict[str, Any]:
                  for a in {r["actor_id"] for r in actors})
     return {"rows": sorted(rows, key=lambda r: r["train_s"]), "steps": len(step_time) - 1,
             "tokens": tokens, "train_s": last - first, "wall_s": last - launched,
-            "first_rollout_wall_s": first - launched}
+            "first_rollout_wall_s": first - launched, "profile": wait_profile(recs)}
+
+
+LEARNER_CLOCKS = ("train_s", "learner/busy_s", "learner/wait_s", "learner/publish_s",
+                  "learner/checkpoint_s")
+ACTOR_CLOCKS = ("elapsed_s", "actor/gen_s", "actor/update_s", "actor/eval_s", "actor/idle_s",
+                "actor/send_wait_s", "actor/busy_s", "actor/chunks", "actor/deltas")
+
+
+def wait_profile(recs: list[dict[str, Any]]) -> dict[str, float]:
+    """Where a rapid-run's learner and (first) actor spent their time: the
+    cumulative clocks of the last step record and the actor's last record, and
+    the learner's wait before its first step (the actor's start-up and first
+    round), kept apart from the waits after it."""
+    steps = [r for r in recs if r.get("role") == "learner" and "loss/policy" in r]
+    actors = [r for r in recs if r.get("role") == "actor"]
+    if not steps or not actors:
+        return {}
+    last, actor = steps[-1], [r for r in actors if r["actor_id"] == actors[0]["actor_id"]][-1]
+    out = {k: float(last.get(k, 0.0)) for k in LEARNER_CLOCKS}
+    out.update({k: float(actor.get(k, 0.0)) for k in ACTOR_CLOCKS})
+    out["first_wait_s"] = float(steps[0].get("learner/wait_s", 0.0))
+    out["first_train_s"] = float(steps[0].get("train_s", 0.0))
+    out["steps"] = len(steps)
+    return out
 
 
 BUDGET_SLACK = 1.05
