@@ -55,6 +55,8 @@ MAPPING = [
     ("algo.truncated = keep", "mask_truncated_completions = False"),
     ("one update per mini-batch", "num_iterations = 1"),
     ("prompts in order 0, 1, 2, ...", "shuffle_dataset = False"),
+    ("rapid-sync: whole groups per mini-batch", "(TRL shuffles a generation's completions "
+     "across its mini-batches, advantages computed first)"),
 ]
 """quickstart.toml's hyper-parameters and the TRL arguments they map to."""
 
