@@ -45,6 +45,13 @@ def _walk(path: str, links: dict[str, str]) -> str:
     raise OSError(f"too many symbolic links resolving {path}")
 
 
+def _clean_env() -> dict[str, str]:
+    """The environment the boxed programs get (PATH only): the libraries ldd
+    finds must be the ones they load, whatever LD_LIBRARY_PATH or LD_PRELOAD
+    this process carries (vLLM's import sets LD_LIBRARY_PATH, for example)."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+
+
 def _shared_libraries(binaries: list[str]) -> list[str]:
     """Shared libraries (and the loader) `binaries` need, as ldd names them."""
     ldd = shutil.which("ldd")
@@ -53,7 +60,7 @@ def _shared_libraries(binaries: list[str]) -> list[str]:
     found: list[str] = []
     for start in range(0, len(binaries), 64):
         out = subprocess.run([ldd, *binaries[start:start + 64]], capture_output=True, text=True,
-                             timeout=60).stdout
+                             timeout=60, env=_clean_env()).stdout
         found.extend(m.group(1) for m in _LDD_PATH.finditer(out))
     return list(dict.fromkeys(found))
 
@@ -64,7 +71,7 @@ def _python_paths(python: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     probe = ("import json, sys, sysconfig; print(json.dumps([sys.executable, "
              "sysconfig.get_paths()['stdlib'], sysconfig.get_paths()['platstdlib'], *sys.path]))")
     out = subprocess.run([python, "-I", "-S", "-c", probe], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+                         timeout=60, check=True, env=_clean_env()).stdout
     paths = [p for p in json.loads(out) if p and os.path.exists(p)]
     modules = []
     for p in paths[1:]:
