@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rapid_async.bench.learner import _status_kib
+
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 151_936
 SHAPES = {
@@ -95,13 +97,6 @@ def random_group(prompt_len: int, completion_len: int) -> object:
         logprobs=torch.full((2, completion_len), -11.9, dtype=torch.float32),
         rewards=torch.tensor([1.0, 0.0]), finish_reasons=["stop", "stop"],
         gen_seconds=0.0, created_at=0.0, info={})
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure(spec: dict) -> dict:
