@@ -26,6 +26,22 @@ SHARED_DATA = _find_shared_data()
 """The real datasets (GSM8K, MATH, MBPP, MiniF2F), or None where not present."""
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="also run the tests marked `full` (whole datasets, the same "
+                          "end-to-end path on a second engine); bin/test-full passes it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `full` are skipped unless pytest runs with --full."""
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="a `full` test: run bin/test-full (pytest --full)")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real datasets' folder; tests that need it skip where it is missing."""

@@ -214,7 +214,8 @@ SLOW = pytest.mark.slow
 @pytest.mark.parametrize("mode,engine", [
     ("rapid-async", "hf"), pytest.param("rapid-sync", "hf", marks=SLOW),
     pytest.param("grpo", "hf", marks=SLOW),  # algo.beta > 0: the reference is the base
-    pytest.param("rapid-async", "vllm", marks=[SLOW, pytest.mark.vllm])])
+    # full: the same merged deltas reach a vLLM actor as an hf one (bin/test-full)
+    pytest.param("rapid-async", "vllm", marks=[SLOW, pytest.mark.vllm, pytest.mark.full])])
 def test_lora_runs_end_to_end_and_actors_hold_the_merged_weights(mode, engine, tmp_path,
                                                                   random_model_dir):
     """Real learner and actor processes: the actor's final weights (its digest) are

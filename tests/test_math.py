@@ -48,6 +48,7 @@ def test_math500_references_accepted_and_perturbed_rejected(task):
 
 
 @pytest.mark.slow
+@pytest.mark.full  # bin/test checks MATH-500 (test_math500_references_...)
 def test_whole_train_split_references_accepted_and_perturbed_rejected(task):
     """12,000 records, about a minute on one core."""
     check(task, [task.train_problem(i) for i in range(task.train_size)])

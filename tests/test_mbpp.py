@@ -91,6 +91,7 @@ def test_reference_programs_pass_a_sample(plus, shared_data):
 
 
 @pytest.mark.slow
+@pytest.mark.full  # bin/test checks every 10th: test_reference_programs_pass_a_sample
 def test_every_reference_program_passes_its_tests(plus, shared_data):
     """All MBPP+ tasks (each reference runs twice: as the reference, then as a
     candidate); and the committed list of problems a constant passes is exactly

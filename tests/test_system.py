@@ -328,9 +328,12 @@ def test_rapid_run_stops_children_when_one_fails(tmp_path, random_model_dir):
             os.kill(pid, 0)
 
 
+# bin/test runs rapid-async with vLLM (the mode that exercises most of the
+# engine: chunks, deltas mid-run); bin/test-full adds the other two.
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", [m if m == "rapid-async" else pytest.param(m, marks=pytest.mark.full)
+                                  for m in MODES])
 def test_modes_run_with_vllm_engine(mode, tmp_path, random_model_dir):
     pytest.importorskip("vllm")
     steps = 20
